@@ -1,0 +1,80 @@
+"""From head outputs to detections: per-level top-k, score threshold, decode, class-aware NMS.
+
+Letters: A anchors per position, K classes, Q positions, M detections.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import batched_nms
+
+from .anchors import AnchorGenerator
+from .box_coder import BoxCoder
+from .query_infer import LevelOutput
+from .sparse import unravel
+
+
+def empty_detections(device: torch.device) -> dict[str, torch.Tensor]:
+    """A detection dict with no rows (never a tuple of Nones)."""
+    return {
+        "boxes": torch.zeros(0, 4, device=device),
+        "scores": torch.zeros(0, device=device),
+        "labels": torch.zeros(0, dtype=torch.int64, device=device),
+        "levels": torch.zeros(0, dtype=torch.int64, device=device),
+    }
+
+
+def detections_from_levels(
+    levels: list[LevelOutput],
+    image_sizes: list[tuple[int, int]],
+    anchors: AnchorGenerator,
+    box_coder: BoxCoder,
+    num_classes: int,
+    score_threshold: float = 0.05,
+    topk_per_level: int = 1000,
+    nms_iou: float = 0.5,
+    max_detections: int = 100,
+) -> list[dict[str, torch.Tensor]]:
+    """One dict per image: boxes (M, 4) xyxy pixels, scores (M,), labels (M,), levels (M,)."""
+    num_images = len(image_sizes)
+    per_image: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(num_images)]
+    K = num_classes
+    for out in levels:
+        N, H, W = out.shape
+        A = out.box.shape[1] // 4
+        bounds = torch.searchsorted(
+            out.positions, torch.arange(num_images + 1, device=out.positions.device) * H * W)
+        for i in range(num_images):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi == lo:
+                continue
+            scores = torch.sigmoid(out.cls[lo:hi].reshape(-1))  # (Q_i*A*K,)
+            keep = torch.nonzero(scores > score_threshold).squeeze(1)
+            if keep.numel() > topk_per_level:
+                keep = keep[scores[keep].topk(topk_per_level).indices]
+            if keep.numel() == 0:
+                continue
+            row = keep // (A * K)
+            anchor = (keep // K) % A
+            label = keep % K
+            _, ys, xs = unravel(out.positions[lo:hi][row], out.shape)
+            anchor_boxes = anchors.anchors_at(out.level, ys, xs)  # (m, A, 4)
+            anchor_boxes = anchor_boxes[torch.arange(row.numel(), device=row.device), anchor]  # (m, 4)
+            deltas = out.box[lo:hi].view(-1, A, 4)[row, anchor]  # (m, 4)
+            boxes = box_coder.decode(deltas, anchor_boxes)
+            h, w = image_sizes[i]
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            lvl = torch.full_like(label, out.level)
+            per_image[i].append((boxes, scores[keep], label, lvl))
+    device = levels[0].cls.device if levels else torch.device("cpu")
+    results = []
+    for parts in per_image:
+        if not parts:
+            results.append(empty_detections(device))
+            continue
+        boxes, scores, labels, lvls = (torch.cat(t) for t in zip(*parts))
+        keep = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]
+        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
+                        "levels": lvls[keep]})
+    return results

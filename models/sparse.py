@@ -1,0 +1,273 @@
+"""Running a `ConvTower` at chosen positions only: the sparse heads of CSQ (paper 3.2).
+
+Letters: N batch, C channels, Q positions, D convolutions in a tower.
+
+A position is the linear index p = (n * H + y) * W + x into an (N, H, W) map; position sets are
+sorted, unique int64 tensors. No dense feature map of the head is ever built: the input rows are
+gathered from the FPN map at the positions that need them, and every layer works on rows.
+
+Two context modes, both expressed as a `TowerPlan` (which positions each layer computes):
+
+* exact: layer j of D is computed at the keys dilated by D - j (the receptive radius still to
+  come), so at every key the outputs equal the dense tower's (zero padding at map borders is
+  reproduced; nothing else is approximated).
+* submanifold (the paper's, Table 6): the keys dilated by (c - 1) / 2 for a c x c context form one
+  active set; every layer is computed there and inactive neighbours count as zero.
+
+Two backends compute one 3x3 layer over rows: gather-GEMM in PyTorch (always present, CPU and
+CUDA) and spconv's SubMConv2d (optional, imported lazily).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+# Row budget of one gather-GEMM chunk: chunk_rows * 9 * C_in floats (64 MiB at float32).
+_GATHER_BUDGET = 16 * 1024 * 1024
+
+_OFFSETS_3X3 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # kernel order ky, kx
+
+
+def spconv_available() -> bool:
+    """True when the optional `spconv` package can be imported."""
+    return importlib.util.find_spec("spconv") is not None
+
+
+def unravel(pos: torch.Tensor, shape: tuple[int, int, int]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch index, row and column of linear positions `pos` (Q,) in an (N, H, W) grid."""
+    _, height, width = shape
+    return pos // (height * width), (pos // width) % height, pos % width
+
+
+def ravel(n: torch.Tensor, y: torch.Tensor, x: torch.Tensor, shape: tuple[int, int, int]
+          ) -> torch.Tensor:
+    """Linear positions of (n, y, x) in an (N, H, W) grid."""
+    _, height, width = shape
+    return (n * height + y) * width + x
+
+
+def dilate_keys(pos: torch.Tensor, shape: tuple[int, int, int], radius: int = 1) -> torch.Tensor:
+    """Positions within Chebyshev distance `radius` of any of `pos`, clipped to the map, sorted."""
+    _, height, width = shape
+    for _ in range(radius):
+        n, y, x = unravel(pos, shape)
+        cand = []
+        for dy, dx in _OFFSETS_3X3:
+            yy, xx = y + dy, x + dx
+            inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+            cand.append(ravel(n[inside], yy[inside], xx[inside], shape))
+        pos = torch.unique(torch.cat(cand))  # sorted
+    return pos
+
+
+def children_of(pos: torch.Tensor, coarse_shape: tuple[int, int, int],
+                fine_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Eq. 1: the 2x2 positions on the finer level under each coarse position, sorted."""
+    n, y, x = unravel(pos, coarse_shape)
+    _, height, width = fine_shape
+    kids = []
+    for i in (0, 1):
+        for j in (0, 1):
+            yy, xx = 2 * y + i, 2 * x + j
+            inside = (yy < height) & (xx < width)  # a finer map may be one short of 2x
+            kids.append(ravel(n[inside], yy[inside], xx[inside], fine_shape))
+    return torch.unique(torch.cat(kids))
+
+
+def lookup_rows(query: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Row of each `query` position in the sorted `table`, or len(table) where absent."""
+    if table.numel() == 0:
+        return torch.full_like(query, 0)
+    idx = torch.searchsorted(table, query).clamp(max=table.numel() - 1)
+    return torch.where(table[idx] == query, idx, torch.full_like(idx, table.numel()))
+
+
+def neighbour_rows(out_pos: torch.Tensor, in_pos: torch.Tensor, shape: tuple[int, int, int]
+                   ) -> torch.Tensor:
+    """For each output position, the rows in `in_pos` of its 3x3 neighbours, (Q_out, 9).
+
+    Neighbours off the map or not in `in_pos` get row len(in_pos), the zero row.
+    """
+    n, y, x = unravel(out_pos, shape)
+    _, height, width = shape
+    cols = []
+    for dy, dx in _OFFSETS_3X3:
+        yy, xx = y + dy, x + dx
+        inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+        rows = lookup_rows(ravel(n, yy.clamp(0, height - 1), xx.clamp(0, width - 1), shape), in_pos)
+        cols.append(torch.where(inside, rows, torch.full_like(rows, in_pos.numel())))
+    return torch.stack(cols, dim=1)  # (Q_out, 9)
+
+
+def gather_positions(feature: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rows of a dense (N, C, H, W) map at positions `pos`, (Q, C), without copying the map."""
+    N, C, H, W = feature.shape
+    n, y, x = unravel(pos, (N, H, W))
+    return feature.flatten(2).transpose(1, 2)[n, y * W + x]  # (Q, C)
+
+
+def conv_weight_as_gemm(conv: nn.Conv2d) -> torch.Tensor:
+    """Dense 3x3 weight (C_out, C_in, 3, 3) as a (9 * C_in, C_out) matrix, rows in (ky, kx, c_in)."""
+    c_out = conv.weight.shape[0]
+    return conv.weight.permute(2, 3, 1, 0).reshape(-1, c_out)  # (9 C_in, C_out)
+
+
+def conv_weight_as_spconv(conv: nn.Conv2d) -> torch.Tensor:
+    """Dense 3x3 weight (C_out, C_in, 3, 3) in spconv 2.3's layout (C_out, 3, 3, C_in)."""
+    return conv.weight.permute(0, 2, 3, 1).contiguous()  # (C_out, kh, kw, C_in)
+
+
+@dataclass
+class TowerPlan:
+    """Which positions each layer of a depth-D tower computes on one level.
+
+    `sets[0]` are the input rows gathered from the FPN map, `sets[j]` the outputs of conv j, and
+    `sets[D]` the keys. Neighbour tables are built on first use and shared by every tower (cls,
+    box, query) run with the same plan.
+    """
+
+    shape: tuple[int, int, int]
+    sets: list[torch.Tensor]
+    _neighbours: dict[int, torch.Tensor] = field(default_factory=dict)
+    _select: dict[int, torch.Tensor] = field(default_factory=dict)
+    _spconv_templates: dict[int, object] = field(default_factory=dict)
+
+    @classmethod
+    def exact(cls, keys: torch.Tensor, shape: tuple[int, int, int], depth: int) -> "TowerPlan":
+        sets = [keys]
+        for _ in range(depth):
+            sets.append(dilate_keys(sets[-1], shape, 1))
+        return cls(shape, sets[::-1])
+
+    @classmethod
+    def submanifold(cls, keys: torch.Tensor, shape: tuple[int, int, int], depth: int,
+                    context: int) -> "TowerPlan":
+        active = dilate_keys(keys, shape, (context - 1) // 2)
+        return cls(shape, [active] * depth + [keys])
+
+    @property
+    def depth(self) -> int:
+        return len(self.sets) - 1
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.sets[-1]
+
+    def neighbours(self, layer: int) -> torch.Tensor:
+        """(|sets[layer]|, 9) rows into sets[layer - 1] for conv `layer` (1-based)."""
+        if layer not in self._neighbours:
+            self._neighbours[layer] = neighbour_rows(self.sets[layer], self.sets[layer - 1],
+                                                     self.shape)
+        return self._neighbours[layer]
+
+    def select(self, layer: int) -> torch.Tensor:
+        """Rows of sets[layer] within sets[layer - 1] (sets[layer] is always a subset)."""
+        if layer not in self._select:
+            self._select[layer] = lookup_rows(self.sets[layer], self.sets[layer - 1])
+        return self._select[layer]
+
+    def positions_computed(self) -> int:
+        """Output positions summed over the tower's layers (the FLOP count's spatial factor)."""
+        return sum(int(s.numel()) for s in self.sets[1:])
+
+
+def sparse_conv_torch(x: torch.Tensor, plan: TowerPlan, layer: int, conv: nn.Conv2d
+                      ) -> torch.Tensor:
+    """One 3x3 conv by gather-GEMM: rows (|sets[layer-1]|, C_in) -> (|sets[layer]|, C_out)."""
+    nbr = plan.neighbours(layer)
+    c_in = x.shape[1]
+    weight = conv_weight_as_gemm(conv)  # (9 C_in, C_out)
+    x_pad = torch.cat([x, x.new_zeros(1, c_in)])  # last row is the zero row
+    chunk = max(1, _GATHER_BUDGET // (9 * c_in))
+    out = []
+    for start in range(0, nbr.shape[0], chunk):
+        rows = nbr[start:start + chunk]
+        gathered = x_pad.index_select(0, rows.reshape(-1)).view(rows.shape[0], 9 * c_in)  # (q, 9C)
+        out.append(torch.addmm(conv.bias, gathered, weight))  # (q, C_out)
+    if not out:
+        return x.new_zeros(0, weight.shape[1])
+    return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _single_threaded_on_cpu(device: torch.device) -> Iterator[None]:
+    # spconv 2.3's CPU path races when torch runs it multithreaded: a few output rows come out
+    # wrong at random (spconv issue #679; reproduced here on 2 cores). One thread is correct.
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sparse_conv_spconv(x: torch.Tensor, plan: TowerPlan, layer: int, conv: nn.Conv2d
+                       ) -> torch.Tensor:
+    """One 3x3 conv by spconv SubMConv2d over sets[layer-1], then the rows of sets[layer]."""
+    import spconv.pytorch as spconv  # optional extra: pip install "querydet[sparse]"
+
+    in_set = plan.sets[layer - 1]
+    key = id(in_set)
+    template = plan._spconv_templates.get(key)
+    if template is None:
+        n, y, xx = unravel(in_set, plan.shape)
+        indices = torch.stack([n, y, xx], dim=1).to(torch.int32)  # (Q, 3) batch, y, x
+        template = spconv.SparseConvTensor(x, indices, list(plan.shape[1:]), plan.shape[0])
+        plan._spconv_templates[key] = template
+    tensor = template.replace_feature(x)
+    subm = spconv.SubMConv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=True,
+                             indice_key=f"plan{key}").to(x.device)
+    subm.weight = nn.Parameter(conv_weight_as_spconv(conv), requires_grad=False)
+    subm.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+    with _single_threaded_on_cpu(x.device):
+        out = subm(tensor)
+    # the new tensor carries the indice pairs; later layers on the same set reuse them
+    plan._spconv_templates[key] = out
+    feats = out.features
+    if plan.sets[layer] is in_set:
+        return feats
+    return feats.index_select(0, plan.select(layer))
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` -> the faster backend for `device`.
+
+    spconv on CUDA (when a CUDA build is installed); gather-GEMM in PyTorch on the CPU, because
+    spconv's CPU path must run single-threaded to be correct (see `_single_threaded_on_cpu`).
+    """
+    if backend == "auto":
+        if device.type == "cuda" and spconv_available():
+            import spconv.constants
+
+            if spconv.constants.PACKAGE_NAME != "spconv":  # spconv-cuXXX wheels
+                return "spconv"
+        return "torch"
+    if backend == "spconv" and not spconv_available():
+        raise RuntimeError("the spconv backend needs spconv: pip install 'querydet[sparse]' "
+                           "(CPU) or the spconv-cu12x wheel matching your CUDA (GPU)")
+    if backend not in ("torch", "spconv"):
+        raise ValueError(f"unknown sparse backend {backend!r} (allowed: auto, torch, spconv)")
+    return backend
+
+
+def run_tower_sparse(tower: nn.Module, feature: torch.Tensor, plan: TowerPlan, backend: str
+                     ) -> torch.Tensor:
+    """Outputs of `tower` (a ConvTower) at `plan.keys` of the dense FPN map `feature`, (Q, C_out)."""
+    conv_fn = sparse_conv_spconv if backend == "spconv" else sparse_conv_torch
+    x = gather_positions(feature, plan.sets[0])  # (Q_0, C)
+    last = len(tower.convs)
+    for layer, conv in enumerate(tower.convs, start=1):
+        x = conv_fn(x, plan, layer, conv)
+        if layer < last:
+            x = torch.relu(x)
+    return x  # (Q_keys, C_out)
