@@ -19,6 +19,7 @@ Modes (paper 4.4, Table 5):
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -139,7 +140,7 @@ class QueryInference:
         if out.level in self.forced:
             forced = self.forced[out.level].to(out.positions.device)
             return out.positions[torch.isin(out.positions, forced)]
-        return out.positions[torch.sigmoid(out.query) > self.options.sigma]
+        return out.positions[out.query > _logit(self.options.sigma)]
 
     # -- one level, three ways ------------------------------------------------------------------
     def _dense_level(self, level: int, x: torch.Tensor, with_query: bool) -> LevelOutput:
@@ -250,6 +251,16 @@ class QueryInference:
         if with_query:
             total += cost(self.query_head)
         return total
+
+
+def _logit(p: float) -> float:
+    """Inverse sigmoid, so scores are compared in logit space: sigmoid underflows to exactly 0
+    below about -88, yet sigma = 0 must still query every position (and sigma = 1 none)."""
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p / (1.0 - p))
 
 
 def _shape(x: torch.Tensor) -> tuple[int, int, int]:

@@ -1,0 +1,54 @@
+"""Checkpoints: weights plus the config and class names they were trained with.
+
+`--weights x.pt` alone is enough to rebuild the model. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "querydet-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or not a querydet checkpoint."""
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any],
+                    class_names: list[str], extra: dict[str, Any] | None = None) -> None:
+    """Write {format, config, class_names, model, extra} to `path` via a temporary file."""
+    path = Path(path)
+    payload = {"format": FORMAT, "config": config, "class_names": list(class_names),
+               "model": model.state_dict(), "extra": extra or {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (weights on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a querydet checkpoint")
+    return payload

@@ -1,0 +1,327 @@
+"""`querydet bench`: the paper's speed claims, measured side by side in one run.
+
+Same weights, same input, one process: dense-HR (QueryDet with every level dense), CSQ with exact
+context (each sparse backend), CSQ with the paper's submanifold context, CQ, CCQ, and the
+RetinaNet P3-P7 baseline with the same backbone weights. Timings are medians over repeats after a
+warm-up and are reported as ratios, since these machines are shared and noisy.
+
+Untrained heads fire no queries (the prior bias gives scores of 0.01 < sigma), so without a
+checkpoint the bench simulates a trained query head: small objects are dropped at random centres
+until the requested fraction of start-level positions is positive under Eq. 3, and every query
+level then fires exactly on its Eq. 3 discs (what a perfect query head would output).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.config import InferenceConfig, ModelConfig
+from models.query_infer import LevelOutput
+from models.query_targets import query_target_map
+from models.querydet import QueryDet, build_querydet
+from models.sparse import spconv_available
+
+from .errors import QueryDetError
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    backbone: str = "resnet50"
+    image_size: int = 1024
+    batch: int = 1
+    num_classes: int = 10
+    query_density: float | None = 0.03
+    sigma: float = 0.15
+    start_level: int = 4
+    paper_context: str = "5x5"
+    backends: tuple[str, ...] = ("torch", "spconv")
+    repeats: int = 3
+    device: str = "cpu"
+    seed: int = 0
+    threads: int | None = None
+
+
+def randomize_heads(model: QueryDet, seed: int) -> None:
+    """Give the heads random weights whose outputs vary (He-normal weights, N(0, 0.1) biases).
+
+    RetinaNet's own init (std 0.01, bias -4.6) makes every logit nearly the same constant, which
+    would make an accuracy check of the sparse heads meaningless.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    towers = [model.head.cls, model.head.box] + ([model.query_head] if model.query_head else [])
+    with torch.no_grad():
+        for tower in towers:
+            for conv in tower.convs:
+                fan_in = conv.in_channels * 9
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen)
+                                  * math.sqrt(2.0 / fan_in))
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
+
+
+def simulated_queries(model: QueryDet, shapes: dict[int, tuple[int, int, int]], density: float,
+                      start_level: int, seed: int) -> tuple[dict[int, torch.Tensor], float, int]:
+    """Forced query sets {level: positions} from random small objects (see module docstring).
+
+    Returns the sets, the start-level density reached and the number of objects per image.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    N, H, W = shapes[start_level]
+    stride = 2 ** start_level
+    s_start = model.anchors.base_size(start_level)
+    per_image: list[list[list[float]]] = [[] for _ in range(N)]
+    target = density * H * W
+    for i in range(N):
+        covered = torch.zeros(H, W)
+        while covered.sum() < target:
+            cx = float(torch.rand(1, generator=gen)) * W * stride
+            cy = float(torch.rand(1, generator=gen)) * H * stride
+            per_image[i].append([cx - 4, cy - 4, cx + 4, cy + 4])  # an 8 px object: small everywhere
+            box = torch.tensor([per_image[i][-1]])
+            covered = torch.maximum(covered, query_target_map(box, start_level, H, W, s_start))
+    forced = {}
+    for lvl, (n_img, h, w) in shapes.items():
+        if lvl > start_level or lvl == min(shapes):
+            continue
+        maps = torch.stack([query_target_map(torch.tensor(b).reshape(-1, 4), lvl, h, w,
+                                             model.anchors.base_size(lvl)) for b in per_image])
+        forced[lvl] = torch.nonzero(maps.reshape(-1)).squeeze(1)
+    reached = forced[start_level].numel() / (N * H * W)
+    return forced, reached, max(len(b) for b in per_image)
+
+
+def _median_time(fn, repeats: int, device: torch.device) -> tuple[float, Any]:
+    result = fn()  # warm-up (allocator, thread pools, spconv tables)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def _level_report(outs: list[LevelOutput]) -> dict[str, dict[str, float]]:
+    return {f"P{o.level}": {
+        "head_time_s": o.seconds,
+        "gmacs": o.macs / 1e9,
+        "dense_gmacs": o.dense_macs / 1e9,
+        "fraction_computed": o.macs / o.dense_macs if o.dense_macs else 0.0,
+        "keys": int(o.positions.numel()),
+    } for o in outs}
+
+
+def _max_rel_err(sparse: list[LevelOutput], dense: list[LevelOutput]) -> dict[str, float]:
+    """Per level: max |sparse - dense| / max |dense| over the keys, worst of cls, box, query."""
+    errs = {}
+    for s, d in zip(sparse, dense):
+        if s.is_dense or s.positions.numel() == 0:
+            continue
+        worst = 0.0
+        pairs = [(s.cls, d.cls[s.positions]), (s.box, d.box[s.positions])]
+        if s.query is not None and d.query is not None:
+            pairs.append((s.query, d.query[s.positions]))
+        for a, b in pairs:
+            scale = float(b.abs().max())
+            worst = max(worst, float((a - b).abs().max()) / max(scale, 1e-12))
+        errs[f"P{s.level}"] = worst
+    return errs
+
+
+def _load_image(path: Path, size: int) -> torch.Tensor:
+    """An RGB image file as (3, H, W) floats in [0, 1], resized so its long side is `size`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise QueryDetError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = size / max(im.size)
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            return data.view(im.height, im.width, 3).permute(2, 0, 1).float() / 255.0
+    except (UnidentifiedImageError, OSError) as err:
+        raise QueryDetError(f"cannot read image {path}: {err}") from None
+
+
+def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | None = None,
+              progress=None) -> dict[str, Any]:
+    """Measure every mode on one input; returns the report (also what `--json` prints)."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QueryDetError("--device cuda given but no CUDA device is available")
+    if opts.query_density is not None and not 0 < opts.query_density <= 1:
+        raise QueryDetError(f"--query-density must be in (0, 1], got {opts.query_density}")
+    if opts.image_size < 64 or opts.image_size > 8192:
+        raise QueryDetError(f"--image-size must be in 64..8192, got {opts.image_size}")
+    backends = [b for b in opts.backends if b != "spconv" or spconv_available()]
+    skipped = [b for b in opts.backends if b not in backends]
+    torch.manual_seed(opts.seed)
+    trained = model is not None
+    if model is None:
+        model = build_querydet(ModelConfig(backbone=opts.backbone, num_classes=opts.num_classes),
+                               InferenceConfig(sigma=opts.sigma, start_level=opts.start_level))
+        randomize_heads(model, opts.seed)
+    model = model.to(device).eval()
+    if model.query_head is None:
+        raise QueryDetError("bench needs a QueryDet model (with a query head), not a baseline")
+    baseline_cfg = ModelConfig(backbone=opts.backbone, num_classes=model.num_classes,
+                               levels=(3, 4, 5, 6, 7), level_weights=(1.0,) * 5, query_levels=(),
+                               fpn_channels=model.fpn.inner_blocks[0][0].out_channels)
+    baseline = build_querydet(baseline_cfg, InferenceConfig(mode="dense")).to(device).eval()
+    if not trained:
+        baseline.backbone.load_state_dict(model.backbone.state_dict())  # same backbone weights
+        randomize_heads(baseline, opts.seed)
+
+    if image is not None:
+        img = _load_image(image, opts.image_size)
+        images = [img] * opts.batch
+    else:
+        gen = torch.Generator().manual_seed(opts.seed)
+        images = [torch.rand(3, opts.image_size, opts.image_size, generator=gen)
+                  for _ in range(opts.batch)]
+    images = [im.to(device) for im in images]
+
+    with torch.no_grad():
+        batch, sizes = model.preprocess(images)
+        feats = model.extract_features(batch)
+        shapes = {lvl: (f.shape[0], f.shape[2], f.shape[3]) for lvl, f in feats.items()}
+        forced, reached, n_obj = None, None, None
+        if opts.query_density is not None and not trained:
+            forced, reached, n_obj = simulated_queries(model, shapes, opts.query_density,
+                                                       opts.start_level, opts.seed)
+        dense_levels = model.predict_levels(feats, mode="dense")
+        # reference for the accuracy check: dense heads including the query head everywhere
+        reference = model.predict_levels(feats, mode="ccq", sigma=0.0,
+                                         start_level=opts.start_level)
+
+        def end_to_end(m: QueryDet, **kw):
+            def fn():
+                b, s = m.preprocess(images)
+                t0 = time.perf_counter()
+                f = m.extract_features(b)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t_feat = time.perf_counter() - t0
+                outs = m.predict_levels(f, **kw)
+                dets = m.detections(outs, s)
+                return outs, dets, t_feat
+            return fn
+
+        runs: list[tuple[str, QueryDet, dict[str, Any]]] = [("dense_hr", model, {"mode": "dense"})]
+        for backend in backends:
+            runs.append((f"csq_exact_{backend}", model,
+                         {"mode": "csq", "context": "exact", "backend": backend}))
+        runs.append((f"csq_{opts.paper_context}_torch", model,
+                     {"mode": "csq", "context": opts.paper_context, "backend": "torch"}))
+        runs.append(("cq", model, {"mode": "cq"}))
+        runs.append(("ccq", model, {"mode": "ccq"}))
+        runs.append(("retinanet_p3_p7", baseline, {"mode": "dense"}))
+
+        report_modes: dict[str, Any] = {}
+        for name, m, kw in runs:
+            if progress:
+                progress(name)
+            if m is model and kw["mode"] != "dense":
+                kw = dict(kw, sigma=opts.sigma, start_level=opts.start_level,
+                          forced_queries=forced)
+            seconds, (outs, dets, t_feat) = _median_time(end_to_end(m, **kw), opts.repeats, device)
+            entry: dict[str, Any] = {
+                "time_s": seconds,
+                "backbone_fpn_time_s": t_feat,
+                "detections": [int(d["boxes"].shape[0]) for d in dets],
+                "levels": _level_report(outs),
+            }
+            if kw["mode"] in ("csq", "cq", "ccq"):
+                errs = _max_rel_err(outs, reference)
+                entry["max_rel_err_per_level"] = errs
+                entry["max_rel_err"] = max(errs.values(), default=0.0)
+            report_modes[name] = entry
+
+    dense_time = report_modes["dense_hr"]["time_s"]
+    for name, entry in report_modes.items():
+        entry["speedup_vs_dense"] = dense_time / entry["time_s"]
+        entry["speedup_vs_retinanet"] = report_modes["retinanet_p3_p7"]["time_s"] / entry["time_s"]
+    # exact CSQ's high-resolution heads against the FLOP-proportional ideal
+    dense_lv = report_modes["dense_hr"]["levels"]
+    for name, entry in report_modes.items():
+        if not name.startswith("csq_exact"):
+            continue
+        hr = [f"P{lvl}" for lvl in model.levels if lvl < opts.start_level]
+        actual = sum(entry["levels"][p]["head_time_s"] for p in hr)
+        ideal = sum(dense_lv[p]["head_time_s"] * entry["levels"][p]["fraction_computed"] for p in hr)
+        entry["hr_head_time_s"] = actual
+        entry["hr_ideal_time_s"] = ideal
+        entry["hr_time_vs_ideal"] = actual / ideal if ideal > 0 else float("inf")
+    return {
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "backbone": opts.backbone if not trained else "checkpoint",
+        "image_size": [int(s) for s in sizes[0]],
+        "batch": len(images),
+        "start_level": opts.start_level,
+        "sigma": opts.sigma,
+        "query_density_requested": opts.query_density if forced is not None else None,
+        "query_density_start_level": reached,
+        "simulated_objects_per_image": n_obj,
+        "backends_skipped": skipped,
+        "modes": report_modes,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable tables of a bench report."""
+    lines = [
+        f"device: {report['device']}  threads: {report['threads']}  torch {report['torch']}",
+        f"input: batch {report['batch']} x {report['image_size'][0]}x{report['image_size'][1]}, "
+        f"backbone {report['backbone']}, CSQ from P{report['start_level']}",
+    ]
+    if report["query_density_start_level"] is not None:
+        lines.append(f"simulated queries: {report['query_density_start_level']:.3%} of start-level "
+                     f"positions ({report['simulated_objects_per_image']} small objects per image)")
+    lines.append("")
+    lines.append(f"{'mode':<20}{'time s':>9}{'vs dense':>10}{'vs P3-P7':>10}{'max rel err':>13}"
+                 f"{'HR vs ideal':>13}")
+    for name, e in report["modes"].items():
+        err = f"{e['max_rel_err']:.1e}" if "max_rel_err" in e else "-"
+        ideal = f"{e['hr_time_vs_ideal']:.2f}x" if "hr_time_vs_ideal" in e else "-"
+        lines.append(f"{name:<20}{e['time_s']:>9.3f}{e['speedup_vs_dense']:>9.2f}x"
+                     f"{e['speedup_vs_retinanet']:>9.2f}x{err:>13}{ideal:>13}")
+    lines.append("")
+    lines.append("per level: head time s / fraction of dense MACs computed")
+    all_levels = sorted({p for e in report["modes"].values() for p in e["levels"]},
+                        key=lambda p: int(p[1:]))
+    lines.append(f"{'mode':<20}" + "".join(f"{p:>16}" for p in all_levels))
+    for name, e in report["modes"].items():
+        cells = []
+        for p in all_levels:
+            lv = e["levels"].get(p)
+            cells.append(f"{lv['head_time_s']:.3f}/{lv['fraction_computed']:.3f}".rjust(16)
+                         if lv else "-".rjust(16))
+        lines.append(f"{name:<20}" + "".join(cells))
+    if report["backends_skipped"]:
+        lines.append(f"\nskipped backends (not installed): {', '.join(report['backends_skipped'])}")
+    return "\n".join(lines)
+
+
+__all__ = ["BenchOptions", "run_bench", "format_report", "randomize_heads"]

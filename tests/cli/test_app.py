@@ -1,0 +1,60 @@
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from querydet_cli.app import app
+from querydet_cli.bench import BenchOptions, run_bench
+from querydet_cli.errors import QueryDetError
+
+runner = CliRunner()
+
+
+def test_bench_report_small():
+    opts = BenchOptions(backbone="resnet18", image_size=128, batch=2, repeats=1,
+                        query_density=0.05)
+    report = run_bench(opts)
+    modes = report["modes"]
+    assert {"dense_hr", "csq_exact_torch", "csq_5x5_torch", "cq", "ccq",
+            "retinanet_p3_p7"} <= set(modes)
+    assert modes["dense_hr"]["speedup_vs_dense"] == 1.0
+    for name, entry in modes.items():
+        assert entry["time_s"] > 0
+        if name.startswith("csq_exact") or name in ("cq", "ccq"):
+            assert entry["max_rel_err"] < 1e-4, name
+            assert set(entry["max_rel_err_per_level"]) == {"P2", "P3"}
+    assert modes["csq_5x5_torch"]["max_rel_err"] > 1e-4  # the paper's context is approximate
+    assert 0.05 <= report["query_density_start_level"] < 0.5
+    assert modes["csq_exact_torch"]["levels"]["P2"]["fraction_computed"] < 1.0
+
+
+def test_bench_json_cli():
+    result = runner.invoke(app, ["bench", "--backbone", "resnet18", "--image-size", "96",
+                                 "--repeats", "1", "--backends", "torch", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "speedup_vs_dense" in report["modes"]["csq_exact_torch"]
+
+
+def test_bench_rejects_bad_options():
+    result = runner.invoke(app, ["bench", "--backends", "cuda-magic"])
+    assert isinstance(result.exception, QueryDetError)
+    result = runner.invoke(app, ["bench", "--paper-context", "4x4"])
+    assert isinstance(result.exception, QueryDetError)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "querydet_cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_user_errors_are_one_line_with_exit_2(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    proc = _cli("bench", "--weights", str(junk), "--repeats", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("querydet: error: cannot read checkpoint")
+    assert "Traceback" not in proc.stderr
+    proc = _cli("train")
+    assert proc.returncode == 2 and "not built yet" in proc.stderr

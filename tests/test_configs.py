@@ -1,0 +1,61 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.config import InferenceConfig, ModelConfig
+from models.querydet import build_querydet
+from querydet_cli.config import CONFIG_DIR, Config, load_config
+from querydet_cli.errors import QueryDetError
+
+FILES = sorted(Path(CONFIG_DIR).glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert len(FILES) >= 4
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_every_config_loads_complete_and_builds(path):
+    cfg = load_config(path)
+    data = yaml.safe_load(path.read_text())
+    # complete files: every field spelled out, no hidden defaults
+    assert set(data) == {f.name for f in dataclasses.fields(Config)}
+    assert set(data["model"]) == {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(data["inference"]) == {f.name for f in dataclasses.fields(InferenceConfig)}
+    assert len(cfg.names()) == cfg.model.num_classes
+    build_querydet(cfg.model, cfg.inference)
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  backbone: resnet50\n  levles: [2, 3]\n")
+    with pytest.raises(QueryDetError, match="model.levles: unknown key"):
+        load_config(p)
+
+
+def test_bad_value_names_allowed_values(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("inference:\n  mode: turbo\n")
+    with pytest.raises(QueryDetError, match="inference.mode.*allowed: dense, csq, cq, ccq"):
+        load_config(p)
+    p.write_text("model:\n  backbone: vgg16\n")
+    with pytest.raises(QueryDetError, match="model.backbone.*resnet50"):
+        load_config(p)
+    p.write_text("inference:\n  sigma: .nan\n")
+    with pytest.raises(QueryDetError, match="finite"):
+        load_config(p)
+
+
+def test_missing_and_non_yaml_files(tmp_path):
+    with pytest.raises(QueryDetError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: [unclosed\n")
+    with pytest.raises(QueryDetError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_bare_name_resolves_to_configs_dir():
+    assert load_config("querydet_r50_visdrone").inference.max_detections == 500
