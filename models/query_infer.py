@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from .fpn import Pyramid
 from .heads import ConvTower, QueryHead, RetinaHead
-from .sparse import TowerPlan, children_of, ravel, resolve_backend, run_tower_sparse, unravel
+from .sparse import (TowerPlan, WeightCache, children_of, ravel, resolve_backend,
+                     run_tower_sparse, unravel)
 
 MODES = ("dense", "csq", "cq", "ccq")
 
@@ -44,7 +46,8 @@ class LevelOutput:
     query: torch.Tensor | None  # (Q,) logits where the query head ran on this level, else None
     macs: float  # multiply-accumulates spent in the heads on this level
     dense_macs: float  # what the same heads cost densely on this level
-    seconds: float = 0.0
+    seconds: float = 0.0  # head time
+    fpn_seconds: float = 0.0  # time spent computing this level's FPN map (dense or at rows)
 
     @property
     def is_dense(self) -> bool:
@@ -105,30 +108,30 @@ class QueryInference:
         self.query_head = query_head
         self.options = options
         self.forced = forced_queries or {}
+        self.weights = WeightCache()  # sparse-layout weights, converted once per call
 
-    def __call__(self, features: dict[int, torch.Tensor]) -> list[LevelOutput]:
-        levels = sorted(features)
+    def __call__(self, features: Pyramid) -> list[LevelOutput]:
+        levels = list(features.levels)
         opts = self.options
         if opts.mode == "dense":
-            return [self._dense_level(lvl, features[lvl], with_query=False) for lvl in levels]
+            return [self._dense_level(lvl, features, with_query=False) for lvl in levels]
         start = opts.start_level
         if start not in levels or start == levels[0]:
             raise ValueError(f"start level P{start} must be one of the model's levels above the "
                              f"finest (allowed: {', '.join(f'P{l}' for l in levels[1:])})")
         if opts.mode == "ccq":
             return self._complete_convolution_query(features, levels)
-        outputs = {lvl: self._dense_level(lvl, features[lvl], with_query=lvl == start)
-                   for lvl in levels if lvl >= start}
+        outputs = {lvl: self._dense_level(lvl, features, with_query=lvl == start)
+                   for lvl in sorted(levels, reverse=True) if lvl >= start}
         queried = self._queried(outputs[start])
         for lvl in range(start - 1, levels[0] - 1, -1):
             coarse = outputs[lvl + 1]
             with_query = lvl > levels[0]
             if opts.mode == "cq":
-                outputs[lvl] = self._crop_level(lvl, features[lvl], queried, coarse.shape,
-                                                with_query)
+                outputs[lvl] = self._crop_level(lvl, features, queried, coarse.shape, with_query)
             else:
-                keys = children_of(queried, coarse.shape, _shape(features[lvl]))
-                outputs[lvl] = self._sparse_level(lvl, features[lvl], keys, with_query)
+                keys = children_of(queried, coarse.shape, features.shape(lvl))
+                outputs[lvl] = self._sparse_level(lvl, features, keys, with_query)
             queried = self._queried(outputs[lvl]) if with_query else queried[:0]
         return [outputs[lvl] for lvl in levels]
 
@@ -143,9 +146,12 @@ class QueryInference:
         return out.positions[out.query > _logit(self.options.sigma)]
 
     # -- one level, three ways ------------------------------------------------------------------
-    def _dense_level(self, level: int, x: torch.Tensor, with_query: bool) -> LevelOutput:
+    def _dense_level(self, level: int, features: Pyramid, with_query: bool) -> LevelOutput:
+        t_fpn = time.perf_counter()
+        x = features.dense(level)
+        _sync(x.device)
         t0 = time.perf_counter()
-        shape = _shape(x)
+        shape = features.shape(level)
         cls = rows_of_map(self.head.cls(x))  # (NHW, A*K)
         box = rows_of_map(self.head.box(x))  # (NHW, A*4)
         query = rows_of_map(self.query_head(x))[:, 0] if with_query else None  # (NHW,)
@@ -153,96 +159,106 @@ class QueryInference:
         macs = self._macs(with_query, lambda tower: tower_macs(tower, cls.shape[0]))
         _sync(x.device)
         return LevelOutput(level, shape, positions, cls, box, query, macs, macs,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, t0 - t_fpn)
 
-    def _sparse_level(self, level: int, x: torch.Tensor, keys: torch.Tensor, with_query: bool
+    def _sparse_level(self, level: int, features: Pyramid, keys: torch.Tensor, with_query: bool
                       ) -> LevelOutput:
         t0 = time.perf_counter()
-        shape = _shape(x)
+        shape = features.shape(level)
         depth = self.head.cls.depth
         if self.options.context == "exact":
             plan = TowerPlan.exact(keys, shape, depth)
         else:
             size = int(self.options.context.split("x")[0])
             plan = TowerPlan.submanifold(keys, shape, depth, size)
-        backend = resolve_backend(self.options.backend, x.device)
-        cls = run_tower_sparse(self.head.cls, x, plan, backend)  # (Q, A*K)
-        box = run_tower_sparse(self.head.box, x, plan, backend)  # (Q, A*4)
-        query = run_tower_sparse(self.query_head, x, plan, backend)[:, 0] if with_query else None
+        rows = features.rows(level, plan.sets[0])  # (Q_0, C): the FPN only where needed
+        _sync(rows.device)
+        t_fpn = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        backend = resolve_backend(self.options.backend, rows.device)
+        w = self.weights
+        cls = run_tower_sparse(self.head.cls, rows, plan, backend, w)  # (Q, A*K)
+        box = run_tower_sparse(self.head.box, rows, plan, backend, w)  # (Q, A*4)
+        query = (run_tower_sparse(self.query_head, rows, plan, backend, w)[:, 0]
+                 if with_query else None)
         macs = self._macs(with_query, lambda tower: plan_macs(tower, plan))
         dense = self._macs(with_query, lambda tower: tower_macs(tower, shape[0] * shape[1] * shape[2]))
-        _sync(x.device)
+        _sync(rows.device)
         return LevelOutput(level, shape, plan.keys, cls, box, query, macs, dense,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, t_fpn)
 
-    def _crop_level(self, level: int, x: torch.Tensor, parents: torch.Tensor,
+    def _crop_level(self, level: int, features: Pyramid, parents: torch.Tensor,
                     coarse_shape: tuple[int, int, int], with_query: bool) -> LevelOutput:
         """Crop Query: each parent's 2x2 children computed on a (2 + 2D)^2 dense crop."""
         t0 = time.perf_counter()
-        shape = _shape(x)
-        N, C, H, W = x.shape
+        shape = features.shape(level)
+        N, H, W = shape
         depth = self.head.cls.depth
         size = 2 + 2 * depth
         towers = [self.head.cls, self.head.box] + ([self.query_head] if with_query else [])
         outs: list[list[torch.Tensor]] = [[] for _ in towers]
         kid_pos = []
         n, py, px = unravel(parents, coarse_shape)
-        span = torch.arange(size, device=x.device)
+        device = parents.device
+        span = torch.arange(size, device=device)
+        two = torch.arange(2, device=device)
         for start in range(0, parents.numel(), 256):
             sl = slice(start, start + 256)
-            ys = (2 * py[sl] - depth)[:, None] + span  # (P, S)
-            xs = (2 * px[sl] - depth)[:, None] + span  # (P, S)
-            inside = (((ys >= 0) & (ys < H))[:, :, None]
-                      & ((xs >= 0) & (xs < W))[:, None, :])[:, None]  # (P, 1, S, S)
-            crops = x[n[sl][:, None, None], :, ys.clamp(0, H - 1)[:, :, None],
-                      xs.clamp(0, W - 1)[:, None, :]]  # (P, S, S, C)
-            crops = crops.permute(0, 3, 1, 2) * inside  # (P, C, S, S)
+            ys = (2 * py[sl] - depth)[:, None, None] + span[None, :, None]  # (P, S, 1)
+            xs = (2 * px[sl] - depth)[:, None, None] + span[None, None, :]  # (P, 1, S)
+            inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)  # (P, S, S)
+            lin = ravel(n[sl][:, None, None], ys.clamp(0, H - 1), xs.clamp(0, W - 1), shape)
+            uniq, inverse = torch.unique(lin, return_inverse=True)
+            rows = features.rows(level, uniq)  # (U, C): the FPN at the crops' positions only
+            crops = rows[inverse].permute(0, 3, 1, 2) * inside[:, None]  # (P, C, S, S)
+            mask = inside[:, None].to(crops.dtype)  # (P, 1, S, S)
             for t, tower in enumerate(towers):
                 y = crops
                 for j, conv in enumerate(tower.convs):
                     y = F.conv2d(y, conv.weight, conv.bias, padding=1)
                     if j < depth - 1:
-                        y = F.relu(y) * inside  # off-map positions stay zero, as in the dense map
+                        y = F.relu(y) * mask  # off-map positions stay zero, as in the dense map
                 centre = y[:, :, depth:depth + 2, depth:depth + 2]  # (P, C_out, 2, 2)
                 outs[t].append(centre.permute(0, 2, 3, 1).reshape(-1, centre.shape[1]))  # (4P, C_out)
-            ky = (2 * py[sl])[:, None, None] + torch.tensor([0, 1], device=x.device)[None, :, None]
-            kx = (2 * px[sl])[:, None, None] + torch.tensor([0, 1], device=x.device)[None, None, :]
-            kn = n[sl][:, None, None].expand(-1, 2, 2)
+            ky = (2 * py[sl])[:, None, None] + two[None, :, None]  # (P, 2, 1)
+            kx = (2 * px[sl])[:, None, None] + two[None, None, :]  # (P, 1, 2)
             ok = (ky < H) & (kx < W)  # (P, 2, 2)
-            lin = ravel(kn, ky.expand(-1, 2, 2), kx.expand(-1, 2, 2), shape)
-            kid_pos.append(torch.where(ok, lin, torch.full_like(lin, -1)).reshape(-1))  # (4P,)
+            kid = ravel(n[sl][:, None, None], ky, kx, shape)  # (P, 2, 2)
+            kid_pos.append(torch.where(ok, kid, torch.full_like(kid, -1)).reshape(-1))  # (4P,)
+        channels = [t.convs[-1].out_channels for t in towers]
         if kid_pos:
             pos = torch.cat(kid_pos)
             keep = pos >= 0
             order = torch.argsort(pos[keep])
-            rows = [torch.cat(o)[keep][order] for o in outs]
+            rows_out = [torch.cat(o)[keep][order] for o in outs]
             pos = pos[keep][order]
         else:
             pos = parents.new_zeros(0)
-            rows = [x.new_zeros(0, t.convs[-1].out_channels) for t in towers]
+            rows_out = [torch.zeros(0, c, device=device) for c in channels]
         cropped = float(parents.numel() * size * size)
         macs = self._macs(with_query, lambda tower: tower_macs(tower, cropped))
         dense = self._macs(with_query, lambda tower: tower_macs(tower, N * H * W))
-        _sync(x.device)
-        return LevelOutput(level, shape, pos, rows[0], rows[1],
-                           rows[2][:, 0] if with_query else None, macs, dense,
+        _sync(device)
+        return LevelOutput(level, shape, pos, rows_out[0], rows_out[1],
+                           rows_out[2][:, 0] if with_query else None, macs, dense,
                            time.perf_counter() - t0)
 
-    def _complete_convolution_query(self, features: dict[int, torch.Tensor], levels: list[int]
+    def _complete_convolution_query(self, features: Pyramid, levels: list[int]
                                     ) -> list[LevelOutput]:
         """CCQ: all levels dense; below the start level only the keys' rows are kept."""
         start = self.options.start_level
         outputs = {}
         for lvl in sorted(levels, reverse=True):
             with_query = levels[0] < lvl <= start
-            outputs[lvl] = self._dense_level(lvl, features[lvl], with_query)
+            outputs[lvl] = self._dense_level(lvl, features, with_query)
         queried = self._queried(outputs[start])
         for lvl in range(start - 1, levels[0] - 1, -1):
             full = outputs[lvl]
             keys = children_of(queried, outputs[lvl + 1].shape, full.shape)
             outputs[lvl] = LevelOutput(lvl, full.shape, keys, full.cls[keys], full.box[keys],
                                        None if full.query is None else full.query[keys],
-                                       full.macs, full.dense_macs, full.seconds)
+                                       full.macs, full.dense_macs, full.seconds,
+                                       full.fpn_seconds)
             queried = self._queried(outputs[lvl]) if full.query is not None else keys[:0]
         return [outputs[lvl] for lvl in levels]
 
@@ -261,10 +277,6 @@ def _logit(p: float) -> float:
     if p >= 1.0:
         return math.inf
     return math.log(p / (1.0 - p))
-
-
-def _shape(x: torch.Tensor) -> tuple[int, int, int]:
-    return (x.shape[0], x.shape[2], x.shape[3])
 
 
 __all__ = ["LevelOutput", "QueryOptions", "QueryInference", "MODES"]

@@ -7,18 +7,15 @@ The same class is the RetinaNet P3-P7 baseline when built with levels 3..7 and n
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from .anchors import AnchorGenerator
 from .backbones import Backbone, build_backbone
 from .box_coder import BoxCoder
 from .config import InferenceConfig, ModelConfig
+from .fpn import FPN, Pyramid
 from .heads import QueryHead, RetinaHead
 from .losses import anchor_targets, level_detection_loss, query_loss
 from .matcher import Matcher
@@ -59,8 +56,7 @@ class QueryDet(nn.Module):
         super().__init__()
         self.backbone = backbone
         first = levels[0] - 2  # c2 feeds P2, c3 feeds P3
-        self.fpn = FeaturePyramidNetwork(backbone.out_channels[first:], fpn_channels,
-                                         extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
+        self.fpn = FPN(backbone.out_channels[first:], fpn_channels, levels[0])
         self.head = head
         self.query_head = query_head
         self.anchors = anchors
@@ -113,12 +109,10 @@ class QueryDet(nn.Module):
             batch[i, :, :h, :w] = (img.to(batch.device) - self.pixel_mean[0]) / self.pixel_std[0]
         return batch, sizes
 
-    def extract_features(self, batch: torch.Tensor) -> dict[int, torch.Tensor]:
-        """FPN maps {level: (N, C, H_l, W_l)} of a preprocessed batch."""
-        feats = self.backbone(batch)
-        feats = OrderedDict((k, v) for k, v in feats.items() if int(k[1:]) >= self.levels[0])
-        pyramid = self.fpn(feats)
-        return dict(zip(self.levels, pyramid.values()))
+    def extract_features(self, batch: torch.Tensor) -> Pyramid:
+        """Backbone maps of a preprocessed batch, wrapped so FPN levels are computed on demand:
+        densely for dense levels, only at the needed positions for CSQ's sparse levels."""
+        return Pyramid(self.fpn, self.backbone(batch))
 
     # -- entry points -----------------------------------------------------------------------------
     def forward(self, images, targets=None, **kwargs):
@@ -136,7 +130,7 @@ class QueryDet(nn.Module):
         targets = [self._check_target(t, batch.device) for t in targets]
         if len(targets) != batch.shape[0]:
             raise ModelInputError(f"{batch.shape[0]} images but {len(targets)} targets")
-        feats = self.extract_features(batch)
+        feats = self.fpn(self.backbone(batch))  # {level: (N, C, H, W)}, every level dense
         K, A = self.num_classes, self.anchors.num_anchors
         logits, deltas, level_anchors = [], [], []
         for lvl in self.levels:
@@ -190,7 +184,7 @@ class QueryDet(nn.Module):
         return self.detections(outputs, sizes)
 
     @torch.no_grad()
-    def predict_levels(self, features: dict[int, torch.Tensor], *, mode: str | None = None,
+    def predict_levels(self, features: Pyramid, *, mode: str | None = None,
                        sigma: float | None = None, start_level: int | None = None,
                        context: str | None = None, backend: str | None = None,
                        forced_queries: dict[int, torch.Tensor] | None = None,

@@ -124,6 +124,24 @@ def conv_weight_as_spconv(conv: nn.Conv2d) -> torch.Tensor:
     return conv.weight.permute(0, 2, 3, 1).contiguous()  # (C_out, kh, kw, C_in)
 
 
+class WeightCache:
+    """Dense conv weights converted for a sparse backend, for the duration of one forward pass.
+
+    Built fresh by every inference call from the live parameters (so it can never go stale) and
+    shared by the levels of that call: the P3 and P2 heads use the same weights.
+    """
+
+    def __init__(self) -> None:
+        self._converted: dict[tuple[int, str], torch.Tensor] = {}
+
+    def get(self, conv: nn.Conv2d, backend: str) -> torch.Tensor:
+        key = (id(conv), backend)
+        if key not in self._converted:
+            convert = conv_weight_as_spconv if backend == "spconv" else conv_weight_as_gemm
+            self._converted[key] = convert(conv)
+        return self._converted[key]
+
+
 @dataclass
 class TowerPlan:
     """Which positions each layer of a depth-D tower computes on one level.
@@ -178,12 +196,16 @@ class TowerPlan:
         return sum(int(s.numel()) for s in self.sets[1:])
 
 
-def sparse_conv_torch(x: torch.Tensor, plan: TowerPlan, layer: int, conv: nn.Conv2d
-                      ) -> torch.Tensor:
-    """One 3x3 conv by gather-GEMM: rows (|sets[layer-1]|, C_in) -> (|sets[layer]|, C_out)."""
+def sparse_conv_torch(x: torch.Tensor, plan: TowerPlan, layer: int, conv: nn.Conv2d,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """One 3x3 conv by gather-GEMM: rows (|sets[layer-1]|, C_in) -> (|sets[layer]|, C_out).
+
+    `weight` is `conv_weight_as_gemm(conv)` when the caller already converted it in this pass.
+    """
     nbr = plan.neighbours(layer)
     c_in = x.shape[1]
-    weight = conv_weight_as_gemm(conv)  # (9 C_in, C_out)
+    if weight is None:
+        weight = conv_weight_as_gemm(conv)  # (9 C_in, C_out)
     x_pad = torch.cat([x, x.new_zeros(1, c_in)])  # last row is the zero row
     chunk = max(1, _GATHER_BUDGET // (9 * c_in))
     out = []
@@ -211,8 +233,8 @@ def _single_threaded_on_cpu(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def sparse_conv_spconv(x: torch.Tensor, plan: TowerPlan, layer: int, conv: nn.Conv2d
-                       ) -> torch.Tensor:
+def sparse_conv_spconv(x: torch.Tensor, plan: TowerPlan, layer: int, conv: nn.Conv2d,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
     """One 3x3 conv by spconv SubMConv2d over sets[layer-1], then the rows of sets[layer]."""
     import spconv.pytorch as spconv  # optional extra: pip install "querydet[sparse]"
 
@@ -227,7 +249,9 @@ def sparse_conv_spconv(x: torch.Tensor, plan: TowerPlan, layer: int, conv: nn.Co
     tensor = template.replace_feature(x)
     subm = spconv.SubMConv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=True,
                              indice_key=f"plan{key}").to(x.device)
-    subm.weight = nn.Parameter(conv_weight_as_spconv(conv), requires_grad=False)
+    if weight is None:
+        weight = conv_weight_as_spconv(conv)
+    subm.weight = nn.Parameter(weight, requires_grad=False)
     subm.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
     with _single_threaded_on_cpu(x.device):
         out = subm(tensor)
@@ -260,14 +284,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def run_tower_sparse(tower: nn.Module, feature: torch.Tensor, plan: TowerPlan, backend: str
-                     ) -> torch.Tensor:
-    """Outputs of `tower` (a ConvTower) at `plan.keys` of the dense FPN map `feature`, (Q, C_out)."""
+def run_tower_sparse(tower: nn.Module, rows: torch.Tensor, plan: TowerPlan, backend: str,
+                     weights: "WeightCache | None" = None) -> torch.Tensor:
+    """Outputs of `tower` (a ConvTower) at `plan.keys`, (Q, C_out).
+
+    `rows` (|plan.sets[0]|, C) are the input features at `plan.sets[0]`.
+    """
     conv_fn = sparse_conv_spconv if backend == "spconv" else sparse_conv_torch
-    x = gather_positions(feature, plan.sets[0])  # (Q_0, C)
+    weights = weights or WeightCache()
+    x = rows
     last = len(tower.convs)
     for layer, conv in enumerate(tower.convs, start=1):
-        x = conv_fn(x, plan, layer, conv)
+        x = conv_fn(x, plan, layer, conv, weights.get(conv, backend))
         if layer < last:
             x = torch.relu(x)
     return x  # (Q_keys, C_out)

@@ -16,10 +16,11 @@ def features(model, images):
 
 def test_per_level_output_shapes(model, images):
     feats, _ = features(model, images)
-    assert sorted(feats) == [2, 3, 4, 5, 6, 7]
+    assert feats.levels == (2, 3, 4, 5, 6, 7)
     outs = model.predict_levels(feats, mode="dense")
-    for out, (lvl, f) in zip(outs, sorted(feats.items())):
-        N, C, H, W = f.shape
+    for out, lvl in zip(outs, feats.levels):
+        N, C, H, W = feats.dense(lvl).shape
+        assert feats.shape(lvl) == (N, H, W) and C == 32
         assert out.shape == (2, H, W)
         assert H == -(-192 // 2 ** lvl) or H == -(-160 // 2 ** lvl)
         assert out.cls.shape == (N * H * W, 9 * 3)
@@ -165,3 +166,10 @@ def test_light_backbones_build_and_run(name):
     randomize(m.head)
     out = m.forward_inference(torch.rand(1, 3, 64, 96), mode="csq", sigma=0.0)
     assert isinstance(out[0]["boxes"], torch.Tensor)
+
+
+def test_csq_never_builds_dense_maps_of_queried_levels(model, images):
+    feats, _ = features(model, images)
+    outs = model.predict_levels(feats, mode="csq", sigma=0.5)
+    assert outs[0].positions.numel() > 0
+    assert [feats.is_dense(lvl) for lvl in feats.levels] == [False, False, True, True, True, True]

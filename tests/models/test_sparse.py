@@ -4,8 +4,8 @@ from torch.nn import functional as F
 
 from models.heads import ConvTower
 from models.sparse import (TowerPlan, children_of, conv_weight_as_gemm, conv_weight_as_spconv,
-                           dilate_keys, neighbour_rows, ravel, run_tower_sparse, spconv_available,
-                           unravel)
+                           dilate_keys, gather_positions, neighbour_rows, ravel, run_tower_sparse,
+                           spconv_available, unravel)
 from tests.conftest import randomize
 
 BACKENDS = ["torch"] + (["spconv"] if spconv_available() else [])
@@ -74,7 +74,7 @@ def test_exact_plan_equals_dense_tower_at_keys(backend):
     keys = torch.unique(torch.tensor([0, 16, 12 * 17, 13 * 17 - 1, 6 * 17 + 8,
                                       13 * 17 + 3, 2 * 13 * 17 - 1, 13 * 17 + 7 * 17 + 2]))
     plan = TowerPlan.exact(keys, shape, tower.depth)
-    out = run_tower_sparse(tower, x, plan, backend)
+    out = run_tower_sparse(tower, gather_positions(x, plan.sets[0]), plan, backend)
     n, y, xx = unravel(keys, shape)
     ref = dense[n, :, y, xx]
     assert out.shape == ref.shape
@@ -89,19 +89,19 @@ def test_submanifold_backends_agree_and_differ_from_dense(context):
     x = torch.randn(1, 8, 20, 20)
     keys = torch.tensor([5 * 20 + 5, 5 * 20 + 6, 14 * 20 + 12])
     plan = TowerPlan.submanifold(keys, (1, 20, 20), tower.depth, context)
-    out = run_tower_sparse(tower, x, plan, "torch")
+    out = run_tower_sparse(tower, gather_positions(x, plan.sets[0]), plan, "torch")
     ref = dense_tower(tower, x)[0, :, keys // 20, keys % 20].T
     assert (out - ref).abs().max() > 1e-3  # inactive neighbours count as zero: not the dense result
     if spconv_available():
-        other = run_tower_sparse(tower, x, TowerPlan.submanifold(keys, (1, 20, 20), tower.depth,
-                                                                 context), "spconv")
+        plan2 = TowerPlan.submanifold(keys, (1, 20, 20), tower.depth, context)
+        other = run_tower_sparse(tower, gather_positions(x, plan2.sets[0]), plan2, "spconv")
         assert torch.allclose(out, other, rtol=1e-4, atol=1e-4)
 
 
 def test_empty_keys_give_empty_rows():
     tower = ConvTower(8, 2, 3)
     plan = TowerPlan.exact(torch.zeros(0, dtype=torch.int64), (1, 6, 6), tower.depth)
-    out = run_tower_sparse(tower, torch.randn(1, 8, 6, 6), plan, "torch")
+    out = run_tower_sparse(tower, torch.zeros(0, 8), plan, "torch")
     assert out.shape == (0, 3)
 
 
@@ -110,3 +110,27 @@ def test_exact_plan_layer_sets_shrink_by_one_ring():
     plan = TowerPlan.exact(keys, (1, 10, 10), 5)
     # layer j of 5 is computed on the keys dilated by 5 - j, clipped to the 10x10 map
     assert [s.numel() for s in plan.sets] == [100, 81, 49, 25, 9, 1]
+
+
+def test_sparse_fpn_rows_equal_dense_fpn():
+    from collections import OrderedDict
+
+    from models.fpn import FPN, Pyramid
+
+    torch.manual_seed(0)
+    fpn = FPN([8, 12, 16, 20], 16, 2)
+    randomize(fpn)
+    feats = OrderedDict(c2=torch.randn(2, 8, 32, 40), c3=torch.randn(2, 12, 16, 20),
+                        c4=torch.randn(2, 16, 8, 10), c5=torch.randn(2, 20, 4, 5))
+    dense = fpn(feats)
+    lazy = Pyramid(fpn, feats)
+    lazy.dense(4)  # as in CSQ: coarse levels dense, fine levels at rows only
+    for level in (2, 3):
+        shape = lazy.shape(level)
+        assert shape == (2, *dense[level].shape[2:])
+        pos = torch.unique(torch.randint(0, shape[0] * shape[1] * shape[2], (60,)))
+        pos = torch.cat([pos, torch.tensor([0, shape[0] * shape[1] * shape[2] - 1])]).unique()
+        rows = lazy.rows(level, pos)
+        ref = gather_positions(dense[level], pos)
+        assert torch.allclose(rows, ref, rtol=1e-4, atol=1e-5)
+        assert not lazy.is_dense(level)  # no dense map of a queried level was built
