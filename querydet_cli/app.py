@@ -85,21 +85,129 @@ def detect() -> None:
 
 
 @app.command()
-def train() -> None:
-    """Train QueryDet / RetinaNet (not built yet)."""
-    _not_built("train", 3)
+def train(
+    *,
+    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML path")] = "querydet_mobilenet_synthetic",
+    out: Annotated[Path, typer.Option(help="Output folder: last.pt, model_final.pt, metrics.jsonl")] = Path("runs/train"),
+    dataset: Annotated[Optional[str], typer.Option(help="synthetic, coco or visdrone (overrides data.dataset)")] = None,
+    train_root: Annotated[Optional[str], typer.Option(help="VisDrone folder, or COCO image folder")] = None,
+    train_annotations: Annotated[Optional[str], typer.Option(help="COCO JSON of the training set")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt on the same schedule")] = False,
+    max_iter: Annotated[Optional[int], typer.Option(help="Override train.max_iter")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Override train.batch_size")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Override train.base_lr")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Override train.workers")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override train.seed")] = None,
+) -> None:
+    """Train QueryDet or the RetinaNet baseline (multi-GPU: torchrun --nproc_per_node N -m querydet_cli train ...)."""
+    from .config import load_config, with_changes
+    from .training import train as run_training
+
+    cfg = load_config(config)
+    if dataset is not None and dataset not in ("synthetic", "coco", "visdrone"):
+        raise QueryDetError(f"--dataset: {dataset!r} is not one of synthetic, coco, visdrone")
+    cfg = with_changes(cfg, "data", dataset=dataset, train_root=train_root,
+                       train_annotations=train_annotations)
+    cfg = with_changes(cfg, "train", max_iter=max_iter, batch_size=batch_size, base_lr=lr,
+                       workers=workers, seed=seed)
+    summary = run_training(cfg, out, device=device, resume=resume)
+    print(json.dumps(summary))
 
 
 @app.command(name="eval")
-def evaluate() -> None:
-    """Evaluate a checkpoint with the COCO / VisDrone protocols (not built yet)."""
-    _not_built("eval", 3)
+def evaluate(
+    *,
+    weights: Annotated[Path, typer.Option(help="Checkpoint (its embedded config is used)")],
+    protocol: Annotated[str, typer.Option(help="coco or visdrone")] = "coco",
+    sigma: Annotated[str, typer.Option(help="Query thresholds to sweep, comma-separated")] = "0.05,0.1,0.15,0.2,0.3",
+    config: Annotated[Optional[str], typer.Option(help="Take data.* from this config instead of the checkpoint's")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="synthetic, coco or visdrone")] = None,
+    val_root: Annotated[Optional[str], typer.Option(help="VisDrone folder, or COCO image folder")] = None,
+    val_annotations: Annotated[Optional[str], typer.Option(help="COCO JSON of the evaluation set")] = None,
+    max_dets: Annotated[Optional[int], typer.Option(help="COCO maxDets (default 100)")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for report.json, tradeoff.png, visualisations")] = Path("runs/eval"),
+    save_vis: Annotated[bool, typer.Option(help="Write a few images with detections and query heatmaps")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+) -> None:
+    """Evaluate a checkpoint (COCO or VisDrone protocol), dense and CSQ over a sigma sweep."""
+    import torch
+
+    from .config import load_config, with_changes
+    from .engine import load_model
+    from .evaluation import evaluate as run_eval
+    from .evaluation import format_table, plot_tradeoff, save_visualisations
+    from .training import load_split, report_problems
+
+    if protocol not in ("coco", "visdrone"):
+        raise QueryDetError(f"--protocol: {protocol!r} is not one of coco, visdrone")
+    try:
+        sigmas = [float(v) for v in sigma.split(",") if v.strip()]
+    except ValueError:
+        raise QueryDetError(f"--sigma: expected numbers separated by commas, got {sigma!r}") from None
+    if not sigmas or any(not 0 <= s <= 1 or s != s for s in sigmas):
+        raise QueryDetError(f"--sigma: every value must be in [0, 1], got {sigma!r}")
+    model, cfg = load_model(weights, device)
+    if config is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, data=load_config(config).data)
+    cfg = with_changes(cfg, "data", dataset=dataset, val_root=val_root,
+                       val_annotations=val_annotations)
+    out.mkdir(parents=True, exist_ok=True)
+    samples, _, problems = load_split(cfg, "val", out)
+    report_problems(problems)
+    if not samples:
+        raise QueryDetError("no usable evaluation images (see the warnings above)")
+    dev = torch.device(device)
+    report = run_eval(model, cfg, samples, protocol=protocol, sigmas=sigmas, device=dev,
+                      max_dets=max_dets)
+    from models.checkpoint import save_json_atomic
+
+    save_json_atomic(out / "report.json", report)
+    plot_tradeoff(report, out / "tradeoff.png")
+    if save_vis:
+        save_visualisations(model, cfg, samples, out / "vis", dev, sigmas[len(sigmas) // 2])
+    if json_out:
+        print(json.dumps(report))
+    else:
+        print(format_table(report))
+        print(f"wrote {out / 'report.json'} and {out / 'tradeoff.png'}", file=sys.stderr)
 
 
 @app.command()
-def tile() -> None:
-    """Cut large images into training chips (not built yet)."""
-    _not_built("tile", 3)
+def tile(
+    *,
+    out: Annotated[Path, typer.Option(help="Output folder: images/ and annotations.json (COCO)")],
+    annotations: Annotated[Optional[Path], typer.Option(help="COCO JSON of the source images")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image folder of the COCO JSON (default: images/ beside it)")] = None,
+    visdrone: Annotated[Optional[Path], typer.Option(help="A VisDrone-DET folder (images/, annotations/) instead of COCO")] = None,
+    size: Annotated[int, typer.Option(help="Chip size in pixels (sliding windows)")] = 512,
+    overlap: Annotated[float, typer.Option(help="Overlap between neighbouring chips, fraction of size")] = 0.2,
+    quadrants: Annotated[bool, typer.Option(help="The paper's VisDrone split: four equal quadrants")] = False,
+    min_visible: Annotated[float, typer.Option(help="Keep a clipped box if at least this fraction is visible")] = 0.5,
+    keep_empty: Annotated[bool, typer.Option(help="Also write chips without objects")] = False,
+) -> None:
+    """Cut large images or GeoTIFFs and their annotations into training chips."""
+    from .chips import cut_chips
+    from .datasets import load_coco, load_visdrone
+    from .training import report_problems
+
+    if (annotations is None) == (visdrone is None):
+        raise QueryDetError("give exactly one of --annotations (COCO JSON) or --visdrone (folder)")
+    if visdrone is not None:
+        samples, names, problems = load_visdrone(visdrone)
+    else:
+        samples, names, problems = load_coco(annotations, images)
+    report_problems(problems)
+    if not samples:
+        raise QueryDetError("no usable source images (see the warnings above)")
+    path = cut_chips(samples, names, out, size=size, overlap=overlap, quadrants=quadrants,
+                     min_visible=min_visible, keep_empty=keep_empty)
+    data = json.loads(path.read_text())
+    print(f"{len(data['images'])} chips, {sum(1 for a in data['annotations'] if not a['iscrowd'])} "
+          f"boxes -> {path}")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -16,12 +16,84 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where training and evaluation images come from."""
+
+    dataset: Literal["synthetic", "coco", "visdrone"] = "synthetic"
+    # visdrone: folder with images/ and annotations/; coco: the image folder (default: images/
+    # next to the JSON)
+    train_root: str | None = None
+    train_annotations: str | None = None  # COCO JSON
+    val_root: str | None = None
+    val_annotations: str | None = None
+    synthetic_train_scenes: int = 64
+    synthetic_val_scenes: int = 16
+    synthetic_size: int = 384
+    synthetic_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.synthetic_size < 64 or self.synthetic_size > 8192:
+            raise ConfigError(f"data.synthetic_size: {self.synthetic_size} is not allowed "
+                              "(allowed: 64..8192)")
+        if self.synthetic_train_scenes < 1 or self.synthetic_val_scenes < 1:
+            raise ConfigError("data.synthetic_train_scenes / synthetic_val_scenes: must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The schedule: SGD with linear warm-up and step decay (paper 4.1)."""
+
+    batch_size: int = 8
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    max_iter: int = 50000
+    steps: tuple[int, ...] = (30000, 40000)
+    lr_gamma: float = 0.1
+    short_sides: tuple[int, ...] = (800,)
+    max_size: int = 1333
+    test_short_side: int = 800
+    hflip: bool = True
+    clip_grad_norm: float = 35.0  # 0 disables clipping
+    amp: bool = True  # mixed precision, CUDA only
+    checkpoint_period: int = 1000
+    log_period: int = 20
+    seed: int = 0
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "train.batch_size", ">= 1"),
+            (self.base_lr > 0, "train.base_lr", "> 0"),
+            (self.max_iter >= 1, "train.max_iter", ">= 1"),
+            (all(0 < s for s in self.steps) and list(self.steps) == sorted(self.steps),
+             "train.steps", "increasing positive iterations"),
+            (len(self.short_sides) >= 1 and all(32 <= s <= 8192 for s in self.short_sides),
+             "train.short_sides", "one or more sizes in 32..8192"),
+            (32 <= self.max_size <= 16384, "train.max_size", "32..16384"),
+            (32 <= self.test_short_side <= 8192, "train.test_short_side", "32..8192"),
+            (self.checkpoint_period >= 1, "train.checkpoint_period", ">= 1"),
+            (self.log_period >= 1, "train.log_period", ">= 1"),
+            (self.workers >= 0, "train.workers", ">= 0"),
+            (self.clip_grad_norm >= 0, "train.clip_grad_norm", ">= 0"),
+        ]
+        for ok, key, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {getattr(self, key.split('.')[1])!r} is not allowed "
+                                  f"(allowed: {allowed})")
+
+
+@dataclass(frozen=True)
 class Config:
-    """Everything a checkpoint needs to be rebuilt and run."""
+    """Everything a run needs; a checkpoint embeds it so `--weights x.pt` alone rebuilds the model."""
 
     model: ModelConfig = ModelConfig()
     inference: InferenceConfig = InferenceConfig()
     class_names: tuple[str, ...] = ()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
 
     def __post_init__(self) -> None:
         if self.class_names and len(self.class_names) != self.model.num_classes:
@@ -58,6 +130,15 @@ def load_config(path: str | Path) -> Config:
         return from_dict(Config, data)
     except ConfigError as err:
         raise QueryDetError(f"bad config {path.name}: {err}") from None
+
+
+def with_changes(cfg: Config, section: str, **changes: Any) -> Config:
+    """A copy of `cfg` with fields of one section changed (None values ignored), validated."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    try:
+        return replace(cfg, **{section: replace(getattr(cfg, section), **changes)})
+    except ConfigError as err:
+        raise QueryDetError(str(err)) from None
 
 
 def with_inference(cfg: Config, **changes: Any) -> Config:

@@ -6,14 +6,14 @@ import yaml
 
 from models.config import InferenceConfig, ModelConfig
 from models.querydet import build_querydet
-from querydet_cli.config import CONFIG_DIR, Config, load_config
+from querydet_cli.config import CONFIG_DIR, Config, DataConfig, TrainConfig, load_config
 from querydet_cli.errors import QueryDetError
 
 FILES = sorted(Path(CONFIG_DIR).glob("*.yaml"))
 
 
 def test_there_are_configs():
-    assert len(FILES) >= 4
+    assert len(FILES) >= 6
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -24,6 +24,8 @@ def test_every_config_loads_complete_and_builds(path):
     assert set(data) == {f.name for f in dataclasses.fields(Config)}
     assert set(data["model"]) == {f.name for f in dataclasses.fields(ModelConfig)}
     assert set(data["inference"]) == {f.name for f in dataclasses.fields(InferenceConfig)}
+    assert set(data["data"]) == {f.name for f in dataclasses.fields(DataConfig)}
+    assert set(data["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert len(cfg.names()) == cfg.model.num_classes
     build_querydet(cfg.model, cfg.inference)
 

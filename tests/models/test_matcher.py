@@ -38,3 +38,16 @@ def test_chunked_equals_unchunked():
     a = Matcher(chunk=7)(gt, anchors)
     b = Matcher(chunk=10_000)(gt, anchors)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_pairwise_iou_equals_torchvision():
+    from torchvision.ops import box_iou
+
+    from models.matcher import pairwise_iou
+
+    gen = torch.Generator().manual_seed(1)
+    xy = torch.rand(30, 2, generator=gen) * 50
+    a = torch.cat([xy, xy + 1 + torch.rand(30, 2, generator=gen) * 20], 1)
+    xy = torch.rand(70, 2, generator=gen) * 50
+    b = torch.cat([xy, xy + 1 + torch.rand(70, 2, generator=gen) * 20], 1)
+    assert torch.allclose(pairwise_iou(a, b), box_iou(a, b), atol=1e-6)

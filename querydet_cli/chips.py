@@ -1,0 +1,152 @@
+"""`querydet tile`: cut large images or GeoTIFFs and their annotations into training chips.
+
+Windows are read one at a time with rasterio, so a raster is never whole in memory. Chips of a
+georeferenced source are GeoTIFFs carrying the window's own transform and the source CRS; chips
+of plain images are PNGs. Boxes are clipped to their chip. A box whose visible part is below
+`min_visible` of its area is not an object of that chip, but it stays as an ignore region so
+the cut-off part is neither learned as background nor counted against a detector.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import Sample
+from .errors import QueryDetError
+
+
+@dataclass(frozen=True)
+class Window:
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+def quadrant_windows(width: int, height: int) -> list[Window]:
+    """The paper's VisDrone split: four equal, non-overlapping quadrants (paper 4.1)."""
+    w0, h0 = width // 2, height // 2
+    return [Window(0, 0, w0, h0), Window(w0, 0, width - w0, h0),
+            Window(0, h0, w0, height - h0), Window(w0, h0, width - w0, height - h0)]
+
+
+def _starts(length: int, size: int, stride: int) -> list[int]:
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] + size < length:
+        starts.append(length - size)  # a last window flush with the edge: every pixel covered
+    return starts
+
+
+def sliding_windows(width: int, height: int, size: int, overlap: float) -> list[Window]:
+    """Windows of `size` (smaller only where the image is) overlapping by `overlap` of size."""
+    if size < 16:
+        raise QueryDetError(f"--size must be at least 16 pixels, got {size}")
+    if not 0 <= overlap < 1:
+        raise QueryDetError(f"--overlap must be in [0, 1), got {overlap}")
+    stride = max(1, int(round(size * (1 - overlap))))
+    return [Window(x, y, min(size, width - x), min(size, height - y))
+            for y in _starts(height, size, stride) for x in _starts(width, size, stride)]
+
+
+def clip_boxes(boxes: np.ndarray, window: Window, min_visible: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes (G, 4) in chip coordinates: (kept boxes, their indices, partial boxes to ignore)."""
+    if len(boxes) == 0:
+        empty = np.zeros((0, 4), np.float32)
+        return empty, np.zeros(0, np.int64), empty
+    shifted = boxes - np.array([window.x, window.y, window.x, window.y], np.float32)
+    clipped = shifted.copy()
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, window.width)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, window.height)
+    area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
+    visible = (clipped[:, 2] - clipped[:, 0]).clip(0) * (clipped[:, 3] - clipped[:, 1]).clip(0)
+    frac = visible / np.maximum(area, 1e-9)
+    keep = (frac >= min_visible) & (visible > 0)
+    partial = (frac < min_visible) & (visible > 0)
+    return clipped[keep], np.nonzero(keep)[0], clipped[partial]
+
+
+def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path, *,
+              size: int = 512, overlap: float = 0.2, quadrants: bool = False,
+              min_visible: float = 0.5, keep_empty: bool = False) -> Path:
+    """Write chips and `annotations.json` (COCO) under out_dir; returns the JSON path."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+    from rasterio.windows import Window as RioWindow
+
+    if not 0 < min_visible <= 1:
+        raise QueryDetError(f"--min-visible must be in (0, 1], got {min_visible}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for sample in samples:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                src = rasterio.open(sample.image)
+        except RasterioIOError as err:
+            print(f"querydet: warning: {sample.image}: cannot read ({err}); skipped", file=sys.stderr)
+            continue
+        with src:
+            georef = src.crs is not None and not src.transform.is_identity
+            windows = (quadrant_windows(src.width, src.height) if quadrants
+                       else sliding_windows(src.width, src.height, size, overlap))
+            bands = list(range(1, min(src.count, 3) + 1))
+            for k, win in enumerate(windows):
+                boxes, idx, partial = clip_boxes(sample.boxes, win, min_visible)
+                ignore, _, _ = clip_boxes(sample.ignore, win, 1e-9)
+                if len(boxes) == 0 and not keep_empty:
+                    continue
+                rio_win = RioWindow(win.x, win.y, win.width, win.height)
+                data = src.read(bands, window=rio_win)  # (B, h, w): this window only
+                stem = f"{sample.image.stem}_{k:04d}"
+                if georef:
+                    name = f"{stem}.tif"
+                    profile = {"driver": "GTiff", "width": win.width, "height": win.height,
+                               "count": data.shape[0], "dtype": data.dtype, "crs": src.crs,
+                               "transform": src.window_transform(rio_win), "compress": "deflate"}
+                    tmp = out / "images" / f".{name}.tmp"
+                    with rasterio.open(tmp, "w", **profile) as dst:
+                        dst.write(data)
+                    tmp.replace(out / "images" / name)
+                else:
+                    from PIL import Image
+
+                    name = f"{stem}.png"
+                    pixels = data.transpose(1, 2, 0)
+                    if pixels.shape[2] == 1:
+                        pixels = pixels[:, :, 0]
+                    tmp = out / "images" / f".{name}.tmp.png"
+                    Image.fromarray(np.ascontiguousarray(pixels)).save(tmp)
+                    tmp.replace(out / "images" / name)
+                image_id = len(images) + 1
+                images.append({"id": image_id, "file_name": name, "width": win.width,
+                               "height": win.height, "source": str(sample.image),
+                               "window": [win.x, win.y, win.width, win.height]})
+                for box, label in zip(boxes, sample.labels[idx]):
+                    annotations.append(_ann(len(annotations) + 1, image_id, int(label) + 1, box, 0))
+                for box in np.concatenate([partial, ignore]):
+                    if box[2] - box[0] > 0 and box[3] - box[1] > 0:
+                        annotations.append(_ann(len(annotations) + 1, image_id, 1, box, 1))
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]}
+    path = out / "annotations.json"
+    tmp = out / ".annotations.json.tmp"
+    tmp.write_text(json.dumps(coco))
+    tmp.replace(path)
+    return path
+
+
+def _ann(ann_id: int, image_id: int, category: int, box: np.ndarray, crowd: int) -> dict:
+    x1, y1, x2, y2 = (round(float(v), 2) for v in box)
+    return {"id": ann_id, "image_id": image_id, "category_id": category,
+            "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],
+            "area": round((x2 - x1) * (y2 - y1), 2), "iscrowd": crowd}

@@ -1,0 +1,268 @@
+"""Training and evaluation data: VisDrone-DET and COCO-format annotations, images as tensors.
+
+Every bad annotation (malformed line, zero or negative size, box outside the image, unknown
+category, missing image) becomes a `Problem` naming the file and line; the sample or box is
+skipped and the caller reports the problems. Nothing bad reaches the model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .errors import QueryDetError
+
+VISDRONE_CLASSES = ("pedestrian", "people", "bicycle", "car", "van", "truck", "tricycle",
+                    "awning-tricycle", "bus", "motor")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+
+
+@dataclass
+class Sample:
+    """One image and its ground truth (xyxy pixels of the full image)."""
+
+    image: Path
+    boxes: np.ndarray  # (G, 4) float32
+    labels: np.ndarray  # (G,) int64, 0-based class index
+    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (I, 4)
+    image_id: int = 0
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class Problem:
+    where: str  # "file:line" or "file"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 (the first three bands), via rasterio / GDAL."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                bands = list(range(1, min(src.count, 3) + 1))
+                data = src.read(bands)
+    except RasterioIOError as err:
+        raise QueryDetError(f"cannot read image {path}: {err}") from None
+    if data.shape[0] == 1:
+        data = np.repeat(data, 3, axis=0)
+    elif data.shape[0] == 2:
+        data = np.concatenate([data, data[:1]], axis=0)
+    if data.dtype != np.uint8:
+        lo, hi = np.percentile(data, (1, 99))
+        data = np.clip((data.astype(np.float32) - lo) / max(hi - lo, 1e-6) * 255, 0, 255)
+        data = data.astype(np.uint8)
+    return data.transpose(1, 2, 0)
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                return src.width, src.height
+    except RasterioIOError:
+        return None
+
+
+def _check_box(box: list[float], width: int, height: int) -> str | None:
+    x1, y1, x2, y2 = box
+    if not all(np.isfinite(box)):
+        return "box has NaN or Inf coordinates"
+    if x2 <= x1 or y2 <= y1:
+        return f"box has zero or negative size ({x2 - x1:g} x {y2 - y1:g})"
+    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+        return f"box {box} lies outside the {width}x{height} image"
+    return None
+
+
+def _clip(box: list[float], width: int, height: int) -> list[float]:
+    return [max(0.0, box[0]), max(0.0, box[1]), min(float(width), box[2]), min(float(height), box[3])]
+
+
+def load_coco(json_path: str | Path, images_dir: str | Path | None = None
+              ) -> tuple[list[Sample], list[str], list[Problem]]:
+    """Samples, class names (in category-id order) and problems of a COCO-format dataset.
+
+    `iscrowd` annotations become ignore regions. Images default to `images/` next to the JSON.
+    """
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise QueryDetError(f"annotation file not found: {json_path}")
+    try:
+        data = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise QueryDetError(f"{json_path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
+        raise QueryDetError(f"{json_path} is not COCO format (needs images, annotations, "
+                            "categories)")
+    images_dir = Path(images_dir) if images_dir else json_path.parent / "images"
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    cat_index = {c["id"]: i for i, c in enumerate(cats)}
+    names = [str(c["name"]) for c in cats]
+    problems: list[Problem] = []
+    by_image: dict[int, list[dict]] = {}
+    for k, ann in enumerate(data["annotations"]):
+        by_image.setdefault(ann.get("image_id"), []).append((k, ann))
+    samples = []
+    for img in data["images"]:
+        path = images_dir / img["file_name"]
+        if not path.is_file():
+            problems.append(Problem(str(path), "image file missing; image skipped"))
+            continue
+        w, h = int(img["width"]), int(img["height"])
+        boxes, labels, ignore = [], [], []
+        for k, ann in by_image.get(img["id"], []):
+            where = f"{json_path}:annotations[{k}]"
+            try:
+                x, y, bw, bh = (float(v) for v in ann["bbox"])
+            except (KeyError, TypeError, ValueError):
+                problems.append(Problem(where, "malformed bbox; skipped"))
+                continue
+            box = [x, y, x + bw, y + bh]
+            bad = _check_box(box, w, h)
+            if bad:
+                problems.append(Problem(where, bad + "; skipped"))
+                continue
+            if ann.get("iscrowd", 0):
+                ignore.append(_clip(box, w, h))
+                continue
+            if ann.get("category_id") not in cat_index:
+                problems.append(Problem(where, f"unknown category_id {ann.get('category_id')!r}; "
+                                               "skipped"))
+                continue
+            boxes.append(_clip(box, w, h))
+            labels.append(cat_index[ann["category_id"]])
+        samples.append(_sample(path, boxes, labels, ignore, int(img["id"]), w, h))
+    return samples, names, problems
+
+
+def _sample(path, boxes, labels, ignore, image_id, w, h) -> Sample:
+    return Sample(path, np.asarray(boxes, np.float32).reshape(-1, 4),
+                  np.asarray(labels, np.int64).reshape(-1),
+                  np.asarray(ignore, np.float32).reshape(-1, 4), image_id, w, h)
+
+
+def load_visdrone(root: str | Path) -> tuple[list[Sample], list[str], list[Problem]]:
+    """VisDrone-DET: root/images/*.jpg and root/annotations/*.txt.
+
+    Each line: x, y, w, h, score, category, truncation, occlusion. Categories 1-10 are the
+    classes; category 0 (ignored regions), category 11 (others) and boxes with score 0 are kept
+    as ignore regions, as the benchmark does: never trained on as objects, and detections inside
+    them are not counted in evaluation.
+    """
+    root = Path(root)
+    img_dir, ann_dir = root / "images", root / "annotations"
+    if not img_dir.is_dir() or not ann_dir.is_dir():
+        raise QueryDetError(f"{root} is not a VisDrone-DET folder (needs images/ and annotations/)")
+    problems: list[Problem] = []
+    samples = []
+    for image_id, ann_path in enumerate(sorted(ann_dir.glob("*.txt")), start=1):
+        matches = [p for p in img_dir.glob(ann_path.stem + ".*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not matches:
+            problems.append(Problem(str(ann_path), "no image with this name in images/; skipped"))
+            continue
+        size = _image_size(matches[0])
+        if size is None:
+            problems.append(Problem(str(matches[0]), "unreadable image; skipped"))
+            continue
+        w, h = size
+        boxes, labels, ignore = [], [], []
+        for lineno, line in enumerate(ann_path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{ann_path}:{lineno}"
+            parts = [p for p in line.replace(" ", "").split(",") if p != ""]
+            try:
+                x, y, bw, bh, score, cat = (float(v) for v in parts[:6])
+                if len(parts) < 6:
+                    raise ValueError
+            except ValueError:
+                problems.append(Problem(where, f"malformed line {line.strip()!r}; skipped"))
+                continue
+            box = [x, y, x + bw, y + bh]
+            bad = _check_box(box, w, h)
+            if bad:
+                problems.append(Problem(where, bad + "; skipped"))
+                continue
+            cat = int(cat)
+            if cat == 0 or cat == 11 or score == 0:
+                ignore.append(_clip(box, w, h))
+            elif 1 <= cat <= 10:
+                boxes.append(_clip(box, w, h))
+                labels.append(cat - 1)
+            else:
+                problems.append(Problem(where, f"unknown category {cat} (VisDrone has 0-11); "
+                                               "skipped"))
+        samples.append(_sample(matches[0], boxes, labels, ignore, image_id, w, h))
+    return samples, list(VISDRONE_CLASSES), problems
+
+
+def resize_for_model(image: torch.Tensor, short_side: int, max_size: int) -> tuple[torch.Tensor, float]:
+    """Resize (3, H, W) so its short side is `short_side` and long side at most `max_size`."""
+    h, w = image.shape[1:]
+    scale = min(short_side / min(h, w), max_size / max(h, w))
+    if abs(scale - 1.0) < 1e-6:
+        return image, 1.0
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    return out, scale
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Images as (3, H, W) floats in [0, 1] with targets; multi-scale resize and flips if training."""
+
+    def __init__(self, samples: list[Sample], short_sides: tuple[int, ...], max_size: int,
+                 train: bool = False, hflip: bool = True, seed: int = 0) -> None:
+        self.samples = samples
+        self.short_sides = tuple(short_sides)
+        self.max_size = max_size
+        self.train = train
+        self.hflip = hflip
+        self.seed = seed
+        self.epoch = 0  # set by the training loop; augmentation is a function of (seed, epoch, i)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        s = self.samples[i]
+        rng = random.Random(self.seed * 1_000_003 + self.epoch * 100_003 + i)
+        pixels = read_image(s.image)
+        image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+        side = rng.choice(self.short_sides) if self.train else self.short_sides[-1]
+        image, scale = resize_for_model(image, side, self.max_size)
+        boxes = torch.from_numpy(s.boxes) * scale
+        ignore = torch.from_numpy(s.ignore) * scale
+        if self.train and self.hflip and rng.random() < 0.5:
+            image = image.flip(-1)
+            w = image.shape[-1]
+            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+            ignore = torch.stack([w - ignore[:, 2], ignore[:, 1], w - ignore[:, 0], ignore[:, 3]], 1)
+        target = {"boxes": boxes.reshape(-1, 4), "labels": torch.from_numpy(s.labels),
+                  "ignore": ignore.reshape(-1, 4), "scale": torch.tensor(scale),
+                  "index": torch.tensor(i)}
+        return image, target
+
+
+def collate(batch):
+    images, targets = zip(*batch)
+    return list(images), list(targets)

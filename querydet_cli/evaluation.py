@@ -1,0 +1,156 @@
+"""`querydet eval`: a checkpoint on a validation split, dense and CSQ, over a sweep of sigma."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.querydet import QueryDet
+
+from .config import Config
+from .datasets import DetectionDataset, Sample
+from .metrics import ImageDetections, ImageTruth, coco_metrics, visdrone_metrics
+
+
+def truths_of(samples: list[Sample]) -> list[ImageTruth]:
+    return [ImageTruth(s.boxes, s.labels, s.ignore, s.width, s.height) for s in samples]
+
+
+@torch.no_grad()
+def predict(model: QueryDet, samples: list[Sample], short_side: int, max_size: int,
+            device: torch.device, quiet: bool = False, keep_query: bool = False, **mode: Any
+            ) -> tuple[list[ImageDetections], float, list[np.ndarray | None]]:
+    """Detections per sample in original pixel coordinates, and seconds spent in the model.
+
+    With `keep_query`, also each image's query heatmap on the start level (sigmoid scores).
+    """
+    ds = DetectionDataset(samples, (short_side,), max_size, train=False)
+    out, heatmaps = [], []
+    seconds = 0.0
+    for i in tqdm(range(len(ds)), file=sys.stderr, disable=quiet, desc="eval", leave=False):
+        image, target = ds[i]
+        image = image.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        batch, sizes = model.preprocess([image])
+        levels = model.predict_levels(model.extract_features(batch), **mode)
+        dets = model.detections(levels, sizes)[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        scale = float(target["scale"])
+        out.append(ImageDetections((dets["boxes"] / scale).cpu().numpy(),
+                                   dets["scores"].cpu().numpy(),
+                                   dets["labels"].cpu().numpy()))
+        heat = None
+        if keep_query:
+            heat = query_heatmap(levels)
+        heatmaps.append(heat)
+    return out, seconds, heatmaps
+
+
+def query_heatmap(levels) -> np.ndarray | None:
+    """Sigmoid query scores of the first image on the coarsest level that ran the query densely."""
+    for lv in sorted(levels, key=lambda o: o.level):
+        if lv.query is not None and lv.is_dense:
+            _, h, w = lv.shape
+            return torch.sigmoid(lv.query[: h * w]).view(h, w).cpu().numpy()
+    return None
+
+
+def evaluate(model: QueryDet, cfg: Config, samples: list[Sample], *, protocol: str,
+             sigmas: list[float], device: torch.device, max_dets: int | None = None,
+             quiet: bool = False) -> dict[str, Any]:
+    """Dense and CSQ at each sigma: metrics and images/second per row."""
+    t = cfg.train
+    names = list(cfg.names())
+    truths = truths_of(samples)
+    rows = []
+    runs: list[tuple[str, dict[str, Any]]] = [("dense", {"mode": "dense"})]
+    if model.query_head is not None:
+        runs += [(f"csq sigma={s:g}", {"mode": "csq", "sigma": s}) for s in sigmas]
+    for name, mode in runs:
+        dets, seconds, _ = predict(model, samples, t.test_short_side, t.max_size, device, quiet,
+                                   **mode)
+        if protocol == "visdrone":
+            metrics = visdrone_metrics(truths, dets, len(names))
+        else:
+            metrics = coco_metrics(truths, dets, names, max_dets or 100)
+        rows.append({"run": name, "mode": mode["mode"], "sigma": mode.get("sigma"),
+                     "images_per_s": len(samples) / max(seconds, 1e-9), **metrics})
+    return {"protocol": protocol, "images": len(samples), "rows": rows}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    keys = [k for k in rows[0] if k not in ("run", "mode", "sigma")]
+    lines = [f"{report['protocol']} protocol, {report['images']} images",
+             f"{'run':<18}" + "".join(f"{k:>13}" for k in keys)]
+    for r in rows:
+        lines.append(f"{r['run']:<18}" + "".join(f"{r[k]:>13.4f}" for k in keys))
+    return "\n".join(lines)
+
+
+def plot_tradeoff(report: dict[str, Any], path: Path) -> None:
+    """AP against images/second over sigma, like the paper's Figure 4 (dense as a triangle)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    metric = "AP"
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    csq = [r for r in rows if r["mode"] == "csq"]
+    dense = [r for r in rows if r["mode"] == "dense"]
+    if csq:
+        ax.plot([r["images_per_s"] for r in csq], [r[metric] for r in csq], "o-", label="CSQ")
+        for r in csq:
+            ax.annotate(f"{r['sigma']:g}", (r["images_per_s"], r[metric]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    if dense:
+        ax.plot([r["images_per_s"] for r in dense], [r[metric] for r in dense], "^",
+                markersize=9, label="no CSQ")
+    ax.set_xlabel("images / second")
+    ax.set_ylabel(metric)
+    ax.set_title(f"speed / accuracy over sigma ({report['protocol']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def save_visualisations(model: QueryDet, cfg: Config, samples: list[Sample], out_dir: Path,
+                        device: torch.device, sigma: float, count: int = 4) -> list[Path]:
+    """A few images with their detections and the query heatmap beside them (Figure 5)."""
+    from PIL import Image
+
+    from .datasets import read_image
+    from .visual import draw_detections, heatmap_image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chosen = samples[:count]
+    dets, _, heats = predict(model, chosen, cfg.train.test_short_side, cfg.train.max_size, device,
+                             quiet=True, keep_query=True, mode="csq", sigma=sigma)
+    paths = []
+    for s, d, heat in zip(chosen, dets, heats):
+        pixels = read_image(s.image)
+        left = draw_detections(pixels, d, list(cfg.names()))
+        right = heatmap_image(heat, pixels.shape[1], pixels.shape[0])
+        canvas = Image.new("RGB", (left.width * 2, left.height))
+        canvas.paste(left, (0, 0))
+        canvas.paste(right, (left.width, 0))
+        path = out_dir / f"{s.image.stem}_vis.png"
+        canvas.save(path)
+        paths.append(path)
+    return paths
