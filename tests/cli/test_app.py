@@ -56,5 +56,7 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("querydet: error: cannot read checkpoint")
     assert "Traceback" not in proc.stderr
-    proc = _cli("train")
-    assert proc.returncode == 2 and "not built yet" in proc.stderr
+    proc = _cli("train", "--dataset", "imagenet", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("querydet: error: --dataset: 'imagenet' is not one of "
+                                   "synthetic, coco, visdrone")
