@@ -11,6 +11,8 @@ import typer
 
 from .errors import QueryDetError
 
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "sample_data" / "sample_model.pt"
+
 app = typer.Typer(
     name="querydet",
     help="Find small objects in very large aerial images with QueryDet's Cascade Sparse Query.",
@@ -18,10 +20,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-def _not_built(command: str, issue: int) -> None:
-    raise QueryDetError(f"`querydet {command}` is not built yet (tracked in issue {issue})")
 
 
 @app.command()
@@ -79,9 +77,74 @@ def bench(
 
 
 @app.command()
-def detect() -> None:
-    """Detect objects in GeoTIFFs and images (not built yet)."""
-    _not_built("detect", 4)
+def detect(
+    inputs: Annotated[list[str], typer.Argument(help="GeoTIFFs, images, folders, globs; - reads paths from stdin")],
+    *,
+    output: Annotated[str, typer.Option("--output", "-o", help="Output file (.geojson .gpkg .json=COCO .csv .ndjson) or - for stdout")] = "detections.geojson",
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: sample_data/sample_model.pt)")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="geojson, gpkg, coco, csv or ndjson (default: from the suffix)")] = None,
+    sigma: Annotated[Optional[float], typer.Option(help="Query threshold of CSQ")] = None,
+    no_csq: Annotated[bool, typer.Option("--no-csq", help="Dense inference on every level")] = False,
+    mode: Annotated[Optional[str], typer.Option(help="dense, csq, cq or ccq")] = None,
+    context: Annotated[Optional[str], typer.Option(help="exact or 1x1..11x11 (paper submanifold)")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto, torch or spconv")] = None,
+    score_threshold: Annotated[Optional[float], typer.Option(help="Drop detections scoring below this")] = None,
+    tile_size: Annotated[int, typer.Option(help="Tile side in pixels")] = 1024,
+    overlap: Annotated[int, typer.Option(help="Tile overlap in pixels")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, max=256, help="Tiles per batch")] = 2,
+    bands: Annotated[Optional[str], typer.Option(help="Bands to use, 1-based, e.g. 3,2,1 (default: RGB / first three)")] = None,
+    merge_metric: Annotated[str, typer.Option(help="Cross-tile merge overlap: iou or ios")] = "iou",
+    merge_threshold: Annotated[float, typer.Option(help="Overlap at which views from two tiles are one object")] = 0.5,
+    rfc7946: Annotated[bool, typer.Option("--rfc7946", help="GeoJSON in EPSG:4326 lon/lat (RFC 7946)")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same output")] = False,
+    save_vis: Annotated[Optional[Path], typer.Option(help="Folder for PNG overviews with boxes and query heatmap")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+) -> None:
+    """Detect small objects in huge GeoTIFFs and drone frames, tile by tile, with CSQ.
+
+    Exit codes: 0 all inputs done; 1 some inputs failed (the rest are in the output);
+    2 usage or input error, nothing written; 130 interrupted (no output; --resume continues).
+    """
+    import torch
+
+    from .detect import DetectOptions, expand_inputs, run_detect
+    from .engine import load_model, progress_bar
+    from .writers import format_for
+
+    out_format = format_for(output, fmt)
+    if no_csq and mode not in (None, "dense"):
+        raise QueryDetError("--no-csq and --mode contradict each other")
+    if mode is not None and mode not in ("dense", "csq", "cq", "ccq"):
+        raise QueryDetError(f"--mode: {mode!r} is not one of dense, csq, cq, ccq")
+    if merge_metric not in ("iou", "ios"):
+        raise QueryDetError(f"--merge-metric: {merge_metric!r} is not one of iou, ios")
+    if sigma is not None and not 0 <= sigma <= 1:
+        raise QueryDetError(f"--sigma must be in [0, 1], got {sigma}")
+    band_list = None
+    if bands:
+        try:
+            band_list = tuple(int(b) for b in bands.split(","))
+        except ValueError:
+            raise QueryDetError(f"--bands: expected band numbers like 3,2,1, got {bands!r}") from None
+    paths = expand_inputs(inputs)
+    model, cfg = load_model(weights or DEFAULT_WEIGHTS, device)
+    opts = DetectOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
+                         mode="dense" if no_csq else mode, sigma=sigma, context=context,
+                         backend=backend, score_threshold=score_threshold, bands=band_list,
+                         merge_metric=merge_metric, merge_threshold=merge_threshold,
+                         rfc7946=rfc7946, resume=resume,
+                         save_vis=str(save_vis) if save_vis else None)
+    summary = run_detect(model, cfg, paths, output, out_format, opts, torch.device(device),
+                         progress_factory=None if quiet else progress_bar)
+    rate = summary.megapixels / summary.seconds if summary.seconds > 0 else 0.0
+    print(f"querydet: {summary.done}/{summary.inputs} inputs, {summary.detections} detections, "
+          f"{summary.megapixels:.1f} Mpx at {rate:.2f} Mpx/s"
+          + (f" -> {output}" if output != "-" else ""), file=sys.stderr)
+    if summary.failed:
+        for path, why in summary.failed:
+            print(f"querydet: failed: {path}: {why}", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -27,3 +27,13 @@ def load_model(weights: str | Path, device: str = "cpu") -> tuple[QueryDet, Conf
         raise QueryDetError(f"checkpoint {weights} does not match its own config: "
                             f"{str(err).splitlines()[0]}") from None
     return model.to(torch.device(device)).eval(), cfg
+
+
+def progress_bar(name: str, total_pixels: int):
+    """A tqdm bar on stderr counting megapixels of one raster."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total_pixels, unit="px", unit_scale=True, desc=name, file=sys.stderr,
+                leave=False, dynamic_ncols=True)

@@ -1,0 +1,447 @@
+"""`querydet detect`: stream rasters through tiling, batched CSQ inference and cross-tile merging.
+
+A reader thread prefetches windows so disk and compute overlap. Tiles are batched through the
+model, and per-tile detections go to global pixel coordinates. The merger releases them once no
+later tile can overlap them. Final detections are appended to a journal (NDJSON, flushed per
+tile row) next to the output. At the end the journal becomes the requested format in a
+temporary file, which is then renamed into place. An interrupted run leaves no output, only the
+journal, and `--resume` picks up from the last finished tile row.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from models.querydet import QueryDet
+
+from .config import Config
+from .errors import QueryDetError
+from .merge import Detections, TileMerger
+from .raster import RasterSource
+from .tiling import Tile, make_tiles, row_starts
+from .writers import GEO_FORMATS, OutputWriter, pixel_box_ring, read_records, to_lonlat
+
+IMAGE_SUFFIXES = {".tif", ".tiff", ".jpg", ".jpeg", ".png", ".jp2", ".vrt", ".img", ".bmp"}
+EDGE_TOLERANCE = 2.0  # px: a box this close to an inner tile edge is cut by it
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    tile_size: int = 1024
+    overlap: int = 128
+    batch_size: int = 2
+    mode: str | None = None
+    sigma: float | None = None
+    context: str | None = None
+    backend: str | None = None
+    start_level: int | None = None
+    score_threshold: float | None = None
+    bands: tuple[int, ...] | None = None
+    merge_metric: str = "iou"
+    merge_threshold: float = 0.5
+    rfc7946: bool = False
+    resume: bool = False
+    prefetch: int = 2
+    save_vis: str | None = None
+
+
+@dataclass
+class DetectSummary:
+    inputs: int = 0
+    done: int = 0
+    failed: list[tuple[str, str]] | None = None
+    detections: int = 0
+    megapixels: float = 0.0
+    seconds: float = 0.0
+
+
+def expand_inputs(args: list[str], stdin: Iterable[str] | None = None) -> list[str]:
+    """Files, directories (their images, sorted), globs, and '-' (paths read from stdin)."""
+    out: list[str] = []
+    for arg in args:
+        if arg == "-":
+            lines = stdin if stdin is not None else sys.stdin
+            out.extend(line.strip() for line in lines if line.strip())
+        elif any(ch in arg for ch in "*?[") and not Path(arg).exists():
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                raise QueryDetError(f"no files match {arg!r}")
+            out.extend(matches)
+        elif Path(arg).is_dir():
+            found = sorted(str(p) for p in Path(arg).rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise QueryDetError(f"directory {arg} holds no images "
+                                    f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out.extend(found)
+        else:
+            out.append(arg)
+    if not out:
+        raise QueryDetError("no input images given")
+    return out
+
+
+class Journal:
+    """Final detections and progress of a run, beside the output, for atomic writes and --resume."""
+
+    def __init__(self, output: str, key: str, resume: bool) -> None:
+        target = Path(output)
+        self.dir = target.with_name(f".{target.name}.querydet-partial")
+        self.records = self.dir / "detections.ndjson"
+        self.state_path = self.dir / "state.json"
+        self.state: dict[str, Any] = {"key": key, "inputs": {}}
+        if resume and self.state_path.is_file():
+            state = json.loads(self.state_path.read_text())
+            if state.get("key") != key:
+                raise QueryDetError("--resume: the interrupted run used other inputs or options; "
+                                    "run again without --resume")
+            self.state = state
+            self._truncate_records(state.get("records_bytes", 0))
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+            self.records.touch()
+        self._fh = open(self.records, "a")
+
+    def _truncate_records(self, size: int) -> None:
+        with open(self.records, "r+") as fh:  # drop records written after the last saved state
+            fh.truncate(size)
+
+    def input_state(self, index: int) -> dict[str, Any]:
+        return self.state["inputs"].get(str(index), {})
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            self._fh.write(json.dumps(r) + "\n")
+
+    def checkpoint(self, index: int, state: dict[str, Any]) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.state["inputs"][str(index)] = state
+        self.state["records_bytes"] = self.records.stat().st_size
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.state_path)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _reader(src: RasterSource, tiles: list[Tile], out: queue.Queue, stop: threading.Event) -> None:
+    try:
+        for t in tiles:
+            if stop.is_set():
+                return
+            pixels, valid = src.read(t.x, t.y, t.width, t.height)
+            out.put((t, pixels if valid.any() else None, valid))
+        out.put(None)
+    except Exception as err:  # handed to the consumer, which raises it in the main thread
+        out.put(err)
+
+
+class RasterDetector:
+    """Runs one model over the tiles of rasters; options fixed for a run."""
+
+    def __init__(self, model: QueryDet, cfg: Config, options: DetectOptions,
+                 device: torch.device) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.opts = options
+        self.device = device
+        self.names = cfg.names()
+        self.mode = {k: v for k, v in (("mode", options.mode), ("sigma", options.sigma),
+                                       ("context", options.context), ("backend", options.backend),
+                                       ("start_level", options.start_level)) if v is not None}
+        if options.score_threshold is not None:
+            model.inference = replace(model.inference, score_threshold=options.score_threshold)
+
+    @torch.no_grad()
+    def infer(self, batch: list[tuple[Tile, np.ndarray, np.ndarray]]
+              ) -> list[tuple[dict[str, torch.Tensor], np.ndarray | None]]:
+        images = [torch.from_numpy(p).to(self.device) for _, p, _ in batch]
+        tensor, sizes = self.model.preprocess(images)
+        levels = self.model.predict_levels(self.model.extract_features(tensor), **self.mode)
+        dets = self.model.detections(levels, sizes)
+        heats = _query_heatmaps(levels, len(batch))
+        return list(zip(dets, heats))
+
+    def run(self, src: RasterSource, image_id: int, emit: Callable[[list[dict]], None],
+            checkpoint: Callable[[dict[str, Any]], None], state: dict[str, Any],
+            progress: Callable[[int], None] | None = None, vis: "Overview | None" = None) -> int:
+        """Detect on one raster; returns the number of detections emitted."""
+        info = src.info()
+        tiles = make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap)
+        starts = row_starts(tiles)
+        last_row = max(starts)
+        rows_done = int(state.get("rows_done", 0))
+        merger = TileMerger(self.opts.merge_metric, self.opts.merge_threshold)
+        if state.get("pending"):
+            merger.restore(state["pending"])
+        todo = [t for t in tiles if t.row >= rows_done]
+        per_row = {r: sum(1 for t in tiles if t.row == r) for r in starts}
+        finished = {r: 0 for r in starts}
+        emitted = 0
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.opts.prefetch * self.opts.batch_size))
+        stop = threading.Event()
+        reader = threading.Thread(target=_reader, args=(src, todo, q, stop), daemon=True)
+        reader.start()
+        next_row = rows_done
+        batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+
+        def flush_batch() -> None:
+            nonlocal emitted
+            if not batch:
+                return
+            for (tile, _, valid), (det, heat) in zip(batch, self.infer(batch)):
+                final = merger.add(tile.index, *self._tile_detections(tile, det, valid, info))
+                emitted += self._emit(final, src, image_id, emit, vis)
+                if vis is not None:
+                    vis.add_heat(tile, heat)
+                finished[tile.row] += 1
+            batch.clear()
+
+        def release_rows() -> None:
+            nonlocal next_row, emitted
+            while next_row <= last_row and finished[next_row] == per_row[next_row]:
+                below = starts[next_row + 1] if next_row < last_row else None
+                final = merger.release(below)
+                emitted += self._emit(final, src, image_id, emit, vis)
+                next_row += 1
+                checkpoint({"rows_done": next_row, "pending": merger.snapshot()})
+
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, Exception):
+                    raise QueryDetError(f"{src.path}: read failed: {item}") from None
+                if item is None:
+                    break
+                tile, pixels, valid = item
+                if progress:
+                    progress(tile.width * tile.height)
+                if pixels is None:  # all nodata: nothing to look at
+                    flush_batch()
+                    finished[tile.row] += 1
+                else:
+                    batch.append((tile, pixels, valid))
+                    if len(batch) >= self.opts.batch_size:
+                        flush_batch()
+                release_rows()
+            flush_batch()
+            release_rows()
+        finally:
+            stop.set()
+            while reader.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    reader.join(timeout=0.1)
+        return emitted
+
+    def _tile_detections(self, tile: Tile, det: dict[str, torch.Tensor], valid: np.ndarray,
+                         info) -> tuple[np.ndarray, ...]:
+        boxes = det["boxes"].cpu().numpy().astype(np.float64)
+        scores = det["scores"].cpu().numpy().astype(np.float64)
+        labels = det["labels"].cpu().numpy().astype(np.int64)
+        if len(boxes):  # drop detections centred on nodata
+            cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(int), 0, tile.width - 1)
+            cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(int), 0, tile.height - 1)
+            keep = valid[cy, cx]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        left, top, right, bottom = tile.inner_edges(info.width, info.height)
+        cut = ((left & (boxes[:, 0] <= EDGE_TOLERANCE))
+               | (top & (boxes[:, 1] <= EDGE_TOLERANCE))
+               | (right & (boxes[:, 2] >= tile.width - EDGE_TOLERANCE))
+               | (bottom & (boxes[:, 3] >= tile.height - EDGE_TOLERANCE)))
+        boxes = boxes + np.array([tile.x, tile.y, tile.x, tile.y], np.float64)
+        ex1, ey1, ex2, ey2 = tile.exclusive
+        exclusive = ((boxes[:, 0] >= ex1) & (boxes[:, 1] >= ey1) & (boxes[:, 2] <= ex2)
+                     & (boxes[:, 3] <= ey2) & ~cut)
+        return boxes, scores, labels, cut, exclusive
+
+    def _emit(self, dets: Detections, src: RasterSource, image_id: int,
+              emit: Callable[[list[dict]], None], vis: "Overview | None") -> int:
+        if not len(dets):
+            return 0
+        info = src.info()
+        records = []
+        for box, score, label in zip(dets.boxes, dets.scores, dets.labels):
+            ring = None
+            if info.georeferenced:
+                ring = pixel_box_ring(box, info.transform)
+                if self.opts.rfc7946:
+                    ring = to_lonlat(ring, info.crs)
+            records.append({"source": str(src.path), "image_id": image_id,
+                            "class_id": int(label), "class_name": self.names[int(label)],
+                            "score": round(float(score), 5),
+                            "bbox": [round(float(v), 2) for v in box], "geometry": ring})
+        emit(records)
+        if vis is not None:
+            vis.add_boxes(dets)
+        return len(records)
+
+
+def _query_heatmaps(levels, n: int) -> list[np.ndarray | None]:
+    """Per image: sigmoid query scores on the densely computed query level, if there is one."""
+    for lv in sorted(levels, key=lambda o: o.level):
+        if lv.query is not None and lv.is_dense:
+            _, h, w = lv.shape
+            q = torch.sigmoid(lv.query).view(n, h, w).cpu().numpy()
+            return list(q)
+    return [None] * n
+
+
+class Overview:
+    """A downsampled picture of a raster with its detections and query heatmap (--save-vis)."""
+
+    MAX_BOXES = 200_000
+
+    def __init__(self, src: RasterSource, max_side: int = 2048) -> None:
+        self.pixels, self.scale = src.overview(max_side)
+        self.heat = np.zeros(self.pixels.shape[:2], np.float32)
+        self.boxes: list[np.ndarray] = []
+        self.count = 0
+
+    def add_heat(self, tile: Tile, heat: np.ndarray | None) -> None:
+        if heat is None:
+            return
+        from PIL import Image
+
+        x1, y1 = int(tile.x / self.scale), int(tile.y / self.scale)
+        w = max(1, int(tile.width / self.scale))
+        h = max(1, int(tile.height / self.scale))
+        img = Image.fromarray((heat * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
+        patch = np.asarray(img, np.float32) / 255
+        region = self.heat[y1:y1 + h, x1:x1 + w]
+        region[...] = np.maximum(region, patch[:region.shape[0], :region.shape[1]])
+
+    def add_boxes(self, dets: Detections) -> None:
+        if self.count < self.MAX_BOXES:
+            self.boxes.append(np.column_stack([dets.boxes / self.scale, dets.labels]))
+            self.count += len(dets)
+
+    def save(self, path: Path, names: list[str]) -> None:
+        from PIL import Image, ImageDraw
+
+        from .visual import PALETTE
+
+        base = self.pixels.astype(np.float32)
+        red = np.zeros_like(base)
+        red[..., 0] = 255
+        alpha = (self.heat * 0.5)[..., None]
+        img = Image.fromarray((base * (1 - alpha) + red * alpha).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for part in self.boxes:
+            for x1, y1, x2, y2, label in part:
+                draw.rectangle([x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)],
+                               outline=PALETTE[int(label) % len(PALETTE)])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        img.save(tmp)
+        os.replace(tmp, path)
+
+
+def run_key(inputs: list[str], options: DetectOptions, cfg: Config) -> str:
+    data = json.dumps({"inputs": inputs, "options": asdict(options) | {"resume": None},
+                       "config": cfg.to_dict()}, sort_keys=True, default=str)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt: str,
+               options: DetectOptions, device: torch.device,
+               progress_factory: Callable[[str, int], Any] | None = None) -> DetectSummary:
+    """Detect on every input into one output; a bad input is reported and skipped."""
+    import time
+
+    summary = DetectSummary(inputs=len(inputs), failed=[])
+    to_stdout = output == "-"
+    if to_stdout and options.resume:
+        raise QueryDetError("--resume needs an output file, not stdout")
+    detector = RasterDetector(model, cfg, options, device)
+    journal = None if to_stdout else Journal(output, run_key(inputs, options, cfg), options.resume)
+    crs_seen: str | None = None
+    started = time.perf_counter()
+    writer_ctx = OutputWriter(output, fmt, None, options.rfc7946) if to_stdout else None
+    if writer_ctx is not None:
+        writer_ctx.__enter__()
+    try:
+        for image_id, path in enumerate(inputs, start=1):
+            state = journal.input_state(image_id) if journal else {}
+            if state.get("complete"):
+                summary.done += 1
+                continue
+            try:
+                with RasterSource(path, options.bands) as src:
+                    info = src.info()
+                    if fmt in GEO_FORMATS and not info.georeferenced:
+                        raise QueryDetError(
+                            f"{path} is not georeferenced, so it has no map coordinates for "
+                            f"{fmt}: use -o with .json (COCO), .csv or .ndjson")
+                    if fmt in GEO_FORMATS and not options.rfc7946:
+                        crs_seen = crs_seen or info.crs
+                        if info.crs != crs_seen:
+                            raise QueryDetError(f"{path} is in {info.crs}, earlier inputs in "
+                                                f"{crs_seen}; one {fmt} file holds one CRS: use "
+                                                "--rfc7946 (EPSG:4326) or separate runs")
+                    if writer_ctx is not None and writer_ctx.crs is None and info.georeferenced:
+                        writer_ctx.crs = info.crs
+                    vis = Overview(src) if options.save_vis else None
+                    bar = progress_factory(Path(path).name, info.width * info.height) \
+                        if progress_factory else None
+
+                    def emit(records: list[dict]) -> None:
+                        if journal is not None:
+                            journal.append(records)
+                        else:
+                            writer_ctx.write(records)
+
+                    def checkpoint(st: dict[str, Any], _id: int = image_id) -> None:
+                        if journal is not None:
+                            journal.checkpoint(_id, st | {"crs": info.crs})
+
+                    n = detector.run(src, image_id, emit, checkpoint, state,
+                                     progress=(lambda px: bar.update(px)) if bar else None,
+                                     vis=vis)
+                    if bar:
+                        bar.close()
+                    if journal is not None:
+                        journal.checkpoint(image_id, {"complete": True, "crs": info.crs})
+                    if vis is not None:
+                        vis.save(Path(options.save_vis) / f"{Path(path).stem}_detections.png",
+                                 cfg.names())
+                    summary.done += 1
+                    summary.detections += n
+                    summary.megapixels += info.width * info.height / 1e6
+            except QueryDetError as err:
+                summary.failed.append((path, str(err)))
+                print(f"querydet: error: {err}", file=sys.stderr)
+        summary.seconds = time.perf_counter() - started
+        if journal is not None:
+            journal.close()
+            crs = next((s.get("crs") for s in journal.state["inputs"].values() if s.get("crs")),
+                       None)
+            with OutputWriter(output, fmt, crs, options.rfc7946) as writer:
+                writer.write(read_records(journal.records))
+            if not summary.failed:
+                journal.remove()
+    finally:
+        if writer_ctx is not None:
+            writer_ctx.__exit__(*sys.exc_info())
+    return summary

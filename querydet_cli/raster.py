@@ -1,0 +1,167 @@
+"""Reading rasters window by window: GeoTIFFs of any size, plain images, bands, scaling, masks.
+
+A raster is never read whole. Pixel values are scaled to [0, 1] the way the model was trained
+(8-bit images divided by 255). Other data types get a per-band percentile stretch, computed once
+from a decimated read, which uses the overviews when the file has them. Nodata values, alpha
+bands and internal masks all become one validity mask per window.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import QueryDetError
+
+# Longest side of the decimated read used for the percentile stretch and overviews.
+_SAMPLE_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    path: Path
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: str | None  # WKT or authority string; None when not georeferenced
+    transform: tuple[float, ...]  # affine a, b, c, d, e, f (pixel -> CRS)
+    georeferenced: bool
+
+
+class RasterSource:
+    """One open raster: `read(x, y, w, h)` gives (3, h, w) float32 in [0, 1] and a valid mask."""
+
+    def __init__(self, path: str | Path, bands: tuple[int, ...] | None = None,
+                 stretch: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        import rasterio
+        from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise QueryDetError(f"{self.path}: file not found")
+        if self.path.is_dir():
+            raise QueryDetError(f"{self.path}: is a directory, not an image")
+        if self.path.stat().st_size == 0:
+            raise QueryDetError(f"{self.path}: file is empty (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self.src = rasterio.open(self.path)
+        except RasterioIOError as err:
+            msg = str(err).split("\n")[0]
+            raise QueryDetError(f"{self.path}: not a readable raster or image ({msg})") from None
+        src = self.src
+        if src.width < 1 or src.height < 1 or src.count < 1:
+            raise QueryDetError(f"{self.path}: raster has no pixels")
+        if src.width * src.height > 10 ** 12:
+            raise QueryDetError(f"{self.path}: {src.width}x{src.height} pixels is beyond what "
+                                "querydet accepts (10^12)")
+        self.bands = self._pick_bands(bands)
+        self.alpha = self._alpha_band()
+        self.georeferenced = src.crs is not None and not src.transform.is_identity
+        self.stretch = stretch if stretch is not None else self._stretch()
+
+    def _pick_bands(self, bands: tuple[int, ...] | None) -> tuple[int, ...]:
+        count = self.src.count
+        if bands:
+            bad = [b for b in bands if not 1 <= b <= count]
+            if bad:
+                raise QueryDetError(f"{self.path}: --bands {bad[0]} does not exist (the raster "
+                                    f"has bands 1..{count})")
+            if len(bands) not in (1, 3):
+                raise QueryDetError("--bands takes one band (grey) or three (R,G,B)")
+            chosen = tuple(bands)
+        else:
+            colour = [i + 1 for i, ci in enumerate(self.src.colorinterp)
+                      if ci.name in ("red", "green", "blue")]
+            chosen = tuple(colour[:3]) if len(colour) >= 3 else tuple(range(1, min(count, 3) + 1))
+        if len(chosen) == 2:
+            chosen = chosen[:1]
+        return chosen
+
+    def _alpha_band(self) -> int | None:
+        for i, ci in enumerate(self.src.colorinterp):
+            if ci.name == "alpha":
+                return i + 1
+        return None
+
+    def _stretch(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-band 2nd and 98th percentiles of valid pixels for non-8-bit data; None for uint8."""
+        if self.src.dtypes[self.bands[0] - 1] == "uint8":
+            return None
+        scale = max(self.src.width, self.src.height) / _SAMPLE_SIDE
+        shape = (max(1, int(self.src.height / max(scale, 1))), max(1, int(self.src.width / max(scale, 1))))
+        data = self.src.read(list(self.bands), out_shape=(len(self.bands), *shape),
+                             masked=True).astype(np.float64)
+        lo, hi = [], []
+        for band in data:
+            values = band.compressed()
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                lo.append(0.0)
+                hi.append(1.0)
+                continue
+            a, b = np.percentile(values, (2, 98))
+            lo.append(float(a))
+            hi.append(float(b) if b > a else float(a) + 1.0)
+        return np.array(lo), np.array(hi)
+
+    def info(self) -> RasterInfo:
+        src = self.src
+        crs = src.crs.to_string() if src.crs is not None else None
+        return RasterInfo(self.path, src.width, src.height, src.count, src.dtypes[0], crs,
+                          tuple(src.transform)[:6], self.georeferenced)
+
+    def read(self, x: int, y: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels (3, h, w) float32 in [0, 1] and a valid mask (h, w) bool for one window."""
+        from rasterio.windows import Window
+
+        win = Window(x, y, width, height)
+        data = self.src.read(list(self.bands), window=win, masked=True)  # nodata -> masked
+        valid = ~np.ma.getmaskarray(data).any(axis=0)
+        if self.alpha is not None:
+            valid &= self.src.read(self.alpha, window=win) > 0
+        else:
+            valid &= self.src.read_masks(self.bands[0], window=win) > 0
+        pixels = np.ma.getdata(data).astype(np.float32)
+        finite = np.isfinite(pixels).all(axis=0)
+        valid &= finite
+        pixels[:, ~finite] = 0
+        if self.stretch is None:
+            pixels /= 255.0
+        else:
+            lo, hi = self.stretch
+            pixels = (pixels - lo[:, None, None].astype(np.float32)) / \
+                (hi - lo)[:, None, None].astype(np.float32)
+            np.clip(pixels, 0.0, 1.0, out=pixels)
+        if pixels.shape[0] == 1:
+            pixels = np.repeat(pixels, 3, axis=0)
+        pixels[:, ~valid] = 0.0
+        return pixels, valid
+
+    def overview(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """An RGB uint8 overview (H', W', 3) of the whole raster and its downscale factor."""
+        scale = max(1.0, max(self.src.width, self.src.height) / max_side)
+        shape = (max(1, int(self.src.height / scale)), max(1, int(self.src.width / scale)))
+        data = self.src.read(list(self.bands), out_shape=(len(self.bands), *shape)).astype(np.float32)
+        if self.stretch is None:
+            rgb = data
+        else:
+            lo, hi = self.stretch
+            rgb = (data - lo[:, None, None]) / (hi - lo)[:, None, None] * 255
+        if rgb.shape[0] == 1:
+            rgb = np.repeat(rgb, 3, axis=0)
+        return np.clip(rgb, 0, 255).astype(np.uint8).transpose(1, 2, 0), scale
+
+    def close(self) -> None:
+        self.src.close()
+
+    def __enter__(self) -> "RasterSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

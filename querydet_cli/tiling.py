@@ -1,0 +1,72 @@
+"""Inference tiles over a large raster, each with the core region it owns.
+
+Tiles of `size` overlap their neighbours by `overlap` pixels. A tile's core is its area minus
+half the overlap on each inner side, so the cores partition the raster: every pixel lies in
+exactly one core. An object no larger than half the overlap whose centre lies in a tile's core
+is seen whole by that tile. Larger objects are cut and repaired by the cross-tile merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import QueryDetError
+
+
+@dataclass(frozen=True)
+class Tile:
+    index: int
+    row: int  # tile row, for incremental finalisation
+    x: int
+    y: int
+    width: int
+    height: int
+    core: tuple[int, int, int, int]  # x1, y1, x2, y2 (exclusive) in raster pixels
+    exclusive: tuple[int, int, int, int]  # the part no other tile covers (may be empty)
+
+    def inner_edges(self, raster_width: int, raster_height: int) -> tuple[bool, bool, bool, bool]:
+        """Which sides (left, top, right, bottom) border another tile rather than the raster edge."""
+        return (self.x > 0, self.y > 0, self.x + self.width < raster_width,
+                self.y + self.height < raster_height)
+
+
+def _axis(length: int, size: int, overlap: int) -> list[tuple[int, int, int, int, int, int]]:
+    """(start, extent, core_start, core_end, exclusive_start, exclusive_end) along one axis."""
+    if length <= size:
+        return [(0, length, 0, length, 0, length)]
+    stride = size - overlap
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] + size < length:
+        starts.append(length - size)
+    out = []
+    for i, s in enumerate(starts):
+        core_start = 0 if i == 0 else (s + starts[i - 1] + size) // 2  # middle of the overlap
+        core_end = length if i == len(starts) - 1 else (starts[i + 1] + s + size) // 2
+        excl_start = 0 if i == 0 else starts[i - 1] + size
+        excl_end = length if i == len(starts) - 1 else starts[i + 1]
+        out.append((s, size, core_start, core_end, excl_start, excl_end))
+    return out
+
+
+def make_tiles(width: int, height: int, size: int, overlap: int) -> list[Tile]:
+    """Row-major tiles covering a width x height raster."""
+    if size < 32:
+        raise QueryDetError(f"--tile-size must be at least 32 pixels, got {size}")
+    if not 0 <= overlap < size // 2 + 1 or overlap >= size:
+        raise QueryDetError(f"--overlap must be in 0..{size // 2} pixels for {size}-pixel tiles, "
+                            f"got {overlap}")
+    cols = _axis(width, size, overlap)
+    rows = _axis(height, size, overlap)
+    tiles = []
+    for r, (y, h, cy1, cy2, ey1, ey2) in enumerate(rows):
+        for x, w, cx1, cx2, ex1, ex2 in cols:
+            tiles.append(Tile(len(tiles), r, x, y, w, h, (cx1, cy1, cx2, cy2), (ex1, ey1, ex2, ey2)))
+    return tiles
+
+
+def row_starts(tiles: list[Tile]) -> dict[int, int]:
+    """First pixel row of each tile row."""
+    starts: dict[int, int] = {}
+    for t in tiles:
+        starts.setdefault(t.row, t.y)
+    return starts

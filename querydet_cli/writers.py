@@ -1,0 +1,214 @@
+"""Detection outputs: GeoJSON, GeoPackage, COCO results, CSV, NDJSON; atomic when written to files.
+
+A record is one detection: source file, image_id, class id and name, score, pixel box (xyxy,
+pixel-edge coordinates: pixel (0, 0) spans [0, 1) x [0, 1)) and, for georeferenced sources, its
+polygon in the source CRS (or EPSG:4326 lon/lat with --rfc7946), through the full affine
+transform, so rotated, sheared and south-up rasters come out right.
+
+File outputs go to a temporary file beside the target and are renamed into place only when
+complete, so a failed or interrupted run never leaves a truncated file that looks finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+from .errors import QueryDetError
+
+FORMATS = ("geojson", "gpkg", "coco", "csv", "ndjson")
+GEO_FORMATS = ("geojson", "gpkg")
+_SUFFIXES = {".geojson": "geojson", ".gpkg": "gpkg", ".json": "coco", ".csv": "csv",
+             ".ndjson": "ndjson", ".jsonl": "ndjson"}
+CSV_FIELDS = ["source", "image_id", "class_id", "class_name", "score", "x1", "y1", "x2", "y2",
+              "wkt"]
+
+
+def format_for(output: str, fmt: str | None) -> str:
+    """The output format: --format if given, else from the file suffix (stdout: ndjson)."""
+    if fmt:
+        if fmt not in FORMATS:
+            raise QueryDetError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        return fmt
+    if output == "-":
+        return "ndjson"
+    suffix = Path(output).suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise QueryDetError(f"cannot tell the output format from {output!r}: use a suffix "
+                            f"({', '.join(_SUFFIXES)}) or --format")
+    return _SUFFIXES[suffix]
+
+
+def pixel_box_ring(box, transform) -> list[list[float]]:
+    """Closed ring of a pixel box's four corners mapped through an affine (a, b, c, d, e, f)."""
+    a, b, c, d, e, f = transform[:6]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    corners = [(x1, y1), (x2, y1), (x2, y2), (x1, y2), (x1, y1)]
+    return [[a * col + b * row + c, d * col + e * row + f] for col, row in corners]
+
+
+def to_lonlat(ring: list[list[float]], crs: str) -> list[list[float]]:
+    from rasterio.warp import transform as warp
+
+    xs, ys = warp(crs, "EPSG:4326", [p[0] for p in ring], [p[1] for p in ring])
+    return [[x, y] for x, y in zip(xs, ys)]
+
+
+def _wkt(ring: list[list[float]] | None) -> str:
+    if not ring:
+        return ""
+    return "POLYGON ((" + ", ".join(f"{x:.10g} {y:.10g}" for x, y in ring) + "))"
+
+
+class OutputWriter:
+    """Streams records into one output. Use as a context manager; an exception aborts it."""
+
+    def __init__(self, output: str, fmt: str, crs: str | None, rfc7946: bool = False) -> None:
+        self.output = output
+        self.fmt = fmt
+        self.crs = "EPSG:4326" if rfc7946 else crs
+        self.rfc7946 = rfc7946
+        self.count = 0
+        self._tmp: str | None = None
+        self._fh: TextIO | None = None
+        self._gpkg_rows: list[dict[str, Any]] = []
+        self._gpkg_written = False
+
+    def __enter__(self) -> "OutputWriter":
+        if self.output == "-":
+            if self.fmt == "gpkg":
+                raise QueryDetError("GeoPackage cannot be written to stdout: give a file name")
+            self._fh = sys.stdout
+        else:
+            target = Path(self.output)
+            if target.is_dir():
+                raise QueryDetError(f"output {target} is a directory")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial"
+                                             + target.suffix, dir=target.parent)
+            os.close(fd)
+            if self.fmt != "gpkg":
+                os.unlink(self._tmp)
+                self._fh = open(self._tmp, "w", newline="")
+        self._begin()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        self._end()
+        if self._fh is not None and self._fh is not sys.stdout:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+        if self._tmp is not None:
+            os.replace(self._tmp, self.output)
+            self._tmp = None
+
+    def abort(self) -> None:
+        if self._fh is not None and self._fh is not sys.stdout:
+            self._fh.close()
+        if self._tmp is not None and os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+        self._tmp = None
+
+    # -- formats ----------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        fh = self._fh
+        if self.fmt == "geojson":
+            head: dict[str, Any] = {"type": "FeatureCollection"}
+            if not self.rfc7946 and self.crs:
+                head["crs"] = {"type": "name", "properties": {"name": _crs_urn(self.crs)}}
+            fh.write(json.dumps(head)[:-1] + ', "features": [\n')
+        elif self.fmt == "coco":
+            fh.write("[\n")
+        elif self.fmt == "csv":
+            csv.writer(fh).writerow(CSV_FIELDS)
+
+    def write(self, records: Iterable[dict[str, Any]]) -> None:
+        fh = self._fh
+        for r in records:
+            if self.fmt == "geojson":
+                if r["geometry"] is None:
+                    raise QueryDetError(f"{r['source']} is not georeferenced: GeoJSON needs map "
+                                        "coordinates; use --format coco, csv or ndjson")
+                feature = {"type": "Feature",
+                           "geometry": {"type": "Polygon", "coordinates": [r["geometry"]]},
+                           "properties": {k: r[k] for k in ("source", "image_id", "class_id",
+                                                            "class_name", "score")}
+                           | {"bbox_px": r["bbox"]}}
+                fh.write(("" if self.count == 0 else ",\n") + json.dumps(feature))
+            elif self.fmt == "coco":
+                x1, y1, x2, y2 = r["bbox"]
+                item = {"image_id": r["image_id"], "category_id": r["class_id"] + 1,
+                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": r["score"],
+                        "category_name": r["class_name"], "file_name": r["source"]}
+                fh.write(("" if self.count == 0 else ",\n") + json.dumps(item))
+            elif self.fmt == "csv":
+                csv.writer(fh).writerow([r["source"], r["image_id"], r["class_id"],
+                                         r["class_name"], r["score"], *r["bbox"],
+                                         _wkt(r["geometry"])])
+            elif self.fmt == "ndjson":
+                fh.write(json.dumps(r) + "\n")
+            elif self.fmt == "gpkg":
+                if r["geometry"] is None:
+                    raise QueryDetError(f"{r['source']} is not georeferenced: GeoPackage needs "
+                                        "map coordinates; use --format coco, csv or ndjson")
+                self._gpkg_rows.append(r)
+                if len(self._gpkg_rows) >= 5000:
+                    self._flush_gpkg()
+            self.count += 1
+        if fh is not None and fh is sys.stdout:
+            fh.flush()
+
+    def _flush_gpkg(self) -> None:
+        import geopandas as gpd
+        from shapely.geometry import Polygon
+
+        rows = self._gpkg_rows
+        self._gpkg_rows = []
+        if not rows and self._gpkg_written:
+            return
+        frame = gpd.GeoDataFrame(
+            {"source": [r["source"] for r in rows], "image_id": [r["image_id"] for r in rows],
+             "class_id": [r["class_id"] for r in rows],
+             "class_name": [r["class_name"] for r in rows], "score": [r["score"] for r in rows],
+             "x1": [r["bbox"][0] for r in rows], "y1": [r["bbox"][1] for r in rows],
+             "x2": [r["bbox"][2] for r in rows], "y2": [r["bbox"][3] for r in rows]},
+            geometry=[Polygon(r["geometry"]) for r in rows], crs=self.crs)
+        frame.to_file(self._tmp, driver="GPKG", layer="detections",
+                      mode="a" if self._gpkg_written else "w")
+        self._gpkg_written = True
+
+    def _end(self) -> None:
+        fh = self._fh
+        if self.fmt == "geojson":
+            fh.write("\n]}\n")
+        elif self.fmt == "coco":
+            fh.write("\n]\n")
+        elif self.fmt == "gpkg":
+            self._flush_gpkg()
+
+
+def _crs_urn(crs: str) -> str:
+    if crs.upper().startswith("EPSG:"):
+        return f"urn:ogc:def:crs:EPSG::{crs.split(':', 1)[1]}"
+    return crs
+
+
+def read_records(path: Path) -> Iterable[dict[str, Any]]:
+    """Records back from an NDJSON journal, one at a time."""
+    with open(path) as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+__all__ = ["OutputWriter", "format_for", "pixel_box_ring", "to_lonlat", "read_records",
+           "FORMATS", "GEO_FORMATS"]

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from querydet_cli.errors import QueryDetError
+from querydet_cli.merge import TileMerger
+from querydet_cli.tiling import make_tiles
+
+
+@pytest.mark.parametrize("w,h,size,overlap", [(1000, 700, 256, 64), (300, 300, 512, 64),
+                                              (513, 257, 256, 32)])
+def test_cores_partition_the_raster(w, h, size, overlap):
+    tiles = make_tiles(w, h, size, overlap)
+    owner = np.zeros((h, w), int)
+    for t in tiles:
+        x1, y1, x2, y2 = t.core
+        assert t.x <= x1 < x2 <= t.x + t.width and t.y <= y1 < y2 <= t.y + t.height
+        owner[y1:y2, x1:x2] += 1
+    assert (owner == 1).all()
+    covered = np.zeros((h, w), int)
+    for t in tiles:
+        covered[t.y:t.y + t.height, t.x:t.x + t.width] += 1
+        ex1, ey1, ex2, ey2 = t.exclusive
+        if ex2 > ex1 and ey2 > ey1:
+            assert (covered[ey1:ey2, ex1:ex2] >= 1).all()
+    assert (covered >= 1).all()
+
+
+def test_bad_tile_geometry_refused():
+    with pytest.raises(QueryDetError):
+        make_tiles(100, 100, 16, 0)
+    with pytest.raises(QueryDetError):
+        make_tiles(100, 100, 64, 64)
+
+
+def _add(m, tile, boxes, cut, labels=None):
+    boxes = np.array(boxes, float).reshape(-1, 4)
+    n = len(boxes)
+    labels = np.zeros(n, np.int64) if labels is None else np.array(labels)
+    return m.add(tile, boxes, np.full(n, 0.8), labels, np.array(cut, bool), np.zeros(n, bool))
+
+
+def test_duplicate_views_become_one():
+    m = TileMerger()
+    _add(m, 0, [[100, 10, 110, 20]], [False])
+    _add(m, 1, [[100.5, 10, 110.5, 20]], [False])
+    out = m.release()
+    assert len(out) == 1 and m.pending == 0
+
+
+def test_fragments_become_the_full_extent():
+    m = TileMerger()
+    _add(m, 0, [[80, 10, 128, 30]], [True])  # cut by tile 0's right edge at 128
+    _add(m, 1, [[96, 10, 140, 30]], [True])  # cut by tile 1's left edge at 96
+    out = m.release()
+    assert len(out) == 1 and out.boxes[0].tolist() == [80, 10, 140, 30]
+
+
+def test_complete_view_beats_fragment():
+    m = TileMerger()
+    _add(m, 0, [[100, 10, 128, 30]], [True])
+    _add(m, 1, [[100, 10, 120.5, 30]], [False])
+    _add(m, 1, [[100, 10, 121, 30]], [False])  # same tile: never merged with its neighbour
+    out = m.release()
+    assert len(out) == 2
+    assert sorted(out.boxes[:, 2].tolist()) == [120.5, 121]
+
+
+def test_neighbours_and_classes_stay_apart():
+    m = TileMerger()
+    _add(m, 0, [[100, 10, 110, 20], [112, 10, 122, 20]], [False, False])
+    _add(m, 1, [[100, 10, 110, 20], [112, 10, 122, 20]], [False, False], labels=[1, 0])
+    out = m.release()
+    assert len(out) == 3  # box 1 merged (class 0 twice); the class-1 view of box 0 stays
+
+
+def test_release_holds_clusters_reaching_the_next_row():
+    m = TileMerger()
+    _add(m, 0, [[10, 10, 20, 20], [10, 90, 20, 110]], [False, True])
+    out = m.release(below_y=100)
+    assert len(out) == 1 and m.pending == 1
+    out = m.release()
+    assert len(out) == 1 and m.pending == 0
