@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/querydet bench --image sample_data/sample_scene.png --image-size 512 --backbone resnet50 --query-density 0.03 --repeats 2
+	$(BIN)/querydet detect sample_data/sample_scene.tif -o out/sample_detections.geojson --save-vis out/
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -98,6 +98,9 @@ class InferenceConfig:
     start_level: int = 4
     context: str = "exact"
     backend: Literal["auto", "torch", "spconv"] = "auto"
+    # exact CSQ runs a level densely when its sparse plan would cost more than this fraction of
+    # the dense heads (1.0: always sparse)
+    sparse_max_fraction: float = 0.3
     score_threshold: float = 0.05
     topk_per_level: int = 1000
     nms_iou: float = 0.5
@@ -107,6 +110,8 @@ class InferenceConfig:
         _check(0 <= self.sigma <= 1, "inference.sigma", self.sigma, "0 <= sigma <= 1")
         _check(3 <= self.start_level <= 7, "inference.start_level", self.start_level, "3..7")
         _check(self.context in CONTEXTS, "inference.context", self.context, CONTEXTS)
+        _check(0 < self.sparse_max_fraction <= 1, "inference.sparse_max_fraction",
+               self.sparse_max_fraction, "0 < f <= 1")
         _check(0 <= self.score_threshold < 1, "inference.score_threshold",
                self.score_threshold, "0 <= t < 1")
         _check(self.topk_per_level >= 1, "inference.topk_per_level", self.topk_per_level, ">= 1")

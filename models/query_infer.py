@@ -63,6 +63,9 @@ class QueryOptions:
     start_level: int = 4
     context: str = "exact"
     backend: str = "auto"
+    # exact context only: a level whose sparse plan would compute more than this fraction of the
+    # dense MACs runs densely instead (same outputs at the keys, and never slower than dense)
+    sparse_max_fraction: float = 0.3
 
 
 def tower_macs(tower: ConvTower, positions: int) -> float:
@@ -171,6 +174,12 @@ class QueryInference:
         else:
             size = int(self.options.context.split("x")[0])
             plan = TowerPlan.submanifold(keys, shape, depth, size)
+        n_pos = shape[0] * shape[1] * shape[2]
+        dense = self._macs(with_query, lambda tower: tower_macs(tower, n_pos))
+        if (self.options.context == "exact"
+                and plan_macs(self.head.cls, plan) > self.options.sparse_max_fraction
+                * tower_macs(self.head.cls, n_pos)):
+            return self._dense_fallback(level, features, plan.keys, with_query, dense)
         rows = features.rows(level, plan.sets[0])  # (Q_0, C): the FPN only where needed
         _sync(rows.device)
         t_fpn = time.perf_counter() - t0
@@ -182,10 +191,17 @@ class QueryInference:
         query = (run_tower_sparse(self.query_head, rows, plan, backend, w)[:, 0]
                  if with_query else None)
         macs = self._macs(with_query, lambda tower: plan_macs(tower, plan))
-        dense = self._macs(with_query, lambda tower: tower_macs(tower, shape[0] * shape[1] * shape[2]))
         _sync(rows.device)
         return LevelOutput(level, shape, plan.keys, cls, box, query, macs, dense,
                            time.perf_counter() - t0, t_fpn)
+
+    def _dense_fallback(self, level: int, features: Pyramid, keys: torch.Tensor,
+                        with_query: bool, dense_macs: float) -> LevelOutput:
+        """Keys so dense that the whole map is cheaper: dense towers, rows read at the keys."""
+        full = self._dense_level(level, features, with_query)
+        return LevelOutput(level, full.shape, keys, full.cls[keys], full.box[keys],
+                           None if full.query is None else full.query[keys], dense_macs,
+                           dense_macs, full.seconds, full.fpn_seconds)
 
     def _crop_level(self, level: int, features: Pyramid, parents: torch.Tensor,
                     coarse_shape: tuple[int, int, int], with_query: bool) -> LevelOutput:

@@ -175,12 +175,14 @@ class QueryDet(nn.Module):
                           start_level: int | None = None, context: str | None = None,
                           backend: str | None = None,
                           forced_queries: dict[int, torch.Tensor] | None = None,
+                          sparse_max_fraction: float | None = None,
                           ) -> list[dict[str, torch.Tensor]]:
         """Detections per image: boxes (M, 4) xyxy pixels, scores (M,), labels (M,), levels (M,)."""
         batch, sizes = self.preprocess(images)
         outputs = self.predict_levels(self.extract_features(batch), mode=mode, sigma=sigma,
                                       start_level=start_level, context=context, backend=backend,
-                                      forced_queries=forced_queries)
+                                      forced_queries=forced_queries,
+                                      sparse_max_fraction=sparse_max_fraction)
         return self.detections(outputs, sizes)
 
     @torch.no_grad()
@@ -188,6 +190,7 @@ class QueryDet(nn.Module):
                        sigma: float | None = None, start_level: int | None = None,
                        context: str | None = None, backend: str | None = None,
                        forced_queries: dict[int, torch.Tensor] | None = None,
+                       sparse_max_fraction: float | None = None,
                        ) -> list[LevelOutput]:
         """Head outputs of every level under one inference mode (see `query_infer`)."""
         d = self.inference
@@ -197,6 +200,8 @@ class QueryDet(nn.Module):
             start_level=d.start_level if start_level is None else start_level,
             context=d.context if context is None else context,
             backend=d.backend if backend is None else backend,
+            sparse_max_fraction=(d.sparse_max_fraction if sparse_max_fraction is None
+                                 else sparse_max_fraction),
         )
         if self.query_head is None and options.mode != "dense":
             options = QueryOptions(mode="dense")  # the baseline has nothing to query with

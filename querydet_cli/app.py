@@ -76,6 +76,35 @@ def bench(
         print(format_report(report))
 
 
+@app.command(name="bench-detect")
+def bench_detect(
+    *,
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the bundled sample model)")] = None,
+    sizes: Annotated[str, typer.Option(help="Synthetic GeoTIFF sides for the memory test, comma-separated ('' to skip)")] = "4096,16384",
+    raster: Annotated[Optional[str], typer.Option(help="Raster for the CSQ vs dense throughput test")] = "sample_data/sample_scene.tif",
+    workdir: Annotated[Path, typer.Option(help="Where the synthetic rasters and outputs go")] = Path("runs/bench-detect"),
+    tile_size: Annotated[int, typer.Option(help="Tile side")] = 1024,
+    overlap: Annotated[int, typer.Option(help="Tile overlap")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Tiles per batch")] = 2,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
+) -> None:
+    """Peak memory of detect on growing rasters, and CSQ vs dense megapixels per second."""
+    from .bench_detect import format_report, run
+
+    try:
+        size_list = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        raise QueryDetError(f"--sizes: expected numbers like 4096,16384, got {sizes!r}") from None
+    if any(not 256 <= s <= 65536 for s in size_list):
+        raise QueryDetError("--sizes: each size must be in 256..65536")
+    w = str(weights or DEFAULT_WEIGHTS)
+    if not Path(w).is_file():
+        raise QueryDetError(f"checkpoint not found: {w}")
+    report = run(size_list, w, workdir, raster or None, device, tile_size, overlap, batch_size)
+    print(json.dumps(report) if json_out else format_report(report))
+
+
 @app.command()
 def detect(
     inputs: Annotated[list[str], typer.Argument(help="GeoTIFFs, images, folders, globs; - reads paths from stdin")],

@@ -242,8 +242,9 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
             if progress:
                 progress(name)
             if m is model and kw["mode"] != "dense":
+                # the sparse path itself is measured: no dense fallback for dense key sets
                 kw = dict(kw, sigma=opts.sigma, start_level=opts.start_level,
-                          forced_queries=forced)
+                          forced_queries=forced, sparse_max_fraction=1.0)
             seconds, results = _median_runs(end_to_end(m, **kw), opts.repeats, device)
             outs, dets, _ = results[-1]
             entry: dict[str, Any] = {

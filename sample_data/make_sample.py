@@ -1,36 +1,36 @@
-"""Writes sample_scene.png: a 512x512 synthetic aerial scene (ground, a road, small cars, trees).
+"""Writes sample_scene.tif (a 1024x1024 synthetic aerial scene, EPSG:32633, 0.3 m pixels) and
+sample_scene.json (its COCO annotations). Deterministic; not one of the training scenes (those
+use seeds 0..399 of generator seed 0, this uses seed 777001).
 
-Deterministic (seed 0). It is the input of `make demo` until the trained sample model and the
-GeoTIFF scene of the training issue land here.  Run: python sample_data/make_sample.py
+Run from the repository root: .venv/bin/python sample_data/make_sample.py
 """
 
+import json
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+import rasterio
+from rasterio.transform import from_origin
 
+from querydet_cli.synthetic import CLASSES, CRS, ORIGIN, PIXEL_SIZE, make_scene
 
-def make_scene(size: int = 512, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    ground = np.array([96, 110, 70], float) + rng.normal(0, 12, (size, size, 3))
-    img = ground
-    yy, xx = np.mgrid[0:size, 0:size]
-    road = np.abs(yy - (0.35 * xx + 150)) < 14  # a diagonal road
-    img[road] = np.array([120, 120, 124]) + rng.normal(0, 5, (road.sum(), 3))
-    for _ in range(40):  # trees: dark green discs
-        cy, cx, r = rng.integers(0, size, 2).tolist() + [int(rng.integers(5, 12))]
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        img[disc & ~road] = np.array([40, 75, 35]) + rng.normal(0, 6, ((disc & ~road).sum(), 3))
-    for _ in range(30):  # cars along the road: small bright rectangles
-        x = int(rng.integers(10, size - 20))
-        y = int(0.35 * x + 150 + rng.integers(-10, 10))
-        w, h = int(rng.integers(6, 14)), int(rng.integers(4, 8))
-        color = rng.choice([[200, 30, 30], [230, 230, 230], [20, 20, 25], [40, 70, 180]])
-        img[max(y, 0):y + h, x:x + w] = color
-    return np.clip(img, 0, 255).astype(np.uint8)
+HERE = Path(__file__).resolve().parent
+SIZE, SEED = 1024, 777001
 
-
-if __name__ == "__main__":
-    out = Path(__file__).with_name("sample_scene.png")
-    Image.fromarray(make_scene()).save(out)
-    print(out)
+pixels, objects = make_scene(SIZE, SEED)
+with rasterio.open(HERE / "sample_scene.tif", "w", driver="GTiff", width=SIZE, height=SIZE,
+                   count=3, dtype="uint8", crs=CRS,
+                   transform=from_origin(ORIGIN[0], ORIGIN[1], PIXEL_SIZE, PIXEL_SIZE),
+                   tiled=True, blockxsize=256, blockysize=256, compress="deflate") as dst:
+    dst.write(pixels.transpose(2, 0, 1))
+coco = {
+    "images": [{"id": 1, "file_name": "sample_scene.tif", "width": SIZE, "height": SIZE}],
+    "annotations": [
+        {"id": i + 1, "image_id": 1, "category_id": o.label + 1,
+         "bbox": [round(o.box[0], 2), round(o.box[1], 2), round(o.box[2] - o.box[0], 2),
+                  round(o.box[3] - o.box[1], 2)],
+         "area": round((o.box[2] - o.box[0]) * (o.box[3] - o.box[1]), 2), "iscrowd": 0}
+        for i, o in enumerate(objects)],
+    "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)],
+}
+(HERE / "sample_scene.json").write_text(json.dumps(coco, indent=1))
+print(f"{len(objects)} objects")

@@ -45,7 +45,8 @@ def rel_err(sparse, dense):
 def test_sparse_modes_equal_dense_heads_at_keys(model, images, mode, backend):
     feats, _ = features(model, images)
     reference = model.predict_levels(feats, mode="ccq", sigma=0.0)
-    outs = model.predict_levels(feats, mode=mode, sigma=0.5, context="exact", backend=backend)
+    outs = model.predict_levels(feats, mode=mode, sigma=0.5, context="exact", backend=backend,
+                                sparse_max_fraction=1.0)
     keys = [o.positions.numel() for o in outs]
     full = [r.positions.numel() for r in reference]
     assert 0 < keys[0] < full[0] and 0 < keys[1] < full[1]  # genuinely sparse, not empty
@@ -65,7 +66,8 @@ def test_paper_context_is_approximate(model, images):
 
 def test_sigma_zero_exact_gives_dense_detections(model, images):
     dense = model.forward_inference(images, mode="dense")
-    csq = model.forward_inference(images, mode="csq", sigma=0.0, context="exact")
+    csq = model.forward_inference(images, mode="csq", sigma=0.0, context="exact",
+                                  sparse_max_fraction=1.0)
     for d, c in zip(dense, csq):
         assert d["boxes"].shape[0] > 0
         assert torch.equal(d["labels"], c["labels"])
@@ -86,7 +88,8 @@ def test_start_level_choices(model, images):
     feats, _ = features(model, images)
     reference = model.predict_levels(feats, mode="ccq", sigma=0.0, start_level=5)
     for start in (3, 5):
-        outs = model.predict_levels(feats, mode="csq", sigma=0.5, start_level=start)
+        outs = model.predict_levels(feats, mode="csq", sigma=0.5, start_level=start,
+                                    sparse_max_fraction=1.0)
         assert [o.is_dense for o in outs] == [lvl >= start for lvl in range(2, 8)]
         if start == 5:
             assert rel_err(outs, reference) < 1e-4
@@ -170,6 +173,16 @@ def test_light_backbones_build_and_run(name):
 
 def test_csq_never_builds_dense_maps_of_queried_levels(model, images):
     feats, _ = features(model, images)
-    outs = model.predict_levels(feats, mode="csq", sigma=0.5)
+    outs = model.predict_levels(feats, mode="csq", sigma=0.5, sparse_max_fraction=1.0)
     assert outs[0].positions.numel() > 0
     assert [feats.is_dense(lvl) for lvl in feats.levels] == [False, False, True, True, True, True]
+
+
+def test_dense_fallback_when_keys_cover_most_of_a_level(model, images):
+    feats, _ = features(model, images)
+    reference = model.predict_levels(feats, mode="ccq", sigma=0.0)
+    feats, _ = features(model, images)
+    outs = model.predict_levels(feats, mode="csq", sigma=0.0, sparse_max_fraction=0.3)
+    assert feats.is_dense(2) and feats.is_dense(3)  # every position queried: ran densely
+    assert outs[0].macs == outs[0].dense_macs
+    assert rel_err(outs, reference) < 1e-4

@@ -1,0 +1,140 @@
+"""`querydet bench-detect`: memory and throughput of `querydet detect`, measured in one run.
+
+Memory: synthetic GeoTIFFs of each size are written block by block, then `querydet detect` runs
+on each in a child process whose peak RSS (os.wait4) is reported. Throughput: megapixels per
+second of CSQ and of dense inference on the same raster, in this process, one after the other.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import QueryDetError
+from .synthetic import CRS, ORIGIN, PIXEL_SIZE, make_scene
+
+
+def write_big_raster(path: Path, size: int, seed: int = 0, block: int = 512) -> Path:
+    """A size x size RGB GeoTIFF built from 16 synthetic scenes repeated, written block by block."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    scenes = [make_scene(block, seed * 100 + i)[0].transpose(2, 0, 1) for i in range(16)]
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
+               "crs": CRS, "transform": from_origin(*ORIGIN, PIXEL_SIZE, PIXEL_SIZE),
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+               "BIGTIFF": "IF_SAFER"}
+    with rasterio.open(path, "w", **profile) as dst:
+        k = 0
+        for y in range(0, size, block):
+            for x in range(0, size, block):
+                h, w = min(block, size - y), min(block, size - x)
+                dst.write(scenes[k % 16][:, :h, :w], window=Window(x, y, w, h))
+                k += 1
+    return path
+
+
+def peak_rss_of(cmd: list[str]) -> tuple[float, float, int]:
+    """Run a command; return its peak RSS in MiB, wall seconds and exit code."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code != 0:
+        err = proc.stderr.read() if proc.stderr else ""
+        raise QueryDetError(f"detect failed during the benchmark: {err.strip().splitlines()[-1:]}")
+    return usage.ru_maxrss / 1024.0, seconds, code  # ru_maxrss is in KiB on Linux
+
+
+def run_memory_bench(sizes: list[int], weights: str, workdir: Path, detect_args: list[str]
+                     ) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        raster = workdir / f"synthetic_{size}.tif"
+        if not raster.is_file():
+            print(f"bench-detect: writing {raster} ...", file=sys.stderr, flush=True)
+            write_big_raster(raster, size)
+        out = workdir / f"detections_{size}.ndjson"
+        print(f"bench-detect: detect on {size}x{size} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "querydet_cli", "detect", str(raster), "-o", str(out),
+               "--weights", weights, "--quiet", *detect_args]
+        rss, seconds, _ = peak_rss_of(cmd)
+        with open(out) as fh:
+            count = sum(1 for _ in fh)
+        rows.append({"size": size, "megapixels": size * size / 1e6, "peak_rss_mib": rss,
+                     "seconds": seconds, "detections": count})
+    return rows
+
+
+def run_throughput_bench(raster: str, weights: str, device: str, tile_size: int, overlap: int,
+                         batch_size: int, repeats: int = 2) -> dict[str, Any]:
+    import torch
+
+    from .detect import DetectOptions, run_detect
+    from .engine import load_model
+
+    model, cfg = load_model(weights, device)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, mode in (("dense", "dense"), ("csq", "csq")):
+            opts = DetectOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
+                                 mode=mode)
+            best = None
+            for r in range(repeats + 1):  # the first run warms up
+                s = run_detect(model, cfg, [raster], str(Path(tmp) / f"{name}{r}.ndjson"),
+                               "ndjson", opts, torch.device(device))
+                if r > 0:
+                    rate = s.megapixels / s.seconds
+                    best = rate if best is None else max(best, rate)
+            rows[name] = {"megapixels_per_s": best, "detections": s.detections}
+    rows["csq_speedup"] = rows["csq"]["megapixels_per_s"] / rows["dense"]["megapixels_per_s"]
+    return rows
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = []
+    if "throughput" in report:
+        t = report["throughput"]
+        lines.append(f"throughput on {report['throughput_raster']}:")
+        lines.append(f"  dense {t['dense']['megapixels_per_s']:.3f} Mpx/s ({t['dense']['detections']} detections)")
+        lines.append(f"  csq   {t['csq']['megapixels_per_s']:.3f} Mpx/s ({t['csq']['detections']} detections)")
+        lines.append(f"  csq / dense: {t['csq_speedup']:.2f}x")
+    if "memory" in report:
+        lines.append("peak RSS of `querydet detect`:")
+        for r in report["memory"]:
+            lines.append(f"  {r['size']}x{r['size']} ({r['megapixels']:.0f} Mpx): "
+                         f"{r['peak_rss_mib']:.0f} MiB, {r['seconds']:.0f} s, {r['detections']} detections")
+        if len(report["memory"]) >= 2:
+            lines.append(f"  largest / smallest peak RSS: {report['rss_ratio']:.3f}x")
+    return "\n".join(lines)
+
+
+def run(sizes: list[int], weights: str, workdir: Path, raster: str | None, device: str,
+        tile_size: int, overlap: int, batch_size: int) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {}
+    if raster:
+        report["throughput_raster"] = raster
+        report["throughput"] = run_throughput_bench(raster, weights, device, tile_size, overlap,
+                                                    batch_size)
+    if sizes:
+        args = ["--tile-size", str(tile_size), "--overlap", str(overlap), "--batch-size",
+                str(batch_size), "--device", device]
+        rows = run_memory_bench(sizes, weights, workdir, args)
+        report["memory"] = rows
+        rss = [r["peak_rss_mib"] for r in rows]
+        report["rss_ratio"] = float(np.max(rss) / np.min(rss))
+    return report
+
+
+__all__ = ["run", "format_report", "write_big_raster"]
