@@ -193,9 +193,7 @@ def load_visdrone(root: str | Path) -> tuple[list[Sample], list[str], list[Probl
             parts = [p for p in line.replace(" ", "").split(",") if p != ""]
             try:
                 x, y, bw, bh, score, cat = (float(v) for v in parts[:6])
-                if len(parts) < 6:
-                    raise ValueError
-            except ValueError:
+            except ValueError:  # fewer than six fields, or a field that is not a number
                 problems.append(Problem(where, f"malformed line {line.strip()!r}; skipped"))
                 continue
             box = [x, y, x + bw, y + bh]

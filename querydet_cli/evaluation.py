@@ -94,7 +94,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['protocol']} protocol, {report['images']} images",
              f"{'run':<18}" + "".join(f"{k:>13}" for k in keys)]
     for r in rows:
-        lines.append(f"{r['run']:<18}" + "".join(f"{r[k]:>13.4f}" for k in keys))
+        lines.append(f"{r['run']:<18}" + "".join(
+            f"{r[k]:>13.4f}" if r[k] is not None else f"{'-':>13}" for k in keys))
     return "\n".join(lines)
 
 
@@ -110,6 +111,8 @@ def plot_tradeoff(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     csq = [r for r in rows if r["mode"] == "csq"]
     dense = [r for r in rows if r["mode"] == "dense"]
+    csq = [r for r in csq if r[metric] is not None]
+    dense = [r for r in dense if r[metric] is not None]
     if csq:
         ax.plot([r["images_per_s"] for r in csq], [r[metric] for r in csq], "o-", label="CSQ")
         for r in csq:

@@ -187,7 +187,8 @@ def coco_metrics(truths: list[ImageTruth], dets: list[ImageDetections], class_na
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: max(0.0, float(v)) for k, v in zip(keys, ev.stats[:6])}
+    # pycocotools reports -1 where an area range holds no ground truth: that is "no value", not 0
+    return {k: (float(v) if v >= 0 else None) for k, v in zip(keys, ev.stats[:6])}
 
 
 def _coco_ann(ann_id: int, image_id: int, category: int, box, crowd: int) -> dict:

@@ -69,8 +69,9 @@ def test_coco_mode_of_our_matcher_agrees_with_pycocotools():
 
 
 def test_coco_metrics_perfect_and_empty():
-    t = [truth([[10, 10, 30, 30], [50, 50, 150, 150]], [0, 1])]
-    perfect = [dets([[10, 10, 30, 30], [50, 50, 150, 150]], [0.9, 0.8], [0, 1])]
+    t = [truth([[10, 10, 30, 30], [50, 50, 100, 100]], [0, 1])]
+    perfect = [dets([[10, 10, 30, 30], [50, 50, 100, 100]], [0.9, 0.8], [0, 1])]
     m = coco_metrics(t, perfect, ["a", "b"])
     assert m["AP"] == pytest.approx(1.0) and m["APs"] == pytest.approx(1.0)
+    assert m["APl"] is None  # no large ground truth: no value rather than a fake 0
     assert coco_metrics(t, [dets([], [], [])], ["a", "b"])["AP"] == 0.0
