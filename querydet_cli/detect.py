@@ -378,9 +378,17 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
     journal = None if to_stdout else Journal(output, run_key(inputs, options, cfg), options.resume)
     crs_seen: str | None = None
     started = time.perf_counter()
+    # stdout is written as detections come; it opens once the first input's CRS is known
     writer_ctx = OutputWriter(output, fmt, None, options.rfc7946) if to_stdout else None
-    if writer_ctx is not None:
-        writer_ctx.__enter__()
+    opened = False
+
+    def open_stdout(crs: str | None) -> None:
+        nonlocal opened
+        if writer_ctx is not None and not opened:
+            writer_ctx.crs = "EPSG:4326" if options.rfc7946 else crs
+            writer_ctx.__enter__()
+            opened = True
+
     try:
         for image_id, path in enumerate(inputs, start=1):
             state = journal.input_state(image_id) if journal else {}
@@ -400,8 +408,7 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
                             raise QueryDetError(f"{path} is in {info.crs}, earlier inputs in "
                                                 f"{crs_seen}; one {fmt} file holds one CRS: use "
                                                 "--rfc7946 (EPSG:4326) or separate runs")
-                    if writer_ctx is not None and writer_ctx.crs is None and info.georeferenced:
-                        writer_ctx.crs = info.crs
+                    open_stdout(info.crs)
                     vis = Overview(src) if options.save_vis else None
                     bar = progress_factory(Path(path).name, info.width * info.height) \
                         if progress_factory else None
@@ -443,5 +450,6 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
                 journal.remove()
     finally:
         if writer_ctx is not None:
+            open_stdout(None)
             writer_ctx.__exit__(*sys.exc_info())
     return summary
