@@ -117,7 +117,7 @@ def detect(
     mode: Annotated[Optional[str], typer.Option(help="dense, csq, cq or ccq")] = None,
     context: Annotated[Optional[str], typer.Option(help="exact or 1x1..11x11 (paper submanifold)")] = None,
     backend: Annotated[Optional[str], typer.Option(help="auto, torch or spconv")] = None,
-    score_threshold: Annotated[Optional[float], typer.Option(help="Drop detections scoring below this")] = None,
+    score_threshold: Annotated[float, typer.Option(help="Drop detections scoring below this (eval uses the config's 0.05 for AP)")] = 0.3,
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels")] = 1024,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels")] = 128,
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Tiles per batch")] = 2,

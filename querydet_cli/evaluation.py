@@ -121,6 +121,12 @@ def plot_tradeoff(report: dict[str, Any], path: Path) -> None:
     if dense:
         ax.plot([r["images_per_s"] for r in dense], [r[metric] for r in dense], "^",
                 markersize=9, label="no CSQ")
+    values = [r[metric] for r in csq + dense]
+    if values:  # no offset notation, and a visible range even when CSQ loses nothing
+        ax.ticklabel_format(axis="y", useOffset=False)
+        lo, hi = min(values), max(values)
+        pad = max(0.01, (hi - lo) * 0.2)
+        ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("images / second")
     ax.set_ylabel(metric)
     ax.set_title(f"speed / accuracy over sigma ({report['protocol']})")
