@@ -57,7 +57,8 @@ def bench(
         raise QueryDetError(f"--backends: unknown backend {bad[0] if bad else '(none)'} (allowed: torch, spconv)")
     model = None
     if weights is not None:
-        model, _ = load_model(weights, device)
+        model, ckpt_cfg = load_model(weights, device)
+        backbone = ckpt_cfg.model.backbone  # the baseline gets the checkpoint's backbone
     opts = BenchOptions(backbone=backbone, image_size=image_size, batch=batch,
                         query_density=query_density if query_density > 0 else None, sigma=sigma,
                         start_level=start_level, paper_context=paper_context, backends=names,
