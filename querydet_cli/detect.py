@@ -187,6 +187,8 @@ class RasterDetector:
             progress: Callable[[int], None] | None = None, vis: "Overview | None" = None) -> int:
         """Detect on one raster; returns the number of detections emitted."""
         info = src.info()
+        # a second handle, for this thread only: the reader thread owns `src` while it runs
+        self._probe = RasterSource(src.path, src.bands, stretch=src.stretch, stretch_known=True)
         tiles = make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap)
         starts = row_starts(tiles)
         last_row = max(starts)
@@ -247,6 +249,7 @@ class RasterDetector:
             flush_batch()
             release_rows()
         finally:
+            self._probe.close()
             stop.set()
             while reader.is_alive():
                 try:
@@ -278,6 +281,15 @@ class RasterDetector:
 
     def _emit(self, dets: Detections, src: RasterSource, image_id: int,
               emit: Callable[[list[dict]], None], vis: "Overview | None") -> int:
+        if dets.fused is not None and dets.fused.any():
+            # a box fused from fragments: each fragment's centre was checked in its tile, but the
+            # whole object's centre was not; drop it if it is nodata
+            keep = np.ones(len(dets), bool)
+            for i in np.nonzero(dets.fused)[0]:
+                x1, y1, x2, y2 = dets.boxes[i]
+                _, valid = self._probe.read(int((x1 + x2) / 2), int((y1 + y2) / 2), 1, 1)
+                keep[i] = bool(valid[0, 0])
+            dets = Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep])
         if not len(dets):
             return 0
         info = src.info()

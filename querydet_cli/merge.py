@@ -28,10 +28,12 @@ class Detections:
     boxes: np.ndarray  # (n, 4) float64
     scores: np.ndarray  # (n,)
     labels: np.ndarray  # (n,) int64
+    fused: np.ndarray | None = None  # (n,) bool: the box is a union of fragments
 
     @staticmethod
     def empty() -> "Detections":
-        return Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
+        return Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64),
+                          np.zeros(0, bool))
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -115,11 +117,12 @@ class TileMerger:
         if self.pending == 0:
             return Detections.empty()
         clusters = self._clusters()
-        out_boxes, out_scores, out_labels, done = [], [], [], []
+        out_boxes, out_scores, out_labels, out_fused, done = [], [], [], [], []
         for members in clusters:
             if below_y is not None and self._boxes[members, 3].max() >= below_y:
                 continue
             box, score = self._resolve(members)
+            out_fused.append(bool(self._cut[members].all()))
             out_boxes.append(box)
             out_scores.append(score)
             out_labels.append(self._labels[members[0]])
@@ -130,7 +133,8 @@ class TileMerger:
             setattr(self, name, getattr(self, name)[keep])
         if not out_boxes:
             return Detections.empty()
-        return Detections(np.array(out_boxes), np.array(out_scores), np.array(out_labels, np.int64))
+        return Detections(np.array(out_boxes), np.array(out_scores),
+                          np.array(out_labels, np.int64), np.array(out_fused, bool))
 
     def _clusters(self) -> list[list[int]]:
         """Views of one object: connected through overlaps >= threshold between different tiles.

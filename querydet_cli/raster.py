@@ -36,7 +36,8 @@ class RasterSource:
     """One open raster: `read(x, y, w, h)` gives (3, h, w) float32 in [0, 1] and a valid mask."""
 
     def __init__(self, path: str | Path, bands: tuple[int, ...] | None = None,
-                 stretch: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 stretch: tuple[np.ndarray, np.ndarray] | None = None,
+                 stretch_known: bool = False) -> None:
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
@@ -63,7 +64,8 @@ class RasterSource:
         self.bands = self._pick_bands(bands)
         self.alpha = self._alpha_band()
         self.georeferenced = src.crs is not None and not src.transform.is_identity
-        self.stretch = stretch if stretch is not None else self._stretch()
+        # a caller that already knows the stretch (None for 8-bit data) passes stretch_known
+        self.stretch = stretch if stretch_known or stretch is not None else self._stretch()
 
     def _pick_bands(self, bands: tuple[int, ...] | None) -> tuple[int, ...]:
         count = self.src.count

@@ -225,3 +225,17 @@ def test_cli_pipeline_stdin_to_stdout(tmp_path):
     assert proc.returncode == 1
     assert "querydet: error:" in proc.stderr and "file not found" in proc.stderr
     assert not (tmp_path / "o.ndjson").exists() or (tmp_path / "o.ndjson").read_text() == ""
+
+
+def test_float_raster_with_nan_and_inf(tmp_path):
+    data = paint(200, 200, [(10, 10, 30, 30), (120, 120, 140, 140)]).astype("float32") / 255
+    data[:, 125:135, 125:135] = np.nan  # the second object's centre is not a number
+    data[2, 0:5, 0:5] = np.inf
+    path = write_tif(tmp_path / "f.tif", data, Affine(1, 0, 0, 0, -1, 0))
+    from querydet_cli.raster import RasterSource
+
+    with RasterSource(path) as src:
+        pixels, valid = src.read(0, 0, 200, 200)
+        assert np.isfinite(pixels).all() and not valid[130, 130] and not valid[2, 2]
+    _, records = _run(path, tmp_path / "f.ndjson", model=OracleModel())
+    assert all(r["bbox"][0] < 100 for r in records)  # nothing reported centred on NaN
