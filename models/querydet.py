@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .anchors import AnchorGenerator
 from .backbones import Backbone, build_backbone
