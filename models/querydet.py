@@ -74,6 +74,27 @@ class QueryDet(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), False)
 
+    @property
+    def fpn_channels(self) -> int:
+        return self.head.cls.convs[0].in_channels
+
+    @torch.no_grad()
+    def randomize_heads(self, seed: int) -> None:
+        """Random head weights whose outputs vary (He-normal weights, N(0, 0.1) biases).
+
+        For benchmarks and accuracy checks without a checkpoint: RetinaNet's own init (std 0.01,
+        bias -4.6) makes every logit nearly the same constant, so a sparse-vs-dense comparison
+        on it would prove nothing.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        towers = [self.head.cls, self.head.box] + ([self.query_head] if self.query_head else [])
+        for tower in towers:
+            for conv in tower.convs:
+                fan_in = conv.in_channels * 9
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen)
+                                  * (2.0 / fan_in) ** 0.5)
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
+
     # -- shared steps -----------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor | list[torch.Tensor]
                    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:

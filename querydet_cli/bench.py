@@ -13,7 +13,6 @@ level then fires exactly on its Eq. 3 discs (what a perfect query head would out
 
 from __future__ import annotations
 
-import math
 import platform
 import statistics
 import time
@@ -47,23 +46,6 @@ class BenchOptions:
     device: str = "cpu"
     seed: int = 0
     threads: int | None = None
-
-
-def randomize_heads(model: QueryDet, seed: int) -> None:
-    """Give the heads random weights whose outputs vary (He-normal weights, N(0, 0.1) biases).
-
-    RetinaNet's own init (std 0.01, bias -4.6) makes every logit nearly the same constant, which
-    would make an accuracy check of the sparse heads meaningless.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    towers = [model.head.cls, model.head.box] + ([model.query_head] if model.query_head else [])
-    with torch.no_grad():
-        for tower in towers:
-            for conv in tower.convs:
-                fan_in = conv.in_channels * 9
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen)
-                                  * math.sqrt(2.0 / fan_in))
-                conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
 
 
 def simulated_queries(model: QueryDet, shapes: dict[int, tuple[int, int, int]], density: float,
@@ -181,17 +163,17 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
     if model is None:
         model = build_querydet(ModelConfig(backbone=opts.backbone, num_classes=opts.num_classes),
                                InferenceConfig(sigma=opts.sigma, start_level=opts.start_level))
-        randomize_heads(model, opts.seed)
+        model.randomize_heads(opts.seed)
     model = model.to(device).eval()
     if model.query_head is None:
         raise QueryDetError("bench needs a QueryDet model (with a query head), not a baseline")
     baseline_cfg = ModelConfig(backbone=opts.backbone, num_classes=model.num_classes,
                                levels=(3, 4, 5, 6, 7), level_weights=(1.0,) * 5, query_levels=(),
-                               fpn_channels=model.head.cls.convs[0].in_channels)
+                               fpn_channels=model.fpn_channels)
     baseline = build_querydet(baseline_cfg, InferenceConfig(mode="dense")).to(device).eval()
     if not trained:
         baseline.backbone.load_state_dict(model.backbone.state_dict())  # same backbone weights
-        randomize_heads(baseline, opts.seed)
+        baseline.randomize_heads(opts.seed)
 
     if image is not None:
         img = _load_image(image, opts.image_size)
@@ -334,4 +316,4 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BenchOptions", "run_bench", "format_report", "randomize_heads"]
+__all__ = ["BenchOptions", "run_bench", "format_report"]
