@@ -94,6 +94,15 @@ def _check_box(box: list[float], width: int, height: int) -> str | None:
     return None
 
 
+def _usable_box(box: list[float], width: int, height: int, where: str,
+                problems: list[Problem]) -> bool:
+    """True if the box can be used; otherwise the reason is added to `problems`."""
+    bad = _check_box(box, width, height)
+    if bad:
+        problems.append(Problem(where, bad + "; skipped"))
+    return bad is None
+
+
 def _clip(box: list[float], width: int, height: int) -> list[float]:
     return [max(0.0, box[0]), max(0.0, box[1]), min(float(width), box[2]), min(float(height), box[3])]
 
@@ -138,9 +147,7 @@ def load_coco(json_path: str | Path, images_dir: str | Path | None = None
                 problems.append(Problem(where, "malformed bbox; skipped"))
                 continue
             box = [x, y, x + bw, y + bh]
-            bad = _check_box(box, w, h)
-            if bad:
-                problems.append(Problem(where, bad + "; skipped"))
+            if not _usable_box(box, w, h, where, problems):
                 continue
             if ann.get("iscrowd", 0):
                 ignore.append(_clip(box, w, h))
@@ -197,9 +204,7 @@ def load_visdrone(root: str | Path) -> tuple[list[Sample], list[str], list[Probl
                 problems.append(Problem(where, f"malformed line {line.strip()!r}; skipped"))
                 continue
             box = [x, y, x + bw, y + bh]
-            bad = _check_box(box, w, h)
-            if bad:
-                problems.append(Problem(where, bad + "; skipped"))
+            if not _usable_box(box, w, h, where, problems):
                 continue
             cat = int(cat)
             if cat == 0 or cat == 11 or score == 0:
