@@ -45,14 +45,17 @@ def write_big_raster(path: Path, size: int, seed: int = 0, block: int = 512) -> 
 def peak_rss_of(cmd: list[str]) -> tuple[float, float, int]:
     """Run a command; return its peak RSS in MiB, wall seconds and exit code."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    proc.returncode = code
-    if code != 0:
-        err = proc.stderr.read() if proc.stderr else ""
-        raise QueryDetError(f"detect failed during the benchmark: {err.strip().splitlines()[-1:]}")
+    # stderr goes to a file, not a pipe: a pipe nobody reads until the end could fill and block
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        proc.returncode = code
+        if code != 0:
+            err.seek(0)
+            last = (err.read().strip().splitlines() or ["(no message)"])[-1]
+            raise QueryDetError(f"detect failed during the benchmark: {last}")
     return usage.ru_maxrss / 1024.0, seconds, code  # ru_maxrss is in KiB on Linux
 
 

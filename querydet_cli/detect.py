@@ -186,7 +186,7 @@ class RasterDetector:
             checkpoint: Callable[[dict[str, Any]], None], state: dict[str, Any],
             progress: Callable[[int], None] | None = None, vis: "Overview | None" = None) -> int:
         """Detect on one raster; returns the number of detections emitted."""
-        info = src.info()
+        info = self._info = src.info()  # read once: _emit runs for every released tile row
         # a second handle, for this thread only: the reader thread owns `src` while it runs
         self._probe = RasterSource(src.path, src.bands, stretch=src.stretch, stretch_known=True)
         tiles = make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap)
@@ -292,7 +292,7 @@ class RasterDetector:
             dets = Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep])
         if not len(dets):
             return 0
-        info = src.info()
+        info = self._info
         records = []
         for box, score, label in zip(dets.boxes, dets.scores, dets.labels):
             ring = None

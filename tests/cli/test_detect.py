@@ -239,3 +239,13 @@ def test_float_raster_with_nan_and_inf(tmp_path):
         assert np.isfinite(pixels).all() and not valid[130, 130] and not valid[2, 2]
     _, records = _run(path, tmp_path / "f.ndjson", model=OracleModel())
     assert all(r["bbox"][0] < 100 for r in records)  # nothing reported centred on NaN
+
+
+def test_bad_bands_are_one_clear_error(tmp_path):
+    path = write_tif(tmp_path / "a.tif", paint(200, 200, [(10, 10, 30, 30)]), Affine(1, 0, 0, 0, -1, 0))
+    out = tmp_path / "o.ndjson"
+    summary = run_detect(OracleModel(), CFG, [str(path)], str(out), "ndjson",
+                         replace_opts(OPTS, bands=(9,)), CPU)
+    assert summary.done == 0
+    assert summary.failed[0][1].endswith("--bands 9 does not exist (the raster has bands 1..3)")
+    assert out.read_text() == ""  # an empty, complete output; nothing half-written

@@ -29,12 +29,15 @@ def test_empty_ground_truth_all_background():
     assert (labels == BACKGROUND).all() and idx.shape == (7,)
 
 
+def random_boxes(n, gen, extent, min_side, spread):
+    xy = torch.rand(n, 2, generator=gen) * extent
+    return torch.cat([xy, xy + min_side + torch.rand(n, 2, generator=gen) * spread], 1)
+
+
 def test_chunked_equals_unchunked():
     gen = torch.Generator().manual_seed(0)
-    xy = torch.rand(200, 2, generator=gen) * 200
-    gt = torch.cat([xy, xy + 5 + torch.rand(200, 2, generator=gen) * 40], 1)
-    xy = torch.rand(1000, 2, generator=gen) * 200
-    anchors = torch.cat([xy, xy + 5 + torch.rand(1000, 2, generator=gen) * 40], 1)
+    gt = random_boxes(200, gen, 200, 5, 40)
+    anchors = random_boxes(1000, gen, 200, 5, 40)
     a = Matcher(chunk=7)(gt, anchors)
     b = Matcher(chunk=10_000)(gt, anchors)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -46,8 +49,6 @@ def test_pairwise_iou_equals_torchvision():
     from models.matcher import pairwise_iou
 
     gen = torch.Generator().manual_seed(1)
-    xy = torch.rand(30, 2, generator=gen) * 50
-    a = torch.cat([xy, xy + 1 + torch.rand(30, 2, generator=gen) * 20], 1)
-    xy = torch.rand(70, 2, generator=gen) * 50
-    b = torch.cat([xy, xy + 1 + torch.rand(70, 2, generator=gen) * 20], 1)
+    a = random_boxes(30, gen, 50, 1, 20)
+    b = random_boxes(70, gen, 50, 1, 20)
     assert torch.allclose(pairwise_iou(a, b), box_iou(a, b), atol=1e-6)
