@@ -26,20 +26,25 @@ class ConfigError(ValueError):
 class ModelConfig:
     """What the network is: every field maps to one constructor argument in `build_querydet`."""
 
-    detector: Literal["retinanet"] = "retinanet"
+    # retinanet (anchor-based, the paper's main model), fcos (anchor-free) or faster_rcnn (two
+    # stages; the query branch sits on the RPN), paper 4.4
+    detector: Literal["retinanet", "fcos", "faster_rcnn"] = "retinanet"
     backbone: str = "resnet50"
     # Local torchvision state_dict for the backbone; None = random initialisation (no downloads).
     backbone_weights: str | None = None
     backbone_norm: Literal["frozen_bn", "bn"] = "frozen_bn"
     num_classes: int = 10
-    # FPN levels with detection heads: [2..7] for QueryDet, [3..7] for the RetinaNet baseline.
+    # FPN levels with detection heads: [2..7] for QueryDet, [3..7] for the RetinaNet / FCOS
+    # baselines; faster_rcnn: the RPN's levels, [2..6].
     levels: tuple[int, ...] = (2, 3, 4, 5, 6, 7)
     fpn_channels: int = 256
     head_convs: int = 4
-    # Anchor base size on P_l is anchor_scale * 2**l (16 on P2 ... 512 on P7).
+    # Anchor base size on P_l is anchor_scale * 2**l (16 on P2 ... 512 on P7). fcos: P_l
+    # regresses max(l, t, r, b) in [anchor_scale * 2**l, anchor_scale * 2**(l + 1)].
     anchor_scale: float = 4.0
     anchor_octave_scales: int = 3
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # anchor matching (faster_rcnn: the RPN's, 0.3 / 0.7); unused by fcos
     iou_thresholds: tuple[float, float] = (0.4, 0.5)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
@@ -53,6 +58,8 @@ class ModelConfig:
     query_alpha: float = 0.25
     query_loss_weight: float = 10.0
     prior_prob: float = 0.01
+    # faster_rcnn: width of the second stage's two-layer MLP box head
+    roi_head_channels: int = 1024
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     size_divisibility: int = 32
@@ -61,10 +68,16 @@ class ModelConfig:
         _check(self.backbone in BACKBONES, "model.backbone", self.backbone, BACKBONES)
         _check(self.num_classes >= 1, "model.num_classes", self.num_classes, "an integer >= 1")
         levels = tuple(self.levels)
-        _check(
-            levels in ((2, 3, 4, 5, 6, 7), (3, 4, 5, 6, 7)),
-            "model.levels", list(levels), "[2, 3, 4, 5, 6, 7] or [3, 4, 5, 6, 7]",
-        )
+        if self.detector == "faster_rcnn":
+            _check(levels == (2, 3, 4, 5, 6), "model.levels", list(levels),
+                   "[2, 3, 4, 5, 6] for faster_rcnn (the RPN's levels)")
+        else:
+            _check(
+                levels in ((2, 3, 4, 5, 6, 7), (3, 4, 5, 6, 7)),
+                "model.levels", list(levels), "[2, 3, 4, 5, 6, 7] or [3, 4, 5, 6, 7]",
+            )
+        _check(self.roi_head_channels >= 8, "model.roi_head_channels", self.roi_head_channels,
+               "an integer >= 8")
         _check(len(self.level_weights) == len(levels), "model.level_weights",
                list(self.level_weights), f"{len(levels)} numbers, one per level")
         _check(all(w >= 0 and math.isfinite(w) for w in self.level_weights),

@@ -22,23 +22,28 @@ from .sparse import TowerPlan, dilate_keys, gather_positions, ravel, sparse_conv
 
 
 class FPN(nn.Module):
-    """FPN over backbone maps c{first}..c5, giving P{first}..P7 with `channels` channels."""
+    """FPN over backbone maps c{first}..c5, giving P{first}..P{last} (last 6 or 7)."""
 
-    def __init__(self, in_channels: list[int], channels: int, first_level: int) -> None:
+    def __init__(self, in_channels: list[int], channels: int, first_level: int,
+                 last_level: int = 7) -> None:
         super().__init__()
+        if last_level not in (6, 7):
+            raise ValueError(f"FPN last level must be 6 or 7, got {last_level}")
         self.first_level = first_level
+        self.last_level = last_level
         self.lateral = nn.ModuleList([nn.Conv2d(c, channels, 1) for c in in_channels])
         self.output = nn.ModuleList([nn.Conv2d(channels, channels, 3, padding=1)
                                      for _ in in_channels])
         self.p6 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-        self.p7 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-        for conv in [*self.lateral, *self.output, self.p6, self.p7]:
+        self.p7 = (nn.Conv2d(channels, channels, 3, stride=2, padding=1) if last_level == 7
+                   else None)
+        for conv in [*self.lateral, *self.output, self.p6] + ([self.p7] if self.p7 else []):
             nn.init.kaiming_uniform_(conv.weight, a=1)  # torchvision's FPN init
             nn.init.constant_(conv.bias, 0.0)
 
     @property
     def levels(self) -> tuple[int, ...]:
-        return tuple(range(self.first_level, 8))
+        return tuple(range(self.first_level, self.last_level + 1))
 
     def forward(self, feats: OrderedDict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Every level densely: {level: (N, C, H_l, W_l)}."""
@@ -124,3 +129,16 @@ class Pyramid:
         plan = TowerPlan(shape, [ring, pos])
         conv = self.fpn.output[level - self.fpn.first_level]
         return sparse_conv_torch(self._inner_rows(level, ring), plan, 1, conv)
+
+    def sparse_map(self, level: int, pos: torch.Tensor) -> torch.Tensor:
+        """P_level as an (N, C, H, W) map holding the FPN's values at `pos` and zeros elsewhere
+        (for RoIAlign, which reads only where its RoIs lie); the dense map if already computed."""
+        if level in self._dense:
+            return self._dense[level]
+        N, H, W = self.shape(level)
+        C = self.fpn.output[0].out_channels
+        flat = self.c[min(level, 5)].new_zeros(N * H * W, C)
+        if pos.numel():
+            flat[pos] = self.rows(level, pos)
+        return flat.view(N, H, W, C).permute(0, 3, 1, 2)  # (N, C, H, W), channels-last strides
+

@@ -24,6 +24,45 @@ def empty_detections(device: torch.device) -> dict[str, torch.Tensor]:
     }
 
 
+def image_bounds(out: LevelOutput, num_images: int) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) of each image's positions in a level output (positions are sorted)."""
+    _, H, W = out.shape
+    bounds = torch.searchsorted(
+        out.positions, torch.arange(num_images + 1, device=out.positions.device) * H * W)
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(num_images)]
+
+
+def top_candidates(scores: torch.Tensor, score_threshold: float, topk: int) -> torch.Tensor:
+    """Indices of the flat `scores` above the threshold, at most the `topk` best."""
+    keep = torch.nonzero(scores > score_threshold).squeeze(1)
+    if keep.numel() > topk:
+        keep = keep[scores[keep].topk(topk).indices]
+    return keep
+
+
+def merge_with_nms(per_image: list[list[tuple[torch.Tensor, ...]]], device: torch.device,
+                   nms_iou: float, max_detections: int) -> list[dict[str, torch.Tensor]]:
+    """Per image: concatenate (boxes, scores, labels, levels) parts, class-aware NMS, keep the best."""
+    results = []
+    for parts in per_image:
+        if not parts:
+            results.append(empty_detections(device))
+            continue
+        boxes, scores, labels, lvls = (torch.cat(t) for t in zip(*parts))
+        keep = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]
+        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
+                        "levels": lvls[keep]})
+    return results
+
+
+def clip_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Boxes (M, 4) clipped in place to an image of (height, width)."""
+    h, w = size
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    return boxes
+
+
 def detections_from_levels(
     levels: list[LevelOutput],
     image_sizes: list[tuple[int, int]],
@@ -35,23 +74,17 @@ def detections_from_levels(
     nms_iou: float = 0.5,
     max_detections: int = 100,
 ) -> list[dict[str, torch.Tensor]]:
-    """One dict per image: boxes (M, 4) xyxy pixels, scores (M,), labels (M,), levels (M,)."""
+    """RetinaNet: one dict per image: boxes (M, 4) xyxy pixels, scores (M,), labels (M,), levels (M,)."""
     num_images = len(image_sizes)
     per_image: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(num_images)]
     K = num_classes
     for out in levels:
-        N, H, W = out.shape
         A = out.box.shape[1] // 4
-        bounds = torch.searchsorted(
-            out.positions, torch.arange(num_images + 1, device=out.positions.device) * H * W)
-        for i in range(num_images):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
+        for i, (lo, hi) in enumerate(image_bounds(out, num_images)):
             if hi == lo:
                 continue
             scores = torch.sigmoid(out.cls[lo:hi].reshape(-1))  # (Q_i*A*K,)
-            keep = torch.nonzero(scores > score_threshold).squeeze(1)
-            if keep.numel() > topk_per_level:
-                keep = keep[scores[keep].topk(topk_per_level).indices]
+            keep = top_candidates(scores, score_threshold, topk_per_level)
             if keep.numel() == 0:
                 continue
             row = keep // (A * K)
@@ -61,20 +94,8 @@ def detections_from_levels(
             anchor_boxes = anchors.anchors_at(out.level, ys, xs)  # (m, A, 4)
             anchor_boxes = anchor_boxes[torch.arange(row.numel(), device=row.device), anchor]  # (m, 4)
             deltas = out.box[lo:hi].view(-1, A, 4)[row, anchor]  # (m, 4)
-            boxes = box_coder.decode(deltas, anchor_boxes)
-            h, w = image_sizes[i]
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            boxes = clip_boxes(box_coder.decode(deltas, anchor_boxes), image_sizes[i])
             lvl = torch.full_like(label, out.level)
             per_image[i].append((boxes, scores[keep], label, lvl))
     device = levels[0].cls.device if levels else torch.device("cpu")
-    results = []
-    for parts in per_image:
-        if not parts:
-            results.append(empty_detections(device))
-            continue
-        boxes, scores, labels, lvls = (torch.cat(t) for t in zip(*parts))
-        keep = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]
-        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
-                        "levels": lvls[keep]})
-    return results
+    return merge_with_nms(per_image, device, nms_iou, max_detections)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
 
 from .fpn import Pyramid
-from .heads import ConvTower, QueryHead, RetinaHead
+from .heads import Branch, ConvTower
 from .sparse import (TowerPlan, WeightCache, children_of, ravel, resolve_backend,
                      run_tower_sparse, unravel)
 
@@ -41,8 +42,8 @@ class LevelOutput:
     level: int
     shape: tuple[int, int, int]  # (N, H, W)
     positions: torch.Tensor  # (Q,) int64
-    cls: torch.Tensor  # (Q, A*K) logits
-    box: torch.Tensor  # (Q, A*4) deltas
+    cls: torch.Tensor  # (Q, A*K) logits (RPN: (Q, A) objectness)
+    box: torch.Tensor  # (Q, A*4) deltas (FCOS: (Q, 5) l, t, r, b, centre-ness)
     query: torch.Tensor | None  # (Q,) logits where the query head ran on this level, else None
     macs: float  # multiply-accumulates spent in the heads on this level
     dense_macs: float  # what the same heads cost densely on this level
@@ -90,25 +91,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def rows_at_predictor(rows: torch.Tensor, branch: Branch) -> torch.Tensor:
+    """A branch's 1x1 predictor applied to tower output rows (Q, C) -> (Q, C_out)."""
+    if branch.predictor is None:
+        return rows
+    p = branch.predictor
+    return torch.addmm(p.bias, rows, p.weight.flatten(1).t())  # 1x1 conv on rows, (Q, C_out)
+
+
+def unique_towers(branches: dict[str, Branch]) -> list[ConvTower]:
+    """The distinct towers behind the branches (the RPN's three branches share one trunk)."""
+    seen: dict[int, ConvTower] = {}
+    for b in branches.values():
+        seen.setdefault(id(b.tower), b.tower)
+    return list(seen.values())
+
+
 class QueryInference:
-    """Runs the shared heads over FPN levels for one `QueryOptions`.
+    """Runs a detector's head branches over FPN levels for one `QueryOptions`.
 
     Args:
-        head: the classification + box head.
-        query_head: the query head, or None for a model without one (dense mode only).
+        branches: `branches(with_query)` gives the head's outputs as {"cls", "box"[, "query"]}
+            `Branch`es; every branch's tower must have the same depth.
         forced_queries: optional {level: sorted positions} that replace the sigma test on that
             level (used by `querydet bench` to simulate a trained query head's firing pattern).
     """
 
-    def __init__(self, head: RetinaHead, query_head: QueryHead | None, options: QueryOptions,
+    def __init__(self, branches: Callable[[bool], dict[str, Branch]], options: QueryOptions,
                  forced_queries: dict[int, torch.Tensor] | None = None) -> None:
         if options.mode not in MODES:
             raise ValueError(f"unknown inference mode {options.mode!r} (allowed: {', '.join(MODES)})")
-        if options.mode != "dense" and query_head is None:
+        if options.mode != "dense" and "query" not in branches(True):
             raise ValueError(f"mode {options.mode!r} needs a model with a query head; "
                              "this model has none (use mode 'dense')")
-        self.head = head
-        self.query_head = query_head
+        depths = {t.depth for t in unique_towers(branches(True))}
+        if len(depths) != 1:
+            raise ValueError(f"head towers must share one depth for sparse inference, got {depths}")
+        self.branches = branches
+        self.depth = depths.pop()
         self.options = options
         self.forced = forced_queries or {}
         self.weights = WeightCache()  # sparse-layout weights, converted once per call
@@ -148,6 +168,13 @@ class QueryInference:
             return out.positions[torch.isin(out.positions, forced)]
         return out.positions[out.query > _logit(self.options.sigma)]
 
+    def _outputs(self, branches: dict[str, Branch], tower_rows: dict[int, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """cls, box and query rows from each tower's output rows {id(tower): (Q, C)}."""
+        out = {name: rows_at_predictor(tower_rows[id(b.tower)], b) for name, b in branches.items()}
+        query = out["query"][:, 0] if "query" in out else None
+        return out["cls"], out["box"], query
+
     # -- one level, three ways ------------------------------------------------------------------
     def _dense_level(self, level: int, features: Pyramid, with_query: bool) -> LevelOutput:
         t_fpn = time.perf_counter()
@@ -155,11 +182,11 @@ class QueryInference:
         _sync(x.device)
         t0 = time.perf_counter()
         shape = features.shape(level)
-        cls = rows_of_map(self.head.cls(x))  # (NHW, A*K)
-        box = rows_of_map(self.head.box(x))  # (NHW, A*4)
-        query = rows_of_map(self.query_head(x))[:, 0] if with_query else None  # (NHW,)
+        branches = self.branches(with_query)
+        tower_rows = {id(t): rows_of_map(t(x)) for t in unique_towers(branches)}  # (NHW, C)
+        cls, box, query = self._outputs(branches, tower_rows)
         positions = torch.arange(cls.shape[0], device=x.device)
-        macs = self._macs(with_query, lambda tower: tower_macs(tower, cls.shape[0]))
+        macs = self._macs(branches, lambda tower: tower_macs(tower, cls.shape[0]), cls.shape[0])
         _sync(x.device)
         return LevelOutput(level, shape, positions, cls, box, query, macs, macs,
                            time.perf_counter() - t0, t0 - t_fpn)
@@ -168,29 +195,28 @@ class QueryInference:
                       ) -> LevelOutput:
         t0 = time.perf_counter()
         shape = features.shape(level)
-        depth = self.head.cls.depth
         if self.options.context == "exact":
-            plan = TowerPlan.exact(keys, shape, depth)
+            plan = TowerPlan.exact(keys, shape, self.depth)
         else:
             size = int(self.options.context.split("x")[0])
-            plan = TowerPlan.submanifold(keys, shape, depth, size)
+            plan = TowerPlan.submanifold(keys, shape, self.depth, size)
         n_pos = shape[0] * shape[1] * shape[2]
-        dense = self._macs(with_query, lambda tower: tower_macs(tower, n_pos))
+        branches = self.branches(with_query)
+        dense = self._macs(branches, lambda tower: tower_macs(tower, n_pos), n_pos)
+        tower = unique_towers(branches)[0]
         if (self.options.context == "exact"
-                and plan_macs(self.head.cls, plan) > self.options.sparse_max_fraction
-                * tower_macs(self.head.cls, n_pos)):
+                and plan_macs(tower, plan) > self.options.sparse_max_fraction
+                * tower_macs(tower, n_pos)):
             return self._dense_fallback(level, features, plan.keys, with_query, dense)
         rows = features.rows(level, plan.sets[0])  # (Q_0, C): the FPN only where needed
         _sync(rows.device)
         t_fpn = time.perf_counter() - t0
         t0 = time.perf_counter()
         backend = resolve_backend(self.options.backend, rows.device)
-        w = self.weights
-        cls = run_tower_sparse(self.head.cls, rows, plan, backend, w)  # (Q, A*K)
-        box = run_tower_sparse(self.head.box, rows, plan, backend, w)  # (Q, A*4)
-        query = (run_tower_sparse(self.query_head, rows, plan, backend, w)[:, 0]
-                 if with_query else None)
-        macs = self._macs(with_query, lambda tower: plan_macs(tower, plan))
+        tower_rows = {id(t): run_tower_sparse(t, rows, plan, backend, self.weights)
+                      for t in unique_towers(branches)}  # (Q, C_out) at the keys
+        cls, box, query = self._outputs(branches, tower_rows)
+        macs = self._macs(branches, lambda t: plan_macs(t, plan), plan.keys.numel())
         _sync(rows.device)
         return LevelOutput(level, shape, plan.keys, cls, box, query, macs, dense,
                            time.perf_counter() - t0, t_fpn)
@@ -209,9 +235,10 @@ class QueryInference:
         t0 = time.perf_counter()
         shape = features.shape(level)
         N, H, W = shape
-        depth = self.head.cls.depth
+        depth = self.depth
         size = 2 + 2 * depth
-        towers = [self.head.cls, self.head.box] + ([self.query_head] if with_query else [])
+        branches = self.branches(with_query)
+        towers = unique_towers(branches)
         outs: list[list[torch.Tensor]] = [[] for _ in towers]
         kid_pos = []
         n, py, px = unravel(parents, coarse_shape)
@@ -234,6 +261,8 @@ class QueryInference:
                     y = F.conv2d(y, conv.weight, conv.bias, padding=1)
                     if j < depth - 1:
                         y = F.relu(y) * mask  # off-map positions stay zero, as in the dense map
+                    elif tower.relu_last:
+                        y = F.relu(y)
                 centre = y[:, :, depth:depth + 2, depth:depth + 2]  # (P, C_out, 2, 2)
                 outs[t].append(centre.permute(0, 2, 3, 1).reshape(-1, centre.shape[1]))  # (4P, C_out)
             ky = (2 * py[sl])[:, None, None] + two[None, :, None]  # (P, 2, 1)
@@ -251,12 +280,12 @@ class QueryInference:
         else:
             pos = parents.new_zeros(0)
             rows_out = [torch.zeros(0, c, device=device) for c in channels]
+        cls, box, query = self._outputs(branches, {id(t): r for t, r in zip(towers, rows_out)})
         cropped = float(parents.numel() * size * size)
-        macs = self._macs(with_query, lambda tower: tower_macs(tower, cropped))
-        dense = self._macs(with_query, lambda tower: tower_macs(tower, N * H * W))
+        macs = self._macs(branches, lambda tower: tower_macs(tower, cropped), pos.numel())
+        dense = self._macs(branches, lambda tower: tower_macs(tower, N * H * W), N * H * W)
         _sync(device)
-        return LevelOutput(level, shape, pos, rows_out[0], rows_out[1],
-                           rows_out[2][:, 0] if with_query else None, macs, dense,
+        return LevelOutput(level, shape, pos, cls, box, query, macs, dense,
                            time.perf_counter() - t0)
 
     def _complete_convolution_query(self, features: Pyramid, levels: list[int]
@@ -278,11 +307,12 @@ class QueryInference:
             queried = self._queried(outputs[lvl]) if full.query is not None else keys[:0]
         return [outputs[lvl] for lvl in levels]
 
-    def _macs(self, with_query: bool, cost) -> float:
-        total = cost(self.head.cls) + cost(self.head.box)
-        if with_query:
-            total += cost(self.query_head)
-        return total
+    @staticmethod
+    def _macs(branches: dict[str, Branch], tower_cost: Callable[[ConvTower], float],
+              outputs: int) -> float:
+        """Towers' MACs (each shared tower once) plus the 1x1 predictors' at `outputs` positions."""
+        return (sum(tower_cost(t) for t in unique_towers(branches))
+                + outputs * sum(b.macs_per_position() for b in branches.values()))
 
 
 def _logit(p: float) -> float:

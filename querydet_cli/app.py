@@ -25,6 +25,7 @@ app = typer.Typer(
 @app.command()
 def bench(
     *,
+    detector: Annotated[str, typer.Option(help="Detector family: retinanet, fcos or faster_rcnn (ignored with --weights)")] = "retinanet",
     backbone: Annotated[str, typer.Option(help="resnet18/34/50, mobilenet_v2, shufflenet_v2")] = "resnet50",
     image_size: Annotated[int, typer.Option(help="Square input side in pixels (long side for --image)")] = 1024,
     batch: Annotated[int, typer.Option(min=1, max=64, help="Images per batch")] = 1,
@@ -41,7 +42,7 @@ def bench(
     seed: Annotated[int, typer.Option(help="Seed for weights, input and simulated objects")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
 ) -> None:
-    """Time dense-HR, CSQ (exact, paper context), CQ, CCQ and RetinaNet P3-P7 on one input."""
+    """Time dense-HR, CSQ (exact, paper context), CQ, CCQ and the family's baseline on one input."""
     from models.config import CONTEXTS
 
     from .bench import BenchOptions, format_report, run_bench
@@ -59,7 +60,11 @@ def bench(
     if weights is not None:
         model, ckpt_cfg = load_model(weights, device)
         backbone = ckpt_cfg.model.backbone  # the baseline gets the checkpoint's backbone
-    opts = BenchOptions(backbone=backbone, image_size=image_size, batch=batch,
+        detector = ckpt_cfg.model.detector
+    from .bench import DETECTORS
+    if detector not in DETECTORS:
+        raise QueryDetError(f"--detector: {detector!r} is not one of {', '.join(DETECTORS)}")
+    opts = BenchOptions(detector=detector, backbone=backbone, image_size=image_size, batch=batch,
                         query_density=query_density if query_density > 0 else None, sigma=sigma,
                         start_level=start_level, paper_context=paper_context, backends=names,
                         repeats=repeats, device=device, seed=seed, threads=threads)

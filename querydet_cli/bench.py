@@ -2,7 +2,8 @@
 
 Same weights, same input, one process: dense-HR (QueryDet with every level dense), CSQ with exact
 context (each sparse backend), CSQ with the paper's submanifold context, CQ, CCQ, and the
-RetinaNet P3-P7 baseline with the same backbone weights. Timings are medians over repeats after a
+family's baseline with the same backbone weights: RetinaNet P3-P7 (Table 3), FCOS P3-P7
+(Table 8) or Faster R-CNN with the usual one-conv RPN and no query branch (Table 9). Timings are medians over repeats after a
 warm-up and are reported as ratios, since these machines are shared and noisy.
 
 Untrained heads fire no queries (the prior bias gives scores of 0.01 < sigma), so without a
@@ -25,7 +26,8 @@ import torch
 from models.config import InferenceConfig, ModelConfig
 from models.query_infer import LevelOutput
 from models.query_targets import query_target_map
-from models.querydet import QueryDet, build_querydet
+from models.detector import FPNDetector as QueryDet
+from models.querydet import build_querydet
 from models.sparse import spconv_available
 
 from .errors import QueryDetError
@@ -33,6 +35,7 @@ from .errors import QueryDetError
 
 @dataclass(frozen=True)
 class BenchOptions:
+    detector: str = "retinanet"
     backbone: str = "resnet50"
     image_size: int = 1024
     batch: int = 1
@@ -48,6 +51,34 @@ class BenchOptions:
     threads: int | None = None
 
 
+DETECTORS = ("retinanet", "fcos", "faster_rcnn")
+
+
+def family_configs(detector: str, backbone: str, num_classes: int, fpn_channels: int
+                   ) -> tuple[ModelConfig, ModelConfig, str]:
+    """Paper-style QueryDet config of a detector family, its baseline's config and row name."""
+    if detector == "retinanet":
+        q = ModelConfig(backbone=backbone, num_classes=num_classes, fpn_channels=fpn_channels)
+        base = ModelConfig(backbone=backbone, num_classes=num_classes, levels=(3, 4, 5, 6, 7),
+                           level_weights=(1.0,) * 5, query_levels=(), fpn_channels=fpn_channels)
+        return q, base, "retinanet_p3_p7"
+    if detector == "fcos":
+        q = ModelConfig(detector="fcos", backbone=backbone, num_classes=num_classes,
+                        fpn_channels=fpn_channels, box_loss="giou")
+        base = ModelConfig(detector="fcos", backbone=backbone, num_classes=num_classes,
+                           levels=(3, 4, 5, 6, 7), level_weights=(1.0,) * 5, query_levels=(),
+                           fpn_channels=fpn_channels, box_loss="giou")
+        return q, base, "fcos_p3_p7"
+    if detector == "faster_rcnn":
+        common = dict(detector="faster_rcnn", backbone=backbone, num_classes=num_classes,
+                      levels=(2, 3, 4, 5, 6), level_weights=(1.0,) * 5, fpn_channels=fpn_channels,
+                      anchor_octave_scales=1, iou_thresholds=(0.3, 0.7))
+        q = ModelConfig(**common, head_convs=3, query_levels=(3, 4), query_gamma=1.2)  # paper 4.4
+        base = ModelConfig(**common, head_convs=1, query_levels=())  # the usual FPN RPN
+        return q, base, "faster_rcnn_rpn1"
+    raise QueryDetError(f"unknown detector {detector!r} (allowed: {', '.join(DETECTORS)})")
+
+
 def simulated_queries(model: QueryDet, shapes: dict[int, tuple[int, int, int]], density: float,
                       start_level: int, seed: int) -> tuple[dict[int, torch.Tensor], float, int]:
     """Forced query sets {level: positions} from random small objects (see module docstring).
@@ -57,7 +88,7 @@ def simulated_queries(model: QueryDet, shapes: dict[int, tuple[int, int, int]], 
     gen = torch.Generator().manual_seed(seed)
     N, H, W = shapes[start_level]
     stride = 2 ** start_level
-    s_start = model.anchors.base_size(start_level)
+    s_start = model.query_scale(start_level)
     per_image: list[list[list[float]]] = [[] for _ in range(N)]
     target = density * H * W
     for i in range(N):
@@ -73,7 +104,7 @@ def simulated_queries(model: QueryDet, shapes: dict[int, tuple[int, int, int]], 
         if lvl > start_level or lvl == min(shapes):
             continue
         maps = torch.stack([query_target_map(torch.tensor(b).reshape(-1, 4), lvl, h, w,
-                                             model.anchors.base_size(lvl)) for b in per_image])
+                                             model.query_scale(lvl)) for b in per_image])
         forced[lvl] = torch.nonzero(maps.reshape(-1)).squeeze(1)
     reached = forced[start_level].numel() / (N * H * W)
     return forced, reached, max(len(b) for b in per_image)
@@ -161,15 +192,15 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
     torch.manual_seed(opts.seed)
     trained = model is not None
     if model is None:
-        model = build_querydet(ModelConfig(backbone=opts.backbone, num_classes=opts.num_classes),
+        querydet_cfg, _, _ = family_configs(opts.detector, opts.backbone, opts.num_classes, 256)
+        model = build_querydet(querydet_cfg,
                                InferenceConfig(sigma=opts.sigma, start_level=opts.start_level))
         model.randomize_heads(opts.seed)
     model = model.to(device).eval()
-    if model.query_head is None:
+    if not model.has_query:
         raise QueryDetError("bench needs a QueryDet model (with a query head), not a baseline")
-    baseline_cfg = ModelConfig(backbone=opts.backbone, num_classes=model.num_classes,
-                               levels=(3, 4, 5, 6, 7), level_weights=(1.0,) * 5, query_levels=(),
-                               fpn_channels=model.fpn_channels)
+    _, baseline_cfg, baseline_name = family_configs(opts.detector, opts.backbone,
+                                                    model.num_classes, model.fpn_channels)
     baseline = build_querydet(baseline_cfg, InferenceConfig(mode="dense")).to(device).eval()
     if not trained:
         baseline.backbone.load_state_dict(model.backbone.state_dict())  # same backbone weights
@@ -205,7 +236,7 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
                     torch.cuda.synchronize(device)
                 t_backbone = time.perf_counter() - t0
                 outs = m.predict_levels(f, **kw)
-                dets = m.detections(outs, s)
+                dets = m.detections(outs, s, f)
                 return outs, dets, t_backbone
             return fn
 
@@ -217,7 +248,7 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
                      {"mode": "csq", "context": opts.paper_context, "backend": "torch"}))
         runs.append(("cq", model, {"mode": "cq"}))
         runs.append(("ccq", model, {"mode": "ccq"}))
-        runs.append(("retinanet_p3_p7", baseline, {"mode": "dense"}))
+        runs.append((baseline_name, baseline, {"mode": "dense"}))
 
         report_modes: dict[str, Any] = {}
         for name, m, kw in runs:
@@ -235,6 +266,8 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
                 "detections": [int(d["boxes"].shape[0]) for d in dets],
                 "levels": _level_report([r[0] for r in results]),
             }
+            if hasattr(m, "proposals"):  # two-stage: RoIs passed to the second stage
+                entry["proposals"] = [int(p.shape[0]) for p in m.proposals(outs, sizes)]
             if kw["mode"] in ("csq", "cq", "ccq"):
                 errs = _max_rel_err(outs, reference)
                 entry["max_rel_err_per_level"] = errs
@@ -244,7 +277,7 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
     dense_time = report_modes["dense_hr"]["time_s"]
     for name, entry in report_modes.items():
         entry["speedup_vs_dense"] = dense_time / entry["time_s"]
-        entry["speedup_vs_retinanet"] = report_modes["retinanet_p3_p7"]["time_s"] / entry["time_s"]
+        entry["speedup_vs_baseline"] = report_modes[baseline_name]["time_s"] / entry["time_s"]
     # exact CSQ's high-resolution heads against the FLOP-proportional ideal: the MACs it spent
     # on each queried level at dense-HR's own speed (seconds per MAC of that level's dense heads)
     dense_lv = report_modes["dense_hr"]["levels"]
@@ -261,6 +294,8 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
     return {
         "device": _device_name(device),
         "torch": torch.__version__,
+        "detector": opts.detector,
+        "baseline": baseline_name,
         "threads": torch.get_num_threads(),
         "backbone": opts.backbone if not trained else "checkpoint",
         "image_size": [int(s) for s in sizes[0]],
@@ -292,13 +327,16 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"simulated queries: {report['query_density_start_level']:.3%} of start-level "
                      f"positions ({report['simulated_objects_per_image']} small objects per image)")
     lines.append("")
-    lines.append(f"{'mode':<20}{'time s':>9}{'vs dense':>10}{'vs P3-P7':>10}{'max rel err':>13}"
-                 f"{'HR vs ideal':>13}")
+    lines.append(f"detector: {report['detector']}  baseline: {report['baseline']}")
+    two_stage = any("proposals" in e for e in report["modes"].values())
+    lines.append(f"{'mode':<20}{'time s':>9}{'vs dense':>10}{'vs base':>10}{'max rel err':>13}"
+                 f"{'HR vs ideal':>13}" + (f"{'RoIs':>8}" if two_stage else ""))
     for name, e in report["modes"].items():
         err = f"{e['max_rel_err']:.1e}" if "max_rel_err" in e else "-"
         ideal = f"{e['hr_time_vs_ideal']:.2f}x" if "hr_time_vs_ideal" in e else "-"
+        rois = f"{sum(e['proposals']):>8}" if "proposals" in e else ""
         lines.append(f"{name:<20}{e['time_s']:>9.3f}{e['speedup_vs_dense']:>9.2f}x"
-                     f"{e['speedup_vs_retinanet']:>9.2f}x{err:>13}{ideal:>13}")
+                     f"{e['speedup_vs_baseline']:>9.2f}x{err:>13}{ideal:>13}{rois}")
     lines.append("")
     lines.append("per level: head time s / fraction of dense MACs computed")
     all_levels = sorted({p for e in report["modes"].values() for p in e["levels"]},

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from models.querydet import QueryDet
+from models.detector import FPNDetector as QueryDet
 
 from .config import Config
 from .errors import QueryDetError
@@ -177,8 +177,9 @@ class RasterDetector:
               ) -> list[tuple[dict[str, torch.Tensor], np.ndarray | None]]:
         images = [torch.from_numpy(p).to(self.device) for _, p, _ in batch]
         tensor, sizes = self.model.preprocess(images)
-        levels = self.model.predict_levels(self.model.extract_features(tensor), **self.mode)
-        dets = self.model.detections(levels, sizes)
+        features = self.model.extract_features(tensor)
+        levels = self.model.predict_levels(features, **self.mode)
+        dets = self.model.detections(levels, sizes, features)
         heats = _query_heatmaps(levels, len(batch))
         return list(zip(dets, heats))
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.querydet import QueryDet, build_querydet
+from models.detector import FPNDetector as QueryDet
+from models.querydet import build_querydet
 
 from .config import Config, config_from_dict
 from .errors import QueryDetError

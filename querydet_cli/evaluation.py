@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.querydet import QueryDet
+from models.detector import FPNDetector as QueryDet
 
 from .config import Config
 from .datasets import DetectionDataset, Sample
@@ -40,8 +40,9 @@ def predict(model: QueryDet, samples: list[Sample], short_side: int, max_size: i
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         batch, sizes = model.preprocess([image])
-        levels = model.predict_levels(model.extract_features(batch), **mode)
-        dets = model.detections(levels, sizes)[0]
+        features = model.extract_features(batch)
+        levels = model.predict_levels(features, **mode)
+        dets = model.detections(levels, sizes, features)[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
@@ -74,7 +75,7 @@ def evaluate(model: QueryDet, cfg: Config, samples: list[Sample], *, protocol: s
     truths = truths_of(samples)
     rows = []
     runs: list[tuple[str, dict[str, Any]]] = [("dense", {"mode": "dense"})]
-    if model.query_head is not None:
+    if model.has_query:
         runs += [(f"csq sigma={s:g}", {"mode": "csq", "sigma": s}) for s in sigmas]
     for name, mode in runs:
         dets, seconds, _ = predict(model, samples, t.test_short_side, t.max_size, device, quiet,

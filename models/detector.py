@@ -1,0 +1,248 @@
+"""What every detector family shares: backbone + FPN, preprocessing, checks and sparse inference.
+
+Letters: N batch, C channels, L levels, M detections.
+
+`FPNDetector` holds the parts common to RetinaNet (`querydet.py`), FCOS (`fcos.py`) and Faster
+R-CNN (`faster_rcnn.py`). A family supplies its head as `Branch`es (`head_branches`), its losses
+(`forward_training`) and its post-processing (`detections`); dense, CSQ, CQ and CCQ inference
+(`query_infer.py`) then work for it unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .config import InferenceConfig
+from .fpn import FPN, Pyramid
+from .heads import Branch
+from .losses import query_loss
+from .query_infer import LevelOutput, QueryInference, QueryOptions
+from .query_targets import query_target_map
+
+
+class ModelInputError(ValueError):
+    """Images or targets handed to the model are unusable (NaN/Inf, wrong shape, bad boxes)."""
+
+
+class FPNDetector(nn.Module):
+    """Backbone + FPN with dense or sparse head inference; subclasses add heads and losses.
+
+    Args:
+        backbone: returns c2..c5 feature maps; `out_channels` lists their widths.
+        num_classes: object classes (without background).
+        levels: FPN levels with heads, e.g. (2..7), (3..7) or (2..6).
+        query_levels: levels whose query output is trained (Eq. 2-3); empty = no query.
+        level_weights: beta_l of Eq. 5, one per level.
+        inference: default inference settings; every call may override them.
+    """
+
+    def __init__(self, backbone: Backbone, *, num_classes: int, levels: tuple[int, ...],
+                 query_levels: tuple[int, ...], level_weights: tuple[float, ...],
+                 fpn_channels: int = 256,
+                 pixel_mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+                 pixel_std: tuple[float, ...] = (0.229, 0.224, 0.225),
+                 size_divisibility: int = 32, inference: InferenceConfig | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        first = levels[0] - 2  # c2 feeds P2, c3 feeds P3
+        self.fpn = FPN(backbone.out_channels[first:], fpn_channels, levels[0], levels[-1])
+        self.num_classes = num_classes
+        self.levels = tuple(levels)
+        self.query_levels = tuple(query_levels)
+        self.level_weights = dict(zip(self.levels, level_weights))
+        self.size_divisibility = size_divisibility
+        self.inference = inference or InferenceConfig()
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), False)
+
+    # -- what a family provides -------------------------------------------------------------------
+    def head_branches(self, with_query: bool) -> dict[str, Branch]:
+        """The head as {"cls", "box"[, "query"]} branches (see `heads.Branch`)."""
+        raise NotImplementedError
+
+    def query_scale(self, level: int) -> float:
+        """s_l of Eq. 3 on P_level: objects with sqrt(w h) below it are small there."""
+        raise NotImplementedError
+
+    def detections(self, outputs: list[LevelOutput], image_sizes: list[tuple[int, int]],
+                   features: Pyramid | None = None) -> list[dict[str, torch.Tensor]]:
+        """Post-process level outputs (and, for two-stage models, the features) into detections."""
+        raise NotImplementedError
+
+    def forward_training(self, images, targets: list[dict[str, torch.Tensor]]
+                         ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------------
+    @property
+    def has_query(self) -> bool:
+        """True when the model can run CSQ / CQ / CCQ (it has a trained query output)."""
+        return "query" in self.head_branches(True)
+
+    @property
+    def fpn_channels(self) -> int:
+        return self.fpn.output[0].out_channels
+
+    @torch.no_grad()
+    def randomize_heads(self, seed: int) -> None:
+        """Random head weights whose outputs vary (He-normal weights, N(0, 0.1) biases).
+
+        For benchmarks and accuracy checks without a checkpoint: the detectors' own init (std 0.01,
+        prior bias) makes every logit nearly the same constant, so a sparse-vs-dense comparison
+        on it would prove nothing.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        convs: dict[int, nn.Conv2d] = {}
+        for b in self.head_branches(True).values():
+            for conv in [*b.tower.convs] + ([b.predictor] if b.predictor is not None else []):
+                convs.setdefault(id(conv), conv)
+        for conv in convs.values():
+            fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
+
+    def preprocess(self, images: torch.Tensor | list[torch.Tensor]
+                   ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Normalise images with values in [0, 1] and pad them into one batch.
+
+        Returns the batch (N, 3, H', W'), H' and W' multiples of `size_divisibility`, and each
+        image's (height, width) before padding.
+        """
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4:
+                raise ModelInputError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
+            images = list(images)
+        if not images:
+            raise ModelInputError("no images given")
+        sizes = []
+        for img in images:
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ModelInputError(f"expected an image of shape (3, H, W), got {tuple(img.shape)}")
+            if img.shape[1] < 1 or img.shape[2] < 1:
+                raise ModelInputError(f"image is empty: shape {tuple(img.shape)}")
+            if not img.is_floating_point():
+                raise ModelInputError(f"expected float images in [0, 1], got dtype {img.dtype}")
+            if not torch.isfinite(img).all():
+                raise ModelInputError("image contains NaN or Inf values")
+            sizes.append((int(img.shape[1]), int(img.shape[2])))
+        d = self.size_divisibility
+        height = -(-max(h for h, _ in sizes) // d) * d
+        width = -(-max(w for _, w in sizes) // d) * d
+        batch = self.pixel_mean.new_zeros(len(images), 3, height, width)
+        for i, img in enumerate(images):
+            h, w = sizes[i]
+            batch[i, :, :h, :w] = (img.to(batch.device) - self.pixel_mean[0]) / self.pixel_std[0]
+        return batch, sizes
+
+    def extract_features(self, batch: torch.Tensor) -> Pyramid:
+        """Backbone maps of a preprocessed batch, wrapped so FPN levels are computed on demand:
+        densely for dense levels, only at the needed positions for CSQ's sparse levels."""
+        return Pyramid(self.fpn, self.backbone(batch))
+
+    def forward(self, images, targets=None, **kwargs):
+        """Losses when training (targets required), detections otherwise."""
+        if self.training:
+            if targets is None:
+                raise ModelInputError("training needs targets")
+            return self.forward_training(images, targets)
+        return self.forward_inference(images, **kwargs)
+
+    @torch.no_grad()
+    def forward_inference(self, images, **mode) -> list[dict[str, torch.Tensor]]:
+        """Detections per image: boxes (M, 4) xyxy pixels, scores (M,), labels (M,), levels (M,).
+
+        `mode` takes the keyword arguments of `predict_levels`.
+        """
+        batch, sizes = self.preprocess(images)
+        features = self.extract_features(batch)
+        return self.detections(self.predict_levels(features, **mode), sizes, features)
+
+    @torch.no_grad()
+    def predict_levels(self, features: Pyramid, *, mode: str | None = None,
+                       sigma: float | None = None, start_level: int | None = None,
+                       context: str | None = None, backend: str | None = None,
+                       forced_queries: dict[int, torch.Tensor] | None = None,
+                       sparse_max_fraction: float | None = None,
+                       ) -> list[LevelOutput]:
+        """Head outputs of every level under one inference mode (see `query_infer`)."""
+        d = self.inference
+        options = QueryOptions(
+            mode=d.mode if mode is None else mode,
+            sigma=d.sigma if sigma is None else sigma,
+            start_level=d.start_level if start_level is None else start_level,
+            context=d.context if context is None else context,
+            backend=d.backend if backend is None else backend,
+            sparse_max_fraction=(d.sparse_max_fraction if sparse_max_fraction is None
+                                 else sparse_max_fraction),
+        )
+        if not self.has_query and options.mode != "dense":
+            options = QueryOptions(mode="dense")  # a baseline has nothing to query with
+        return QueryInference(self.head_branches, options, forced_queries)(features)
+
+    def dense_level_maps(self, features: dict[int, torch.Tensor], with_query: bool
+                         ) -> dict[int, dict[str, torch.Tensor]]:
+        """Training: every branch on every level, {level: {name: (N, C_out, H, W)}}."""
+        out = {}
+        for lvl in self.levels:
+            branches = self.head_branches(with_query and lvl in self.query_levels)
+            towers: dict[int, torch.Tensor] = {}
+            maps = {}
+            for name, b in branches.items():
+                if id(b.tower) not in towers:
+                    towers[id(b.tower)] = b.tower(features[lvl])
+                t = towers[id(b.tower)]
+                maps[name] = t if b.predictor is None else b.predictor(t)
+            out[lvl] = maps
+        return out
+
+    def check_target(self, target: dict[str, torch.Tensor], device: torch.device
+                     ) -> dict[str, torch.Tensor]:
+        """A training target with float boxes (G, 4), int64 labels (G,) and ignore regions,
+        or ModelInputError naming what is wrong."""
+        boxes = target["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
+        labels = target["labels"].to(device=device, dtype=torch.int64).reshape(-1)
+        if boxes.shape[0] != labels.shape[0]:
+            raise ModelInputError(f"{boxes.shape[0]} boxes but {labels.shape[0]} labels")
+        if not torch.isfinite(boxes).all():
+            raise ModelInputError("target boxes contain NaN or Inf")
+        if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+            raise ModelInputError("target boxes must have x2 > x1 and y2 > y1 (degenerate box)")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ModelInputError(f"target labels must be in 0..{self.num_classes - 1}")
+        out = {"boxes": boxes, "labels": labels}
+        if "ignore" in target:
+            out["ignore"] = target["ignore"].to(device=device, dtype=torch.float32).reshape(-1, 4)
+        return out
+
+    def query_losses(self, query_maps: dict[int, torch.Tensor],
+                     targets: list[dict[str, torch.Tensor]], alpha: float, gamma: float,
+                     weight: float) -> torch.Tensor:
+        """Eq. 4-5's query term: sum over query levels of beta_l * weight * focal(V_l, Eq. 3).
+
+        `query_maps` holds {level: (N, H, W) logits}; images without objects contribute nothing.
+        """
+        device = next(iter(query_maps.values())).device
+        has_objects = torch.tensor([t["boxes"].shape[0] > 0 for t in targets], device=device)
+        total = torch.zeros((), device=device)
+        for lvl, q in query_maps.items():
+            s_l = self.query_scale(lvl)
+            tgt = torch.stack([query_target_map(t["boxes"], lvl, q.shape[1], q.shape[2], s_l)
+                               for t in targets])  # (N, H, W)
+            total = total + self.level_weights[lvl] * weight * query_loss(q, tgt, has_objects,
+                                                                          alpha, gamma)
+        return total
+
+    def prepare_training(self, images, targets: list[dict[str, torch.Tensor]]
+                         ) -> tuple[torch.Tensor, list[tuple[int, int]],
+                                    list[dict[str, torch.Tensor]], dict[int, torch.Tensor]]:
+        """Preprocessed batch, sizes, checked targets and every FPN level densely."""
+        batch, sizes = self.preprocess(images)
+        targets = [self.check_target(t, batch.device) for t in targets]
+        if len(targets) != batch.shape[0]:
+            raise ModelInputError(f"{batch.shape[0]} images but {len(targets)} targets")
+        return batch, sizes, targets, self.fpn(self.backbone(batch))
+
+
+__all__ = ["FPNDetector", "ModelInputError"]
