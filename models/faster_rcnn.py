@@ -181,7 +181,7 @@ class QueryFasterRCNN(FPNDetector):
         anchors, beta = torch.cat(anchors), torch.cat(beta)
         one_class = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
         cls, matched = anchor_targets(anchors, one_class, self.matcher, 1)  # 0 fg, 1 bg, -1 ignore
-        sampled, positive = [], []
+        sampled = []
         for i in range(N):
             fg = torch.nonzero(cls[i] == 0).squeeze(1)
             bg = torch.nonzero(cls[i] == 1).squeeze(1)

@@ -27,7 +27,7 @@ from .backbones import Backbone
 from .config import InferenceConfig
 from .detector import FPNDetector
 from .fpn import Pyramid
-from .heads import Branch, FCOSHead, QueryHead
+from .heads import Branch, FCOSHead, QueryHead, tower_branches
 from .postprocess import clip_boxes, image_bounds, merge_with_nms, top_candidates
 from .query_infer import LevelOutput
 from .sparse import unravel
@@ -150,10 +150,7 @@ class QueryFCOS(FPNDetector):
         self.query_loss_weight = query_loss_weight
 
     def head_branches(self, with_query: bool) -> dict[str, Branch]:
-        branches = self.head.branches()
-        if with_query and self.query_head is not None:
-            branches["query"] = Branch(self.query_head)
-        return branches
+        return tower_branches(self.head, self.query_head, with_query)
 
     def query_scale(self, level: int) -> float:
         return self.size_scale * 2.0 ** level  # paper 3.2: the minimum regression range on P_l

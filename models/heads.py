@@ -97,6 +97,15 @@ class QueryHead(ConvTower):
         super().__init__(channels, num_convs, 1, -math.log((1 - prior_prob) / prior_prob))
 
 
+def tower_branches(head: RetinaHead, query_head: QueryHead | None, with_query: bool
+                   ) -> dict[str, Branch]:
+    """Branches of a one-stage head (RetinaNet, FCOS) plus its separate query tower."""
+    branches = head.branches()
+    if with_query and query_head is not None:
+        branches["query"] = Branch(query_head)
+    return branches
+
+
 class FCOSHead(RetinaHead):
     """FCOS head (FCOS 2): cls tower with K outputs, box tower with l, t, r, b and centre-ness.
 

@@ -17,7 +17,7 @@ from .detector import FPNDetector, ModelInputError  # noqa: F401  (re-exported)
 from .fpn import Pyramid
 from .faster_rcnn import QueryFasterRCNN, build_roi_heads
 from .fcos import QueryFCOS
-from .heads import Branch, FCOSHead, QueryHead, RetinaHead, RPNHead
+from .heads import Branch, FCOSHead, QueryHead, RetinaHead, RPNHead, tower_branches
 from .losses import anchor_targets, level_detection_loss
 from .matcher import Matcher
 from .postprocess import detections_from_levels
@@ -65,10 +65,7 @@ class QueryDet(FPNDetector):
         self.query_loss_weight = query_loss_weight
 
     def head_branches(self, with_query: bool) -> dict[str, Branch]:
-        branches = self.head.branches()
-        if with_query and self.query_head is not None:
-            branches["query"] = Branch(self.query_head)
-        return branches
+        return tower_branches(self.head, self.query_head, with_query)
 
     def query_scale(self, level: int) -> float:
         return self.anchors.base_size(level)  # paper 3.2: the minimum anchor scale on P_l
