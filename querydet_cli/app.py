@@ -198,7 +198,7 @@ def train(
     workers: Annotated[Optional[int], typer.Option(help="Override train.workers")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override train.seed")] = None,
 ) -> None:
-    """Train QueryDet or the RetinaNet baseline (multi-GPU: torchrun --nproc_per_node N -m querydet_cli train ...)."""
+    """Train QueryDet (RetinaNet, FCOS or Faster R-CNN host, from the config) or a baseline (multi-GPU: torchrun --nproc_per_node N -m querydet_cli train ...)."""
     from .config import load_config, with_changes
     from .training import train as run_training
 
