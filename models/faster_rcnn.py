@@ -148,7 +148,8 @@ class QueryFasterRCNN(FPNDetector):
                 top = obj.topk(min(pre, obj.numel())).indices
                 row, a = top // A, top % A
                 _, ys, xs = unravel(out.positions[lo:hi][row], out.shape)
-                anchor = self.anchors.anchors_at(out.level, ys, xs)[torch.arange(row.numel()), a]
+                anchor = self.anchors.anchors_at(out.level, ys, xs)[
+                    torch.arange(row.numel(), device=row.device), a]  # (k, 4)
                 deltas = out.box[lo:hi].view(-1, A, 4)[row, a]  # (k, 4)
                 box = clip_boxes(self.box_coder.decode(deltas.float(), anchor), size)
                 keep = remove_small_boxes(box, 1e-3)

@@ -95,7 +95,8 @@ def fcos_targets(points: torch.Tensor, strides: torch.Tensor, ranges: torch.Tens
             cls = labels[best]
             cls[~positive] = num_classes
             classes[start:start + _POINT_CHUNK] = cls
-            ltrb_out[start:start + _POINT_CHUNK] = ltrb[torch.arange(pt.shape[0]), best]
+            ltrb_out[start:start + _POINT_CHUNK] = ltrb[torch.arange(pt.shape[0], device=pt.device),
+                                                        best]  # (p, 4)
     if "ignore" in target and target["ignore"].numel():
         reg = target["ignore"]
         x, y = points[:, 0:1], points[:, 1:2]
