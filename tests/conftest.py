@@ -26,15 +26,20 @@ def tiny_model(seed: int = 0, **overrides):
     return build_querydet(cfg, InferenceConfig()).eval()
 
 
-@pytest.fixture(scope="session")
-def model():
-    m = tiny_model()
+def with_random_heads(m):
+    """A one-stage model (RetinaNet, FCOS) with random cls / box / query towers whose predictors
+    are scaled so scores spread over (0, 1) instead of saturating."""
     randomize(m.head)
     randomize(m.query_head, seed=1)
-    with torch.no_grad():  # predictors scaled so scores spread over (0, 1) instead of saturating
+    with torch.no_grad():
         for tower in (m.head.cls, m.head.box, m.query_head):
             tower.convs[-1].weight.mul_(0.05)
     return m
+
+
+@pytest.fixture(scope="session")
+def model():
+    return with_random_heads(tiny_model())
 
 
 @pytest.fixture(scope="session")
