@@ -16,7 +16,7 @@ from torch import nn
 from .backbones import Backbone
 from .config import InferenceConfig
 from .fpn import FPN, Pyramid
-from .heads import Branch
+from .heads import Branch, branch_maps
 from .losses import query_loss
 from .query_infer import LevelOutput, QueryInference, QueryOptions
 from .query_targets import query_target_map
@@ -184,18 +184,8 @@ class FPNDetector(nn.Module):
     def dense_level_maps(self, features: dict[int, torch.Tensor], with_query: bool
                          ) -> dict[int, dict[str, torch.Tensor]]:
         """Training: every branch on every level, {level: {name: (N, C_out, H, W)}}."""
-        out = {}
-        for lvl in self.levels:
-            branches = self.head_branches(with_query and lvl in self.query_levels)
-            towers: dict[int, torch.Tensor] = {}
-            maps = {}
-            for name, b in branches.items():
-                if id(b.tower) not in towers:
-                    towers[id(b.tower)] = b.tower(features[lvl])
-                t = towers[id(b.tower)]
-                maps[name] = t if b.predictor is None else b.predictor(t)
-            out[lvl] = maps
-        return out
+        return {lvl: branch_maps(self.head_branches(with_query and lvl in self.query_levels),
+                                 features[lvl]) for lvl in self.levels}
 
     def check_target(self, target: dict[str, torch.Tensor], device: torch.device
                      ) -> dict[str, torch.Tensor]:

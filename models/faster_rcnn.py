@@ -210,13 +210,21 @@ class QueryFasterRCNN(FPNDetector):
     # -- second stage -----------------------------------------------------------------------------
     def roi_feature_maps(self, features: Pyramid, rois: list[torch.Tensor]
                          ) -> OrderedDict[str, torch.Tensor]:
-        """P2-P5 for RoIAlign: dense maps where computed, else exact at `roi_support` only."""
+        """P2-P5 for RoIAlign: dense maps where computed, else exact at `roi_support` only.
+
+        As for the sparse heads, a level whose support exceeds `inference.sparse_max_fraction`
+        of the map is computed densely: row-wise FPN costs more than the dense conv there.
+        """
         maps: OrderedDict[str, torch.Tensor] = OrderedDict()
         for lvl in ROI_LEVELS:
             if features.is_dense(lvl):
                 maps[str(lvl)] = features.dense(lvl)
+                continue
+            N, H, W = features.shape(lvl)
+            pos = roi_support(rois, self.roi_mapper, lvl, (N, H, W))
+            if pos.numel() > self.inference.sparse_max_fraction * N * H * W:
+                maps[str(lvl)] = features.dense(lvl)
             else:
-                pos = roi_support(rois, self.roi_mapper, lvl, features.shape(lvl))
                 maps[str(lvl)] = features.sparse_map(lvl, pos)
         return maps
 

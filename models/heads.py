@@ -97,6 +97,21 @@ class QueryHead(ConvTower):
         super().__init__(channels, num_convs, 1, -math.log((1 - prior_prob) / prior_prob))
 
 
+def branch_maps(branches: dict[str, Branch], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every branch densely on one level's map x (N, C, H, W): {name: (N, C_out, H, W)}.
+
+    A tower shared by several branches (the RPN trunk) runs once.
+    """
+    towers: dict[int, torch.Tensor] = {}
+    maps = {}
+    for name, b in branches.items():
+        if id(b.tower) not in towers:
+            towers[id(b.tower)] = b.tower(x)
+        t = towers[id(b.tower)]
+        maps[name] = t if b.predictor is None else b.predictor(t)
+    return maps
+
+
 def tower_branches(head: RetinaHead, query_head: QueryHead | None, with_query: bool
                    ) -> dict[str, Branch]:
     """Branches of a one-stage head (RetinaNet, FCOS) plus its separate query tower."""

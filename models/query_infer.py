@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from .fpn import Pyramid
-from .heads import Branch, ConvTower
+from .heads import Branch, ConvTower, branch_maps
 from .sparse import (TowerPlan, WeightCache, children_of, ravel, resolve_backend,
                      run_tower_sparse, unravel)
 
@@ -183,8 +183,9 @@ class QueryInference:
         t0 = time.perf_counter()
         shape = features.shape(level)
         branches = self.branches(with_query)
-        tower_rows = {id(t): rows_of_map(t(x)) for t in unique_towers(branches)}  # (NHW, C)
-        cls, box, query = self._outputs(branches, tower_rows)
+        rows = {name: rows_of_map(m) for name, m in branch_maps(branches, x).items()}  # (NHW, C)
+        cls, box = rows["cls"], rows["box"]
+        query = rows["query"][:, 0] if "query" in rows else None
         positions = torch.arange(cls.shape[0], device=x.device)
         macs = self._macs(branches, lambda tower: tower_macs(tower, cls.shape[0]), cls.shape[0])
         _sync(x.device)

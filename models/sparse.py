@@ -296,6 +296,6 @@ def run_tower_sparse(tower: nn.Module, rows: torch.Tensor, plan: TowerPlan, back
     last = len(tower.convs)
     for layer, conv in enumerate(tower.convs, start=1):
         x = conv_fn(x, plan, layer, conv, weights.get(conv, backend))
-        if layer < last or getattr(tower, "relu_last", False):
+        if layer < last or tower.relu_last:
             x = torch.relu(x)
     return x  # (Q_keys, C_out)

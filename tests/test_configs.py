@@ -61,3 +61,18 @@ def test_missing_and_non_yaml_files(tmp_path):
 
 def test_bare_name_resolves_to_configs_dir():
     assert load_config("querydet_r50_visdrone").inference.max_detections == 500
+
+
+def test_detector_family_values_are_checked(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  detector: yolo\n")
+    with pytest.raises(QueryDetError, match="model.detector.*allowed: retinanet, fcos, faster_rcnn"):
+        load_config(p)
+    # the RPN runs on P2-P6: a RetinaNet level list is refused, naming the key
+    p.write_text("model:\n  detector: faster_rcnn\n  levels: [2, 3, 4, 5, 6, 7]\n"
+                 "  level_weights: [1, 1, 1, 1, 1, 1]\n")
+    with pytest.raises(QueryDetError, match=r"model.levels.*\[2, 3, 4, 5, 6\] for faster_rcnn"):
+        load_config(p)
+    p.write_text("model:\n  roi_head_channels: 0\n")
+    with pytest.raises(QueryDetError, match="model.roi_head_channels"):
+        load_config(p)
