@@ -14,8 +14,10 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .errors import ModelError
 
-class BackboneWeightsError(ValueError):
+
+class BackboneWeightsError(ModelError):
     """The local backbone weights file is missing, unreadable or does not fit the architecture."""
 
 

@@ -13,10 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ModelError
+
 FORMAT = "querydet-checkpoint-v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint file is missing, unreadable or not a querydet checkpoint."""
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .backbones import Backbone
 from .config import InferenceConfig
+from .errors import ModelError
 from .fpn import FPN, Pyramid
 from .heads import Branch, branch_maps
 from .losses import query_loss
@@ -22,7 +23,7 @@ from .query_infer import LevelOutput, QueryInference, QueryOptions
 from .query_targets import query_target_map
 
 
-class ModelInputError(ValueError):
+class ModelInputError(ModelError):
     """Images or targets handed to the model are unusable (NaN/Inf, wrong shape, bad boxes)."""
 
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from models.config import InferenceConfig, ModelConfig
-from models.query_infer import LevelOutput
-from models.query_targets import query_target_map
-from models.detector import FPNDetector as QueryDet
-from models.querydet import build_querydet
-from models.sparse import spconv_available
+from querydet_models.config import InferenceConfig, ModelConfig
+from querydet_models.query_infer import LevelOutput
+from querydet_models.query_targets import query_target_map
+from querydet_models.detector import FPNDetector as QueryDet
+from querydet_models.querydet import build_querydet
+from querydet_models.sparse import spconv_available
 
 from .errors import QueryDetError
 

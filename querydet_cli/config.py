@@ -8,11 +8,10 @@ from typing import Any, Literal
 
 import yaml
 
-from models.config import ConfigError, InferenceConfig, ModelConfig, from_dict, to_dict
+from querydet_models.config import ConfigError, InferenceConfig, ModelConfig, from_dict, to_dict
 
 from .errors import QueryDetError
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from .resources import config_names, config_path
 
 
 @dataclass(frozen=True)
@@ -116,10 +115,13 @@ def config_from_dict(data: Any) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Load a YAML config; a bare name such as `querydet_r50_visdrone` is looked up in configs/."""
+    """Load a YAML config: a file path, or the name of a bundled config (`querydet configs`)."""
     path = Path(path)
     if not path.suffix and not path.exists():
-        path = CONFIG_DIR / f"{path}.yaml"
+        if str(path) not in config_names():
+            raise QueryDetError(f"config not found: {path} is neither a file nor a bundled config "
+                                "(`querydet configs` lists them)")
+        path = config_path(str(path))
     if not path.is_file():
         raise QueryDetError(f"config file not found: {path}")
     try:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from models.detector import FPNDetector as QueryDet
+from querydet_models.detector import FPNDetector as QueryDet
 
 from .config import Config
 from .errors import QueryDetError
@@ -189,7 +189,7 @@ class RasterDetector:
         """Detect on one raster; returns the number of detections emitted."""
         info = self._info = src.info()  # read once: _emit runs for every released tile row
         # a second handle, for this thread only: the reader thread owns `src` while it runs
-        self._probe = RasterSource(src.path, src.bands, stretch=src.stretch, stretch_known=True)
+        self._probe = src.reopen()
         tiles = make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap)
         starts = row_starts(tiles)
         last_row = max(starts)

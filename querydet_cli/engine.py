@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
-from models.checkpoint import CheckpointError, load_checkpoint
-from models.detector import FPNDetector as QueryDet
-from models.querydet import build_querydet
+from querydet_models.checkpoint import CheckpointError, load_checkpoint
+from querydet_models.detector import FPNDetector as QueryDet
+from querydet_models.querydet import build_querydet
 
 from .config import Config, config_from_dict
 from .errors import QueryDetError
 
+log = logging.getLogger("querydet")
 
-def load_model(weights: str | Path, device: str = "cpu") -> tuple[QueryDet, Config]:
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` is CUDA when available, else the CPU; `cuda` without a GPU is a user error."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise QueryDetError(f"--device: {name!r} is not one of auto, cpu, cuda (or cuda:N)")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise QueryDetError(f"--device {name}: no CUDA device is available here "
+                                "(use --device cpu, or auto)")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise QueryDetError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
+                                "device(s) here")
+    log.info("device: %s", name)
+    return torch.device(name)
+
+
+def load_model(weights: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[QueryDet, Config]:
     """Rebuild a model from a checkpoint alone (its embedded config) and load its weights."""
     try:
         payload = load_checkpoint(weights)
@@ -27,7 +52,7 @@ def load_model(weights: str | Path, device: str = "cpu") -> tuple[QueryDet, Conf
     except RuntimeError as err:
         raise QueryDetError(f"checkpoint {weights} does not match its own config: "
                             f"{str(err).splitlines()[0]}") from None
-    return model.to(torch.device(device)).eval(), cfg
+    return model.to(resolve_device(device)).eval(), cfg
 
 
 def progress_bar(name: str, total_pixels: int):

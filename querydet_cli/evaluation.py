@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.detector import FPNDetector as QueryDet
+from querydet_models.detector import FPNDetector as QueryDet
 
 from .config import Config
 from .datasets import DetectionDataset, Sample

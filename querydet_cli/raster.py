@@ -35,26 +35,35 @@ class RasterInfo:
 class RasterSource:
     """One open raster: `read(x, y, w, h)` gives (3, h, w) float32 in [0, 1] and a valid mask."""
 
-    def __init__(self, path: str | Path, bands: tuple[int, ...] | None = None,
+    def __init__(self, path: "str | Path | rasterio.io.DatasetReader",
+                 bands: tuple[int, ...] | None = None,
                  stretch: tuple[np.ndarray, np.ndarray] | None = None,
                  stretch_known: bool = False) -> None:
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
-        self.path = Path(path)
-        if not self.path.exists():
-            raise QueryDetError(f"{self.path}: file not found")
-        if self.path.is_dir():
-            raise QueryDetError(f"{self.path}: is a directory, not an image")
-        if self.path.stat().st_size == 0:
-            raise QueryDetError(f"{self.path}: file is empty (0 bytes)")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self.src = rasterio.open(self.path)
-        except RasterioIOError as err:
-            msg = str(err).split("\n")[0]
-            raise QueryDetError(f"{self.path}: not a readable raster or image ({msg})") from None
+        if isinstance(path, rasterio.io.DatasetReaderBase):  # an open dataset the caller owns
+            self.src = path
+            self.name = path.name
+            self.path = Path(path.name)
+            self._owns = False
+        else:
+            self.name = str(path)
+            self.path = Path(path)
+            self._owns = True
+            if not self.path.exists():
+                raise QueryDetError(f"{self.path}: file not found")
+            if self.path.is_dir():
+                raise QueryDetError(f"{self.path}: is a directory, not an image")
+            if self.path.stat().st_size == 0:
+                raise QueryDetError(f"{self.path}: file is empty (0 bytes)")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    self.src = rasterio.open(self.path)
+            except RasterioIOError as err:
+                msg = str(err).split("\n")[0]
+                raise QueryDetError(f"{self.path}: not a readable raster or image ({msg})") from None
         src = self.src
         if src.width < 1 or src.height < 1 or src.count < 1:
             raise QueryDetError(f"{self.path}: raster has no pixels")
@@ -159,8 +168,23 @@ class RasterSource:
             rgb = np.repeat(rgb, 3, axis=0)
         return np.clip(rgb, 0, 255).astype(np.uint8).transpose(1, 2, 0), scale
 
+    def reopen(self) -> "RasterSource":
+        """A second handle on the same raster (for another thread), sharing the stretch."""
+        import rasterio
+
+        from rasterio.errors import NotGeoreferencedWarning
+
+        twin = RasterSource.__new__(RasterSource)
+        twin.__dict__.update(self.__dict__)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            twin.src = rasterio.open(self.name)
+        twin._owns = True
+        return twin
+
     def close(self) -> None:
-        self.src.close()
+        if self._owns:
+            self.src.close()
 
     def __enter__(self) -> "RasterSource":
         return self

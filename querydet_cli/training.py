@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.querydet import ModelInputError, build_querydet
+from querydet_models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from querydet_models.querydet import ModelInputError, build_querydet
 
 from .config import Config, config_from_dict
 from .datasets import DetectionDataset, Problem, Sample, collate, load_coco, load_visdrone

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from models.config import InferenceConfig, ModelConfig
-from models.querydet import build_querydet
+from querydet_models.config import InferenceConfig, ModelConfig
+from querydet_models.querydet import build_querydet
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> None:

@@ -4,12 +4,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.config import InferenceConfig, ModelConfig
-from models.querydet import build_querydet
-from querydet_cli.config import CONFIG_DIR, Config, DataConfig, TrainConfig, load_config
+from querydet_models.config import InferenceConfig, ModelConfig
+from querydet_models.querydet import build_querydet
+from querydet_cli.config import Config, DataConfig, TrainConfig, load_config
+from querydet_cli.resources import config_names, config_path
 from querydet_cli.errors import QueryDetError
 
-FILES = sorted(Path(CONFIG_DIR).glob("*.yaml"))
+FILES = [config_path(name) for name in config_names()]
 
 
 def test_there_are_configs():

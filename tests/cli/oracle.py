@@ -9,7 +9,7 @@ import numpy as np
 import rasterio
 import torch
 
-from models.config import InferenceConfig
+from querydet_models.config import InferenceConfig
 
 
 class OracleModel:

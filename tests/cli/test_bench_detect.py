@@ -3,9 +3,9 @@ from dataclasses import replace
 import rasterio
 import torch
 
-from models.checkpoint import save_checkpoint
-from models.config import ModelConfig
-from models.querydet import build_querydet
+from querydet_models.checkpoint import save_checkpoint
+from querydet_models.config import ModelConfig
+from querydet_models.querydet import build_querydet
 from querydet_cli.bench_detect import run, write_big_raster
 from querydet_cli.config import Config
 

@@ -200,9 +200,9 @@ def test_expand_inputs(tmp_path):
 def test_cli_pipeline_stdin_to_stdout(tmp_path):
     from dataclasses import replace
 
-    from models.checkpoint import save_checkpoint
-    from models.config import ModelConfig
-    from models.querydet import build_querydet
+    from querydet_models.checkpoint import save_checkpoint
+    from querydet_models.config import ModelConfig
+    from querydet_models.querydet import build_querydet
 
     cfg = replace(Config(), model=ModelConfig(backbone="resnet18", fpn_channels=16, head_convs=2,
                                               num_classes=3))

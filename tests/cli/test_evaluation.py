@@ -4,8 +4,8 @@ from dataclasses import replace
 import torch
 from typer.testing import CliRunner
 
-from models.checkpoint import save_checkpoint
-from models.querydet import build_querydet
+from querydet_models.checkpoint import save_checkpoint
+from querydet_models.querydet import build_querydet
 from querydet_cli.app import app
 from querydet_cli.config import load_config
 from querydet_cli.errors import QueryDetError

@@ -8,7 +8,7 @@ import yaml
 from affine import Affine
 from typer.testing import CliRunner
 
-from models.checkpoint import load_checkpoint
+from querydet_models.checkpoint import load_checkpoint
 from querydet_cli.app import app
 from querydet_cli.bench import BenchOptions, run_bench
 from querydet_cli.config import load_config

@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import torch
 
-from models.checkpoint import load_checkpoint
+from querydet_models.checkpoint import load_checkpoint
 from querydet_cli.config import load_config
 from querydet_cli.training import lr_at, train
 

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from models.anchors import AnchorGenerator
+from querydet_models.anchors import AnchorGenerator
 
 
 def test_cell_anchors_hand_computed():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.querydet import ModelInputError
-from models.sparse import spconv_available
+from querydet_models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from querydet_models.querydet import ModelInputError
+from querydet_models.sparse import spconv_available
 from tests.conftest import randomize, tiny_model
 
 BACKENDS = ["torch"] + (["spconv"] if spconv_available() else [])

@@ -1,0 +1,1 @@
+"""Bundled configs (YAML), installed as `querydet_cli.configs`; `querydet configs` lists them."""
