@@ -56,6 +56,19 @@ class Detector:
         """Load a checkpoint (default: the bundled sample model) once for many `detect` calls."""
         return cls(weights, device, **options)
 
+    @classmethod
+    def from_model(cls, model: Any, config: Any, device: str = "cpu", **options: Any
+                   ) -> "Detector":
+        """Wrap a model already in memory (e.g. just trained) with its `Config`."""
+        from .engine import resolve_device
+
+        self = cls.__new__(cls)
+        self.device = resolve_device(device)
+        self.weights = None
+        self.model, self.config = model, config
+        self.options = _options(DetectOptions(score_threshold=0.3), options)
+        return self
+
     @property
     def class_names(self) -> list[str]:
         return self.config.names()

@@ -436,8 +436,8 @@ def main() -> None:
         print(err.format_message(), file=sys.stderr)
         sys.exit(2)
     except click.UsageError as err:  # bad option values: one line, not click's usage box
-        where = f"{err.ctx.command_path}: " if err.ctx is not None else ""
-        print(f"querydet: error: {where}{err.format_message()}", file=sys.stderr)
+        message = err.format_message().replace("Value error, ", "")
+        print(f"querydet: error: {message}", file=sys.stderr)
         sys.exit(2)
     except click.ClickException as err:
         print(f"querydet: error: {err.format_message()}", file=sys.stderr)

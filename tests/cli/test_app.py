@@ -58,5 +58,38 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = _cli("train", "--dataset", "imagenet", "--out", str(tmp_path / "run"))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("querydet: error: --dataset: 'imagenet' is not one of "
-                                   "synthetic, coco, visdrone")
+    assert proc.stderr.strip() == ("querydet: error: Invalid value for '--dataset': 'imagenet' "
+                                   "is not one of 'synthetic', 'coco', 'visdrone'.")
+
+
+def test_cli_conventions_version_configs_devices(tmp_path):
+    assert _cli("--version").stdout.startswith("querydet ")
+    listing = _cli("configs").stdout.splitlines()
+    assert any(line.split()[:3] == ["querydet_r50_visdrone", "retinanet", "resnet50"]
+               for line in listing)
+    for args, needle in ((["--device", "gpu"], "'gpu' is not one of 'auto', 'cpu', 'cuda'"),
+                         (["--mode", "fast"], "'fast' is not one of"),
+                         (["--context", "13x13"], "'13x13' is not one of"),
+                         (["--merge-threshold", "-1"], "'--merge-threshold'"),
+                         (["--tile-size", "0"], "'--tile-size'"),
+                         (["--overlap", "1024"], "--overlap (1024) must be smaller")):
+        proc = _cli("detect", str(tmp_path / "x.tif"), "-o", str(tmp_path / "o.geojson"), *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("querydet: error: ") and needle in lines[0]
+        assert not list(tmp_path.iterdir())  # a usage error leaves nothing behind
+
+
+def test_resolve_device():
+    import pytest
+    import torch
+
+    from querydet_cli.engine import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(QueryDetError, match="not one of"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(QueryDetError, match="no CUDA device is available"):
+            resolve_device("cuda")

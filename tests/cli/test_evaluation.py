@@ -58,14 +58,17 @@ def test_cli_bad_inputs_raise_user_errors(tmp_path):
     cases = [
         ["eval", "--weights", str(weights), "--sigma", "abc"],
         ["eval", "--weights", str(weights), "--sigma", "1.5"],
-        ["eval", "--weights", str(weights), "--protocol", "pascal"],
         ["eval", "--weights", str(tmp_path / "missing.pt")],
         ["tile", "--out", str(tmp_path / "t")],
         ["tile", "--out", str(tmp_path / "t"), "--annotations", str(tmp_path / "none.json")],
-        ["train", "--dataset", "imagenet", "--out", str(tmp_path / "r")],
         ["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")],
         ["train", "--resume", "--out", str(tmp_path / "empty_run")],
     ]
     for args in cases:
         result = runner.invoke(app, args)
         assert isinstance(result.exception, QueryDetError), (args, result.output)
+    # choice options are enums: click rejects a bad value as a usage error (exit 2)
+    for args in (["eval", "--weights", str(weights), "--protocol", "pascal"],
+                 ["train", "--dataset", "imagenet", "--out", str(tmp_path / "r")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "Invalid value" in result.output, args
