@@ -249,6 +249,7 @@ def detect(
     save_vis: Annotated[Optional[Path], typer.Option(help="Folder for PNG overviews with boxes and query heatmap")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (not with -o -)")] = False,
 ) -> None:
     """Detect small objects in huge GeoTIFFs and drone frames, tile by tile, with CSQ.
 
@@ -258,6 +259,9 @@ def detect(
     from .writers import format_for
 
     out_format = format_for(output, fmt.value if fmt else None)
+    if json_out and output == "-":
+        raise QueryDetError("--json prints a summary on stdout, where -o - writes detections: "
+                            "choose one")
     if no_csq and mode not in (None, Mode.dense):
         raise QueryDetError("--no-csq and --mode contradict each other")
     if overlap >= tile_size:
@@ -271,29 +275,62 @@ def detect(
         if len(band_list) not in (1, 3) or any(b < 1 for b in band_list):
             raise QueryDetError(f"--bands: one band (grey) or three (R,G,B), numbered from 1; "
                                 f"got {bands!r}")
-    from .detect import DetectOptions, expand_inputs, run_detect
-    from .engine import load_model, progress_bar, resolve_device
-    from .resources import sample_model
+    if resume and output == "-":
+        raise QueryDetError("--resume needs an output file, not stdout")
+    import contextlib
 
-    paths = expand_inputs(inputs)
-    dev = resolve_device(device.value)
-    model, cfg = load_model(weights or sample_model(), dev)
-    opts = DetectOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
-                         mode="dense" if no_csq else (mode.value if mode else None), sigma=sigma,
-                         context=context, backend=backend.value if backend else None,
-                         score_threshold=score_threshold, bands=band_list,
-                         merge_metric=merge_metric.value, merge_threshold=merge_threshold,
-                         rfc7946=rfc7946, resume=resume,
-                         save_vis=str(save_vis) if save_vis else None)
-    summary = run_detect(model, cfg, paths, output, out_format, opts, dev,
-                         progress_factory=None if quiet else progress_bar)
+    from .locking import claim_output
+
+    # one writer per output: the lock is taken before torch loads, so a second run is refused
+    # at once
+    with claim_output(output) if output != "-" else contextlib.nullcontext() as lock:
+        from .detect import DetectInterrupted, DetectOptions, expand_inputs, run_detect
+        from .engine import load_model, progress_bar, resolve_device
+        from .resources import sample_model
+
+        paths = expand_inputs(inputs)
+        dev = resolve_device(device.value)
+        model, cfg = load_model(weights or sample_model(), dev)
+        opts = DetectOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
+                             mode="dense" if no_csq else (mode.value if mode else None),
+                             sigma=sigma, context=context,
+                             backend=backend.value if backend else None,
+                             score_threshold=score_threshold, bands=band_list,
+                             merge_metric=merge_metric.value, merge_threshold=merge_threshold,
+                             rfc7946=rfc7946, resume=resume,
+                             save_vis=str(save_vis) if save_vis else None)
+        try:
+            summary = run_detect(model, cfg, paths, output, out_format, opts, dev,
+                                 progress_factory=None if quiet else progress_bar, lock=lock)
+        except DetectInterrupted as err:
+            if err.resumable:
+                import shlex
+
+                args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+                raise QueryDetError(f"{err}; continue with: {shlex.join(['querydet', *args])}",
+                                    exit_code=130) from None
+            raise
     rate = summary.megapixels / summary.seconds if summary.seconds > 0 else 0.0
-    print(f"querydet: {summary.done}/{summary.inputs} inputs, {summary.detections} detections, "
-          f"{summary.megapixels:.1f} Mpx at {rate:.2f} Mpx/s"
-          + (f" -> {output}" if output != "-" else ""), file=sys.stderr)
-    if summary.failed:
-        for path, why in summary.failed:
-            print(f"querydet: failed: {path}: {why}", file=sys.stderr)
+    found = f"{summary.detections} detections"
+    if summary.resumed_detections:
+        found += (f" ({summary.resumed_detections} from the interrupted run's journal, "
+                  f"{summary.new_detections} from this run)")
+    where = f" -> {output}" if summary.output_written else ""
+    if output != "-" and not summary.output_written:
+        where = f" ({output} not written: no input succeeded)"
+    print(f"querydet: {summary.done}/{summary.inputs} inputs, {found}, "
+          f"{summary.megapixels:.1f} Mpx at {rate:.2f} Mpx/s{where}", file=sys.stderr)
+    if json_out:
+        print(json.dumps({"inputs": summary.inputs, "done": summary.done,
+                          "failed": [{"input": p, "error": e} for p, e in summary.failed],
+                          "detections": summary.detections,
+                          "resumed_detections": summary.resumed_detections,
+                          "new_detections": summary.new_detections,
+                          "megapixels": round(summary.megapixels, 3),
+                          "seconds": round(summary.seconds, 3),
+                          "output": output if summary.output_written else None}))
+    if summary.failed:  # each error was printed once, when it happened
+        print(f"querydet: {len(summary.failed)} input(s) failed (errors above)", file=sys.stderr)
         raise typer.Exit(1)
 
 
@@ -413,8 +450,12 @@ def tile(
     report_problems(problems)
     if not samples:
         raise QueryDetError("no usable source images (see the warnings above)")
-    path = cut_chips(samples, names, out, size=size, overlap=overlap, quadrants=quadrants,
-                     min_visible=min_visible, keep_empty=keep_empty)
+    from .locking import OutputLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out / ".querydet.lock", str(out)):  # one run per folder
+        path = cut_chips(samples, names, out, size=size, overlap=overlap, quadrants=quadrants,
+                         min_visible=min_visible, keep_empty=keep_empty)
     data = json.loads(path.read_text())
     print(f"{len(data['images'])} chips, {sum(1 for a in data['annotations'] if not a['iscrowd'])} "
           f"boxes -> {path}")
@@ -446,7 +487,8 @@ def main() -> None:
         print("querydet: interrupted", file=sys.stderr)
         sys.exit(130)
     except QueryDetError as err:
-        print(f"querydet: error: {err}", file=sys.stderr)
+        kind = "" if err.exit_code == 130 else "error: "  # an interrupt is not a mistake
+        print(f"querydet: {kind}{err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except ModelError as err:
         print(f"querydet: error: {err}", file=sys.stderr)

@@ -29,6 +29,7 @@ from querydet_models.detector import FPNDetector as QueryDet
 
 from .config import Config
 from .errors import QueryDetError
+from .locking import OutputLock, journal_dir
 from .merge import Detections, TileMerger
 from .raster import RasterSource
 from .tiling import Tile, make_tiles, row_starts
@@ -60,12 +61,27 @@ class DetectOptions:
 
 @dataclass
 class DetectSummary:
+    """What a run wrote: `detections` counts the whole output, journal included."""
+
     inputs: int = 0
     done: int = 0
     failed: list[tuple[str, str]] | None = None
     detections: int = 0
+    resumed_detections: int = 0  # of `detections`, those from the interrupted run's journal
+    new_detections: int = 0  # of `detections`, those found by this run
     megapixels: float = 0.0
     seconds: float = 0.0
+    output_written: bool = False
+
+
+class DetectInterrupted(QueryDetError):
+    """Ctrl-C during `detect`: says where it stopped and whether a journal is kept."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, resumable: bool) -> None:
+        super().__init__(message)
+        self.resumable = resumable
 
 
 def expand_inputs(args: list[str], stdin: Iterable[str] | None = None) -> list[str]:
@@ -95,26 +111,58 @@ def expand_inputs(args: list[str], stdin: Iterable[str] | None = None) -> list[s
 
 
 class Journal:
-    """Final detections and progress of a run, beside the output, for atomic writes and --resume."""
+    """Final detections and progress of a run, beside the output, for atomic writes and --resume.
 
-    def __init__(self, output: str, key: str, resume: bool) -> None:
-        target = Path(output)
-        self.dir = target.with_name(f".{target.name}.querydet-partial")
+    The folder holds a lock (`locking.OutputLock`): one run writes an output at a time.
+    """
+
+    def __init__(self, output: str, key: str, resume: bool,
+                 lock: OutputLock | None = None) -> None:
+        self.dir = journal_dir(output)
         self.records = self.dir / "detections.ndjson"
         self.state_path = self.dir / "state.json"
         self.state: dict[str, Any] = {"key": key, "inputs": {}}
+        self._fh = None
+        created = not self.dir.exists()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise QueryDetError(f"cannot create the journal folder {self.dir}: "
+                                f"{err.strerror or err}") from None
+        if lock is not None and lock.held:  # claimed by the caller (claim_output)
+            self.lock = lock
+        else:
+            self.lock = OutputLock(self.dir / "lock", output)
+            try:
+                self.lock.acquire()
+            except QueryDetError:
+                if created:
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                raise
         if resume and self.state_path.is_file():
             state = json.loads(self.state_path.read_text())
             if state.get("key") != key:
+                self.lock.release()
                 raise QueryDetError("--resume: the interrupted run used other inputs or options; "
                                     "run again without --resume")
             self.state = state
             self._truncate_records(state.get("records_bytes", 0))
         else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir.mkdir(parents=True)
+            self._clear()
             self.records.touch()
+        self.resumed_records = self.state.get("records_count", 0)
+        self._count = self.resumed_records
         self._fh = open(self.records, "a")
+
+    def _clear(self) -> None:
+        """Empty the folder of an earlier run, keeping our lock file."""
+        for p in self.dir.iterdir():
+            if p.name == "lock":
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
     def _truncate_records(self, size: int) -> None:
         with open(self.records, "r+") as fh:  # drop records written after the last saved state
@@ -126,22 +174,37 @@ class Journal:
     def append(self, records: list[dict[str, Any]]) -> None:
         for r in records:
             self._fh.write(json.dumps(r) + "\n")
+        self._count += len(records)
 
     def checkpoint(self, index: int, state: dict[str, Any]) -> None:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self.state["inputs"][str(index)] = state
         self.state["records_bytes"] = self.records.stat().st_size
+        self.state["records_count"] = self._count
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state))
         os.replace(tmp, self.state_path)
 
+    def close_records(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
     def close(self) -> None:
-        self._fh.close()
+        """Close the records and release the lock; the folder stays for --resume."""
+        self.close_records()
+        self.lock.release()
 
     def remove(self) -> None:
-        self.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Delete the journal (the run is complete), then release the lock."""
+        self.close_records()
+        self._clear()
+        self.lock.release(remove=True)
+        try:
+            self.dir.rmdir()
+        except OSError:  # another run created its lock here meanwhile: its folder now
+            pass
 
 
 def _reader(src: RasterSource, tiles: list[Tile], out: queue.Queue, stop: threading.Event) -> None:
@@ -206,6 +269,7 @@ class RasterDetector:
         reader = threading.Thread(target=_reader, args=(src, todo, q, stop), daemon=True)
         reader.start()
         next_row = rows_done
+        self.rows = (rows_done, len(starts))  # tile rows done, of all (for an interrupt message)
         batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
 
         def flush_batch() -> None:
@@ -228,6 +292,7 @@ class RasterDetector:
                 emitted += self._emit(final, src, image_id, emit, vis)
                 next_row += 1
                 checkpoint({"rows_done": next_row, "pending": merger.snapshot()})
+                self.rows = (next_row, len(starts))
 
         try:
             while True:
@@ -379,7 +444,8 @@ def run_key(inputs: list[str], options: DetectOptions, cfg: Config) -> str:
 
 def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt: str,
                options: DetectOptions, device: torch.device,
-               progress_factory: Callable[[str, int], Any] | None = None) -> DetectSummary:
+               progress_factory: Callable[[str, int], Any] | None = None,
+               lock: OutputLock | None = None) -> DetectSummary:
     """Detect on every input into one output; a bad input is reported and skipped."""
     import time
 
@@ -388,12 +454,14 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
     if to_stdout and options.resume:
         raise QueryDetError("--resume needs an output file, not stdout")
     detector = RasterDetector(model, cfg, options, device)
-    journal = None if to_stdout else Journal(output, run_key(inputs, options, cfg), options.resume)
+    journal = None if to_stdout else Journal(output, run_key(inputs, options, cfg),
+                                             options.resume, lock)
     crs_seen: str | None = None
     started = time.perf_counter()
     # stdout is written as detections come; it opens once the first input's CRS is known
     writer_ctx = OutputWriter(output, fmt, None, options.rfc7946) if to_stdout else None
     opened = False
+    current = ""
 
     def open_stdout(crs: str | None) -> None:
         nonlocal opened
@@ -408,6 +476,8 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
             if state.get("complete"):
                 summary.done += 1
                 continue
+            current = path
+            detector.rows = (int(state.get("rows_done", 0)), 0)
             try:
                 with RasterSource(path, options.bands) as src:
                     info = src.info()
@@ -447,21 +517,41 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
                         vis.save(Path(options.save_vis) / f"{Path(path).stem}_detections.png",
                                  cfg.names())
                     summary.done += 1
-                    summary.detections += n
+                    summary.new_detections += n
                     summary.megapixels += info.width * info.height / 1e6
             except QueryDetError as err:
                 summary.failed.append((path, str(err)))
                 print(f"querydet: error: {err}", file=sys.stderr)
         summary.seconds = time.perf_counter() - started
+        summary.detections = summary.new_detections
         if journal is not None:
-            journal.close()
+            journal.close_records()
+            summary.resumed_detections = journal.resumed_records
+            if summary.done == 0:  # nothing succeeded: an old output stays as it was
+                if not options.resume:  # a resumed journal keeps its finished rows
+                    journal.remove()
+                return summary
             crs = next((s.get("crs") for s in journal.state["inputs"].values() if s.get("crs")),
                        None)
             with OutputWriter(output, fmt, crs, options.rfc7946) as writer:
                 writer.write(read_records(journal.records))
+            summary.detections = writer.count
+            summary.output_written = True
             if not summary.failed:
                 journal.remove()
+    except KeyboardInterrupt:
+        done, total = detector.rows
+        where = (f"in {current} after {done}/{total} tile rows" if total else f"in {current}") \
+            if current else "before the first input"
+        if journal is not None:
+            raise DetectInterrupted(f"interrupted {where} ({summary.done}/{summary.inputs} "
+                                    f"inputs complete); the journal {journal.dir} is kept",
+                                    resumable=True) from None
+        raise DetectInterrupted(f"interrupted {where}; stdout output is incomplete",
+                                resumable=False) from None
     finally:
+        if journal is not None:
+            journal.close()
         if writer_ctx is not None:
             open_stdout(None)
             writer_ctx.__exit__(*sys.exc_info())

@@ -71,6 +71,7 @@ class RasterSource:
             raise QueryDetError(f"{self.path}: {src.width}x{src.height} pixels is beyond what "
                                 "querydet accepts (10^12)")
         self.bands = self._pick_bands(bands)
+        self.palette = self._palette()
         self.alpha = self._alpha_band()
         self.georeferenced = src.crs is not None and not src.transform.is_identity
         # a caller that already knows the stretch (None for 8-bit data) passes stretch_known
@@ -94,6 +95,26 @@ class RasterSource:
             chosen = chosen[:1]
         return chosen
 
+    def _palette(self) -> np.ndarray | None:
+        """(N, 4) uint8 RGBA lookup table when the chosen band holds colour-table indices."""
+        if len(self.bands) != 1:
+            return None
+        band = self.bands[0]
+        if self.src.colorinterp[band - 1].name != "palette":
+            return None
+        try:
+            cmap = self.src.colormap(band)
+        except ValueError:
+            raise QueryDetError(f"{self.path}: band {band} is palette-coded but its colour table "
+                                "cannot be read") from None
+        size = max(cmap) + 1
+        if size > 65536:
+            raise QueryDetError(f"{self.path}: a colour table of {size} entries is not supported")
+        lut = np.zeros((size, 4), np.uint8)
+        for index, rgba in cmap.items():
+            lut[index] = rgba
+        return lut
+
     def _alpha_band(self) -> int | None:
         for i, ci in enumerate(self.src.colorinterp):
             if ci.name == "alpha":
@@ -102,7 +123,7 @@ class RasterSource:
 
     def _stretch(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Per-band 2nd and 98th percentiles of valid pixels for non-8-bit data; None for uint8."""
-        if self.src.dtypes[self.bands[0] - 1] == "uint8":
+        if self.src.dtypes[self.bands[0] - 1] == "uint8" or self.palette is not None:
             return None
         scale = max(self.src.width, self.src.height) / _SAMPLE_SIDE
         shape = (max(1, int(self.src.height / max(scale, 1))), max(1, int(self.src.width / max(scale, 1))))
@@ -138,6 +159,11 @@ class RasterSource:
             valid &= self.src.read(self.alpha, window=win) > 0
         else:
             valid &= self.src.read_masks(self.bands[0], window=win) > 0
+        if self.palette is not None:  # colour-table indices -> RGB; never infer on indices
+            index = np.clip(np.ma.getdata(data)[0].astype(np.int64), 0, len(self.palette) - 1)
+            rgba = self.palette[index]  # (h, w, 4)
+            valid &= rgba[..., 3] > 0
+            data = rgba[..., :3].transpose(2, 0, 1)  # (3, h, w)
         pixels = np.ma.getdata(data).astype(np.float32)
         finite = np.isfinite(pixels).all(axis=0)
         valid &= finite
@@ -159,6 +185,9 @@ class RasterSource:
         scale = max(1.0, max(self.src.width, self.src.height) / max_side)
         shape = (max(1, int(self.src.height / scale)), max(1, int(self.src.width / scale)))
         data = self.src.read(list(self.bands), out_shape=(len(self.bands), *shape)).astype(np.float32)
+        if self.palette is not None:
+            index = np.clip(data[0].astype(np.int64), 0, len(self.palette) - 1)
+            data = self.palette[index][..., :3].transpose(2, 0, 1).astype(np.float32)
         if self.stretch is None:
             rgb = data
         else:

@@ -23,6 +23,7 @@ from querydet_models.querydet import ModelInputError, build_querydet
 from .config import Config, config_from_dict
 from .datasets import DetectionDataset, Problem, Sample, collate, load_coco, load_visdrone
 from .errors import QueryDetError
+from .locking import OutputLock
 from .synthetic import write_dataset
 
 
@@ -95,6 +96,17 @@ def train(cfg: Config, out_dir: str | Path, device: str = "cpu", resume: bool = 
     if resume and not last.is_file():
         raise QueryDetError(f"--resume: no checkpoint to resume from at {last}")
     out.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(out / ".querydet.lock", str(out))
+    if rank == 0:  # one run per folder (the ranks of one torchrun job share it)
+        lock.acquire()
+    try:
+        return _train(cfg, out, dev, resume, quiet, rank, world, last)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool, rank: int,
+           world: int, last: Path) -> dict[str, Any]:
     samples, names, problems = load_split(cfg, "train", out)
     report_problems(problems)
     if not samples:
