@@ -9,7 +9,7 @@ import torch
 from rasterio.transform import Affine
 
 from querydet_cli.config import Config
-from querydet_cli.detect import DetectOptions, expand_inputs, run_detect
+from querydet_cli.detect import DetectInterrupted, DetectOptions, expand_inputs, run_detect
 from querydet_cli.errors import QueryDetError
 from querydet_cli.writers import pixel_box_ring
 from tests.cli.oracle import OracleModel, paint, write_tif
@@ -168,8 +168,9 @@ def test_interrupted_run_leaves_no_output_and_resume_finishes(tmp_path):
     path = write_tif(tmp_path / "a.tif", paint(300, 260, OBJECTS), Affine(0.5, 0, 1000, 0, -0.5, 2000))
     out = tmp_path / "out.ndjson"
     opts = DetectOptions(tile_size=128, overlap=32, batch_size=1)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(DetectInterrupted, match=r"after \d+/\d+ tile rows") as info:
         run_detect(OracleModel(fail_after=5), CFG, [str(path)], str(out), "ndjson", opts, CPU)
+    assert info.value.exit_code == 130 and info.value.resumable
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out") or ".partial" in p.name]
     resumed = OracleModel()
@@ -248,4 +249,9 @@ def test_bad_bands_are_one_clear_error(tmp_path):
                          replace_opts(OPTS, bands=(9,)), CPU)
     assert summary.done == 0
     assert summary.failed[0][1].endswith("--bands 9 does not exist (the raster has bands 1..3)")
-    assert out.read_text() == ""  # an empty, complete output; nothing half-written
+    # nothing succeeded: no output, no journal (an old output would stay as it was)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif"]
+    out.write_text("old\n")
+    run_detect(OracleModel(), CFG, [str(path)], str(out), "ndjson",
+               replace_opts(OPTS, bands=(9,)), CPU)
+    assert out.read_text() == "old\n"
