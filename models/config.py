@@ -120,6 +120,9 @@ class InferenceConfig:
     topk_per_level: int = 1000
     nms_iou: float = 0.5
     max_detections: int = 100
+    # auto: bf16 on CPUs with native bf16 and on CUDA devices that support it, fp16 on other
+    # CUDA devices, fp32 otherwise (`precision.resolve_precision`); training keeps train.amp
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     def __post_init__(self) -> None:
         _check(0 <= self.sigma <= 1, "inference.sigma", self.sigma, "0 <= sigma <= 1")

@@ -19,6 +19,7 @@ from .errors import ModelError
 from .fpn import FPN, Pyramid
 from .heads import Branch, branch_maps
 from .losses import query_loss
+from .precision import compute_context, fold_frozen_batchnorm, resolve_precision
 from .query_infer import LevelOutput, QueryInference, QueryOptions
 from .query_targets import query_target_map
 
@@ -55,6 +56,7 @@ class FPNDetector(nn.Module):
         self.level_weights = dict(zip(self.levels, level_weights))
         self.size_divisibility = size_divisibility
         self.inference = inference or InferenceConfig()
+        self.precision = "fp32"  # of inference; `prepare_inference` / `set_precision` change it
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), False)
 
@@ -140,6 +142,8 @@ class FPNDetector(nn.Module):
     def extract_features(self, batch: torch.Tensor) -> Pyramid:
         """Backbone maps of a preprocessed batch, wrapped so FPN levels are computed on demand:
         densely for dense levels, only at the needed positions for CSQ's sparse levels."""
+        if getattr(self, "channels_last", False):
+            batch = batch.contiguous(memory_format=torch.channels_last)
         return Pyramid(self.fpn, self.backbone(batch))
 
     def forward(self, images, targets=None, **kwargs):
@@ -150,15 +154,37 @@ class FPNDetector(nn.Module):
             return self.forward_training(images, targets)
         return self.forward_inference(images, **kwargs)
 
-    @torch.no_grad()
     def forward_inference(self, images, **mode) -> list[dict[str, torch.Tensor]]:
         """Detections per image: boxes (M, 4) xyxy pixels, scores (M,), labels (M,), levels (M,).
 
-        `mode` takes the keyword arguments of `predict_levels`.
+        `mode` takes the keyword arguments of `predict_levels`. Runs in `self.precision`.
         """
-        batch, sizes = self.preprocess(images)
-        features = self.extract_features(batch)
-        return self.detections(self.predict_levels(features, **mode), sizes, features)
+        with self.compute():
+            batch, sizes = self.preprocess(images)
+            features = self.extract_features(batch)
+            return self.detections(self.predict_levels(features, **mode), sizes, features)
+
+    # -- inference form ---------------------------------------------------------------------------
+    def set_precision(self, precision: str = "auto") -> str:
+        """Choose the inference precision (auto, fp32, bf16, fp16); returns the one resolved."""
+        self.precision = resolve_precision(precision, self.pixel_mean.device)
+        return self.precision
+
+    def prepare_inference(self, precision: str = "auto", channels_last: bool = True) -> str:
+        """Turn the model into its inference form, in place: eval mode, every frozen BN folded
+        into the conv before it, weights and inputs channels_last (NHWC: measured faster for
+        the convolutions in fp32 and bf16 on this CPU, and the layout tensor cores want), and
+        the precision resolved. Not for training afterwards."""
+        self.eval()
+        self.folded_batchnorms = fold_frozen_batchnorm(self.backbone)
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self.set_precision(precision)
+
+    def compute(self):
+        """Context for inference calls: inference_mode, autocast to `self.precision`."""
+        return compute_context(self.pixel_mean.device, self.precision)
 
     @torch.no_grad()
     def predict_levels(self, features: Pyramid, *, mode: str | None = None,
@@ -180,7 +206,12 @@ class FPNDetector(nn.Module):
         )
         if not self.has_query and options.mode != "dense":
             options = QueryOptions(mode="dense")  # a baseline has nothing to query with
-        return QueryInference(self.head_branches, options, forced_queries)(features)
+        outputs = QueryInference(self.head_branches, options, forced_queries)(features)
+        for out in outputs:  # post-processing (anchors, decoding, NMS) runs in float32
+            out.cls, out.box = out.cls.float(), out.box.float()
+            if out.query is not None:
+                out.query = out.query.float()
+        return outputs
 
     def dense_level_maps(self, features: dict[int, torch.Tensor], with_query: bool
                          ) -> dict[int, dict[str, torch.Tensor]]:

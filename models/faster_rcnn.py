@@ -114,6 +114,10 @@ class QueryFasterRCNN(FPNDetector):
         self.rpn = rpn
         self.anchors = anchors
         self.roi_heads = roi_heads
+        # under bf16/fp16 autocast the predictor's linear layers return reduced precision, and
+        # torchvision decodes boxes in the dtype of the deltas: cast them to float32 first, so
+        # box coordinates keep float32 resolution (an 8-bit mantissa is 4 px at x = 1000)
+        self.roi_heads.box_predictor.register_forward_hook(_outputs_to_float32)
         self.matcher = matcher or Matcher(0.3, 0.7)
         self.box_coder = box_coder or BoxCoder()
         self.rpn_batch, self.rpn_positive_fraction = rpn_batch, rpn_positive_fraction
@@ -291,3 +295,8 @@ def build_roi_heads(channels: int, num_classes: int, representation: int = 1024,
 
 
 __all__ = ["QueryFasterRCNN", "build_roi_heads", "roi_support", "ROI_LEVELS"]
+
+
+def _outputs_to_float32(module: torch.nn.Module, inputs, outputs):
+    """Forward hook: the box predictor's (class logits, box deltas) as float32."""
+    return tuple(o.float() for o in outputs)

@@ -252,7 +252,7 @@ def sparse_conv_spconv(x: torch.Tensor, plan: TowerPlan, layer: int, conv: nn.Co
     if weight is None:
         weight = conv_weight_as_spconv(conv)
     subm.weight = nn.Parameter(weight, requires_grad=False)
-    subm.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+    subm.bias = nn.Parameter(conv.bias.detach().to(weight.dtype), requires_grad=False)
     with _single_threaded_on_cpu(x.device):
         out = subm(tensor)
     # the new tensor carries the indice pairs; later layers on the same set reuse them
@@ -293,6 +293,19 @@ def run_tower_sparse(tower: nn.Module, rows: torch.Tensor, plan: TowerPlan, back
     conv_fn = sparse_conv_spconv if backend == "spconv" else sparse_conv_torch
     weights = weights or WeightCache()
     x = rows
+    if backend == "spconv" and torch.is_autocast_enabled(rows.device.type):
+        # spconv has no autocast rules: it runs in the autocast dtype on CUDA (fp16/bf16
+        # kernels) and in float32 on the CPU, where its kernels have no bf16 path
+        dtype = torch.get_autocast_dtype(rows.device.type) if rows.device.type == "cuda" \
+            else torch.float32
+        with torch.autocast(rows.device.type, enabled=False):
+            x = rows.to(dtype)
+            for layer, conv in enumerate(tower.convs, start=1):
+                w = weights.get(conv, backend).to(dtype)
+                x = conv_fn(x, plan, layer, conv, w)
+                if layer < len(tower.convs) or tower.relu_last:
+                    x = torch.relu(x)
+        return x
     last = len(tower.convs)
     for layer, conv in enumerate(tower.convs, start=1):
         x = conv_fn(x, plan, layer, conv, weights.get(conv, backend))

@@ -52,6 +52,13 @@ class OutputFormat(str, Enum):
     ndjson = "ndjson"
 
 
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on CPUs with native bf16 and on CUDA with bf16, fp16 on other CUDA, else fp32
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class Dataset(str, Enum):
     synthetic = "synthetic"
     coco = "coco"
@@ -149,6 +156,7 @@ def bench(
     weights: Annotated[Optional[Path], typer.Option(help="Checkpoint to bench instead of random weights")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Image file to use instead of random pixels")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads")] = None,
+    precision: Annotated[str, typer.Option(help="Precisions to time, comma-separated: auto, fp32, bf16, fp16 (one set of rows each)")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for weights, input and simulated objects")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
 ) -> None:
@@ -159,6 +167,11 @@ def bench(
     bad = [b for b in names if b not in ("torch", "spconv")]
     if bad or not names:
         raise QueryDetError(f"--backends: unknown backend {bad[0] if bad else '(none)'} (allowed: torch, spconv)")
+    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
+    bad = [p for p in precisions if p not in Precision.__members__]
+    if bad or not precisions:
+        raise QueryDetError(f"--precision: {bad[0] if bad else '(none)'!r} is not one of "
+                            f"{', '.join(Precision.__members__)}")
     from .bench import BenchOptions, format_report, run_bench
     from .engine import load_model, resolve_device
 
@@ -173,7 +186,7 @@ def bench(
                         batch=batch, query_density=query_density if query_density > 0 else None,
                         sigma=sigma, start_level=start_level, paper_context=paper_context,
                         backends=names, repeats=repeats, device=str(dev), seed=seed,
-                        threads=threads)
+                        threads=threads, precisions=precisions)
 
     def progress(name: str) -> None:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
@@ -196,6 +209,7 @@ def bench_detect(
     overlap: Annotated[int, typer.Option(min=0, help="Tile overlap")] = 128,
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Tiles per batch")] = 2,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
+    precision: Annotated[str, typer.Option(help="Precisions for the throughput rows, comma-separated (the first is the reference)")] = "fp32,auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
 ) -> None:
     """Peak memory of detect on growing rasters, and CSQ vs dense megapixels per second."""
@@ -214,6 +228,10 @@ def bench_detect(
         raise QueryDetError(f"--raster: file not found: {raster_path}")
     if not size_list and not raster_path:
         raise QueryDetError("nothing to measure: --sizes is empty and --raster is ''")
+    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
+    if not precisions or any(p not in Precision.__members__ for p in precisions):
+        raise QueryDetError(f"--precision: {precision!r}: give values from "
+                            f"{', '.join(Precision.__members__)}, comma-separated")
     w = str(weights or sample_model())
     if not Path(w).is_file():
         raise QueryDetError(f"checkpoint not found: {w}")
@@ -221,7 +239,8 @@ def bench_detect(
     from .engine import resolve_device
 
     dev = str(resolve_device(device.value))
-    report = run(size_list, w, workdir, raster_path or None, dev, tile_size, overlap, batch_size)
+    report = run(size_list, w, workdir, raster_path or None, dev, tile_size, overlap, batch_size,
+                 precisions)
     print(json.dumps(report) if json_out else format_report(report))
 
 
@@ -248,6 +267,7 @@ def detect(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same output")] = False,
     save_vis: Annotated[Optional[Path], typer.Option(help="Folder for PNG overviews with boxes and query heatmap")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
+    precision: Annotated[Optional[Precision], typer.Option(help="Inference precision (default: the checkpoint's, auto)")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (not with -o -)")] = False,
 ) -> None:
@@ -298,7 +318,8 @@ def detect(
                              score_threshold=score_threshold, bands=band_list,
                              merge_metric=merge_metric.value, merge_threshold=merge_threshold,
                              rfc7946=rfc7946, resume=resume,
-                             save_vis=str(save_vis) if save_vis else None)
+                             save_vis=str(save_vis) if save_vis else None,
+                             precision=precision.value if precision else None)
         try:
             summary = run_detect(model, cfg, paths, output, out_format, opts, dev,
                                  progress_factory=None if quiet else progress_bar, lock=lock)
@@ -380,6 +401,7 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for report.json, tradeoff.png, visualisations")] = Path("runs/eval"),
     save_vis: Annotated[bool, typer.Option(help="Write a few images with detections and query heatmaps")] = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
+    precision: Annotated[Optional[Precision], typer.Option(help="Inference precision (default: the checkpoint's, auto)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
 ) -> None:
     """Evaluate a checkpoint (COCO or VisDrone protocol), dense and CSQ over a sigma sweep."""
@@ -397,6 +419,9 @@ def evaluate(
 
     dev = resolve_device(device.value)
     model, cfg = load_model(weights, dev)
+    if precision is not None:
+        model.set_precision(precision.value)
+    log.info("precision: %s", model.precision)
     if config is not None:
         from dataclasses import replace
 

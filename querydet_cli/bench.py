@@ -27,6 +27,7 @@ from querydet_models.config import InferenceConfig, ModelConfig
 from querydet_models.query_infer import LevelOutput
 from querydet_models.query_targets import query_target_map
 from querydet_models.detector import FPNDetector as QueryDet
+from querydet_models.precision import resolve_precision
 from querydet_models.querydet import build_querydet
 from querydet_models.sparse import spconv_available
 
@@ -49,6 +50,7 @@ class BenchOptions:
     device: str = "cpu"
     seed: int = 0
     threads: int | None = None
+    precisions: tuple[str, ...] = ("fp32",)  # auto, fp32, bf16, fp16; one set of rows each
 
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")
@@ -205,6 +207,13 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
     if not trained:
         baseline.backbone.load_state_dict(model.backbone.state_dict())  # same backbone weights
         baseline.randomize_heads(opts.seed)
+    model.prepare_inference("fp32")  # both in inference form: frozen BN folded
+    baseline.prepare_inference("fp32")
+    precisions = []
+    for p in opts.precisions:
+        resolved = resolve_precision(p, device)
+        if resolved not in precisions:
+            precisions.append(resolved)
 
     if image is not None:
         img = _load_image(image, opts.image_size)
@@ -223,12 +232,10 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
         if opts.query_density is not None and not trained:
             forced, reached, n_obj = simulated_queries(model, shapes, opts.query_density,
                                                        opts.start_level, opts.seed)
-        # reference for the accuracy check: dense heads including the query head everywhere
-        reference = model.predict_levels(feats, mode="ccq", sigma=0.0,
-                                         start_level=opts.start_level)
 
-        def end_to_end(m: QueryDet, **kw):
-            def fn():
+    def end_to_end(m: QueryDet, **kw):
+        def fn():
+            with m.compute():  # inference_mode + autocast to the row's precision
                 b, s = m.preprocess(images)
                 t0 = time.perf_counter()
                 f = m.extract_features(b)  # the backbone; FPN levels are computed on demand
@@ -237,8 +244,20 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
                 t_backbone = time.perf_counter() - t0
                 outs = m.predict_levels(f, **kw)
                 dets = m.detections(outs, s, f)
-                return outs, dets, t_backbone
-            return fn
+            return outs, dets, t_backbone
+        return fn
+
+    report_modes: dict[str, Any] = {}
+    for precision in precisions:
+        model.set_precision(precision)
+        baseline.set_precision(precision)
+        suffix = "" if len(precisions) == 1 else f"_{precision}"
+        # reference for the accuracy check, in the same precision: dense heads including the
+        # query head everywhere
+        with model.compute():
+            b, _ = model.preprocess(images)
+            reference = model.predict_levels(model.extract_features(b), mode="ccq", sigma=0.0,
+                                             start_level=opts.start_level)
 
         runs: list[tuple[str, QueryDet, dict[str, Any]]] = [("dense_hr", model, {"mode": "dense"})]
         for backend in backends:
@@ -250,10 +269,9 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
         runs.append(("ccq", model, {"mode": "ccq"}))
         runs.append((baseline_name, baseline, {"mode": "dense"}))
 
-        report_modes: dict[str, Any] = {}
         for name, m, kw in runs:
             if progress:
-                progress(name)
+                progress(name + suffix)
             if m is model and kw["mode"] != "dense":
                 # the sparse path itself is measured: no dense fallback for dense key sets
                 kw = dict(kw, sigma=opts.sigma, start_level=opts.start_level,
@@ -261,6 +279,7 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
             seconds, results = _median_runs(end_to_end(m, **kw), opts.repeats, device)
             outs, dets, _ = results[-1]
             entry: dict[str, Any] = {
+                "precision": precision,
                 "time_s": seconds,
                 "backbone_time_s": statistics.median(r[2] for r in results),
                 "detections": [int(d["boxes"].shape[0]) for d in dets],
@@ -272,19 +291,25 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
                 errs = _max_rel_err(outs, reference)
                 entry["max_rel_err_per_level"] = errs
                 entry["max_rel_err"] = max(errs.values(), default=0.0)
-            report_modes[name] = entry
+            report_modes[name + suffix] = entry
+    model.set_precision("fp32")
 
-    dense_time = report_modes["dense_hr"]["time_s"]
+    def row(name: str, precision: str) -> dict[str, Any] | None:
+        return report_modes.get(name + ("" if len(precisions) == 1 else f"_{precision}"))
+
     for name, entry in report_modes.items():
-        entry["speedup_vs_dense"] = dense_time / entry["time_s"]
-        entry["speedup_vs_baseline"] = report_modes[baseline_name]["time_s"] / entry["time_s"]
+        base_name = name if len(precisions) == 1 else name[:-len(entry["precision"]) - 1]
+        entry["speedup_vs_dense"] = row("dense_hr", entry["precision"])["time_s"] / entry["time_s"]
+        entry["speedup_vs_baseline"] = row(baseline_name, entry["precision"])["time_s"] / entry["time_s"]
+        if len(precisions) > 1:  # the same mode in the first precision (fp32 when asked for)
+            entry["speedup_vs_" + precisions[0]] = row(base_name, precisions[0])["time_s"] / entry["time_s"]
     # exact CSQ's high-resolution heads against the FLOP-proportional ideal: the MACs it spent
     # on each queried level at dense-HR's own speed (seconds per MAC of that level's dense heads)
-    dense_lv = report_modes["dense_hr"]["levels"]
     hr = [f"P{lvl}" for lvl in model.levels if lvl < opts.start_level]
     for name, entry in report_modes.items():
         if not name.startswith("csq_exact"):
             continue
+        dense_lv = row("dense_hr", entry["precision"])["levels"]
         actual = sum(entry["levels"][p]["head_time_s"] for p in hr)
         ideal = sum(dense_lv[p]["head_time_s"] / dense_lv[p]["gmacs"] * entry["levels"][p]["gmacs"]
                     for p in hr)
@@ -306,6 +331,8 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
         "query_density_start_level": reached,
         "simulated_objects_per_image": n_obj,
         "backends_skipped": skipped,
+        "precisions": precisions,
+        "folded_batchnorms": getattr(model, "folded_batchnorms", 0),
         "modes": report_modes,
     }
 
@@ -329,26 +356,30 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"detector: {report['detector']}  baseline: {report['baseline']}")
     two_stage = any("proposals" in e for e in report["modes"].values())
-    lines.append(f"{'mode':<20}{'time s':>9}{'vs dense':>10}{'vs base':>10}{'max rel err':>13}"
-                 f"{'HR vs ideal':>13}" + (f"{'RoIs':>8}" if two_stage else ""))
+    first = report["precisions"][0]
+    multi = len(report["precisions"]) > 1
+    lines.append(f"{'mode':<26}{'time s':>9}{'vs dense':>10}{'vs base':>10}"
+                 + (f"{'vs ' + first:>10}" if multi else "")
+                 + f"{'max rel err':>13}{'HR vs ideal':>13}" + (f"{'RoIs':>8}" if two_stage else ""))
     for name, e in report["modes"].items():
         err = f"{e['max_rel_err']:.1e}" if "max_rel_err" in e else "-"
         ideal = f"{e['hr_time_vs_ideal']:.2f}x" if "hr_time_vs_ideal" in e else "-"
         rois = f"{sum(e['proposals']):>8}" if "proposals" in e else ""
-        lines.append(f"{name:<20}{e['time_s']:>9.3f}{e['speedup_vs_dense']:>9.2f}x"
-                     f"{e['speedup_vs_baseline']:>9.2f}x{err:>13}{ideal:>13}{rois}")
+        vs_first = f"{e['speedup_vs_' + first]:>9.2f}x" if multi else ""
+        lines.append(f"{name:<26}{e['time_s']:>9.3f}{e['speedup_vs_dense']:>9.2f}x"
+                     f"{e['speedup_vs_baseline']:>9.2f}x{vs_first}{err:>13}{ideal:>13}{rois}")
     lines.append("")
     lines.append("per level: head time s / fraction of dense MACs computed")
     all_levels = sorted({p for e in report["modes"].values() for p in e["levels"]},
                         key=lambda p: int(p[1:]))
-    lines.append(f"{'mode':<20}" + "".join(f"{p:>16}" for p in all_levels))
+    lines.append(f"{'mode':<26}" + "".join(f"{p:>16}" for p in all_levels))
     for name, e in report["modes"].items():
         cells = []
         for p in all_levels:
             lv = e["levels"].get(p)
             cells.append(f"{lv['head_time_s']:.3f}/{lv['fraction_computed']:.3f}".rjust(16)
                          if lv else "-".rjust(16))
-        lines.append(f"{name:<20}" + "".join(cells))
+        lines.append(f"{name:<26}" + "".join(cells))
     if report["backends_skipped"]:
         lines.append(f"\nskipped backends (not installed): {', '.join(report['backends_skipped'])}")
     return "\n".join(lines)

@@ -80,27 +80,45 @@ def run_memory_bench(sizes: list[int], weights: str, workdir: Path, detect_args:
 
 
 def run_throughput_bench(raster: str, weights: str, device: str, tile_size: int, overlap: int,
-                         batch_size: int, repeats: int = 2) -> dict[str, Any]:
+                         batch_size: int, repeats: int = 2,
+                         precisions: tuple[str, ...] = ("fp32", "auto")) -> dict[str, Any]:
+    """Mpx/s of `detect` (dense and CSQ) per precision on one raster, interleaved, best of
+    `repeats` after a warm-up. Rows are `dense`, `csq` for the first precision and
+    `dense_<p>`, `csq_<p>` for the others."""
     import torch
+
+    from querydet_models.precision import resolve_precision
 
     from .detect import DetectOptions, run_detect
     from .engine import load_model
 
     model, cfg = load_model(weights, device)
-    rows = {}
+    resolved: list[str] = []
+    for p in precisions:
+        r = resolve_precision(p, torch.device(device))
+        if r not in resolved:
+            resolved.append(r)
+    runs = [(mode if i == 0 else f"{mode}_{p}", mode, p)
+            for i, p in enumerate(resolved) for mode in ("dense", "csq")]
+    best: dict[str, float] = {}
+    found: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, mode in (("dense", "dense"), ("csq", "csq")):
-            opts = DetectOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
-                                 mode=mode)
-            best = None
-            for r in range(repeats + 1):  # the first run warms up
+        for r in range(repeats + 1):  # the first round warms up
+            for name, mode, precision in runs:
+                opts = DetectOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
+                                     mode=mode, precision=precision)
                 s = run_detect(model, cfg, [raster], str(Path(tmp) / f"{name}{r}.ndjson"),
                                "ndjson", opts, torch.device(device))
+                found[name] = s.detections
                 if r > 0:
-                    rate = s.megapixels / s.seconds
-                    best = rate if best is None else max(best, rate)
-            rows[name] = {"megapixels_per_s": best, "detections": s.detections}
+                    best[name] = max(best.get(name, 0.0), s.megapixels / s.seconds)
+    rows: dict[str, Any] = {name: {"megapixels_per_s": best[name], "detections": found[name],
+                                   "precision": precision} for name, _, precision in runs}
     rows["csq_speedup"] = rows["csq"]["megapixels_per_s"] / rows["dense"]["megapixels_per_s"]
+    for p in resolved[1:]:
+        rows[f"csq_{p}_vs_csq_{resolved[0]}"] = (rows[f"csq_{p}"]["megapixels_per_s"]
+                                                 / rows["csq"]["megapixels_per_s"])
+    rows["precisions"] = resolved
     return rows
 
 
@@ -109,9 +127,14 @@ def format_report(report: dict[str, Any]) -> str:
     if "throughput" in report:
         t = report["throughput"]
         lines.append(f"throughput on {report['throughput_raster']}:")
-        lines.append(f"  dense {t['dense']['megapixels_per_s']:.3f} Mpx/s ({t['dense']['detections']} detections)")
-        lines.append(f"  csq   {t['csq']['megapixels_per_s']:.3f} Mpx/s ({t['csq']['detections']} detections)")
+        for name, row in t.items():
+            if isinstance(row, dict):
+                lines.append(f"  {name:<10} {row['precision']:<5} {row['megapixels_per_s']:.3f} "
+                             f"Mpx/s ({row['detections']} detections)")
         lines.append(f"  csq / dense: {t['csq_speedup']:.2f}x")
+        for key, value in t.items():
+            if key.endswith(f"_vs_csq_{t['precisions'][0]}"):
+                lines.append(f"  {key.replace('_vs_', ' / ')}: {value:.2f}x")
     if "memory" in report:
         lines.append("peak RSS of `querydet detect`:")
         for r in report["memory"]:
@@ -123,13 +146,14 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run(sizes: list[int], weights: str, workdir: Path, raster: str | None, device: str,
-        tile_size: int, overlap: int, batch_size: int) -> dict[str, Any]:
+        tile_size: int, overlap: int, batch_size: int,
+        precisions: tuple[str, ...] = ("fp32", "auto")) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
     if raster:
         report["throughput_raster"] = raster
         report["throughput"] = run_throughput_bench(raster, weights, device, tile_size, overlap,
-                                                    batch_size)
+                                                    batch_size, precisions=precisions)
     if sizes:
         args = ["--tile-size", str(tile_size), "--overlap", str(overlap), "--batch-size",
                 str(batch_size), "--device", device]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import queue
 import shutil
@@ -35,6 +36,7 @@ from .raster import RasterSource
 from .tiling import Tile, make_tiles, row_starts
 from .writers import GEO_FORMATS, OutputWriter, pixel_box_ring, read_records, to_lonlat
 
+log = logging.getLogger("querydet")
 IMAGE_SUFFIXES = {".tif", ".tiff", ".jpg", ".jpeg", ".png", ".jp2", ".vrt", ".img", ".bmp"}
 EDGE_TOLERANCE = 2.0  # px: a box this close to an inner tile edge is cut by it
 
@@ -57,6 +59,7 @@ class DetectOptions:
     resume: bool = False
     prefetch: int = 2
     save_vis: str | None = None
+    precision: str | None = None  # None: the checkpoint's inference.precision (auto)
 
 
 @dataclass
@@ -234,16 +237,19 @@ class RasterDetector:
                                        ("start_level", options.start_level)) if v is not None}
         if options.score_threshold is not None:
             model.inference = replace(model.inference, score_threshold=options.score_threshold)
+        self.precision = model.set_precision(options.precision or cfg.inference.precision)
+        log.info("precision: %s", self.precision)
 
-    @torch.no_grad()
     def infer(self, batch: list[tuple[Tile, np.ndarray, np.ndarray]]
               ) -> list[tuple[dict[str, torch.Tensor], np.ndarray | None]]:
         images = [torch.from_numpy(p).to(self.device) for _, p, _ in batch]
-        tensor, sizes = self.model.preprocess(images)
-        features = self.model.extract_features(tensor)
-        levels = self.model.predict_levels(features, **self.mode)
-        dets = self.model.detections(levels, sizes, features)
-        heats = _query_heatmaps(levels, len(batch))
+        with self.model.compute():  # inference_mode + autocast to the run's precision
+            tensor, sizes = self.model.preprocess(images)
+            features = self.model.extract_features(tensor)
+            levels = self.model.predict_levels(features, **self.mode)
+            dets = self.model.detections(levels, sizes, features)
+        # the query heatmap is only drawn with --save-vis: no per-tile work nobody asked for
+        heats = _query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
         return list(zip(dets, heats))
 
     def run(self, src: RasterSource, image_id: int, emit: Callable[[list[dict]], None],
@@ -326,8 +332,8 @@ class RasterDetector:
 
     def _tile_detections(self, tile: Tile, det: dict[str, torch.Tensor], valid: np.ndarray,
                          info) -> tuple[np.ndarray, ...]:
-        boxes = det["boxes"].cpu().numpy().astype(np.float64)
-        scores = det["scores"].cpu().numpy().astype(np.float64)
+        boxes = det["boxes"].float().cpu().numpy().astype(np.float64)
+        scores = det["scores"].float().cpu().numpy().astype(np.float64)
         labels = det["labels"].cpu().numpy().astype(np.int64)
         if len(boxes):  # drop detections centred on nodata
             cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(int), 0, tile.width - 1)
@@ -381,7 +387,7 @@ def _query_heatmaps(levels, n: int) -> list[np.ndarray | None]:
     for lv in sorted(levels, key=lambda o: o.level):
         if lv.query is not None and lv.is_dense:
             _, h, w = lv.shape
-            q = torch.sigmoid(lv.query).view(n, h, w).cpu().numpy()
+            q = torch.sigmoid(lv.query.float()).view(n, h, w).cpu().numpy()
             return list(q)
     return [None] * n
 

@@ -52,7 +52,9 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu"
     except RuntimeError as err:
         raise QueryDetError(f"checkpoint {weights} does not match its own config: "
                             f"{str(err).splitlines()[0]}") from None
-    return model.to(resolve_device(device)).eval(), cfg
+    model = model.to(resolve_device(device))
+    model.prepare_inference(cfg.inference.precision)  # frozen BN folded; eval mode
+    return model, cfg
 
 
 def progress_bar(name: str, total_pixels: int):

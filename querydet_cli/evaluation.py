@@ -41,10 +41,11 @@ def predict(model: QueryDet, samples: list[Sample], short_side: int, max_size: i
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        batch, sizes = model.preprocess([image])
-        features = model.extract_features(batch)
-        levels = model.predict_levels(features, **mode)
-        dets = model.detections(levels, sizes, features)[0]
+        with model.compute():  # inference_mode + autocast to model.precision
+            batch, sizes = model.preprocess([image])
+            features = model.extract_features(batch)
+            levels = model.predict_levels(features, **mode)
+            dets = model.detections(levels, sizes, features)[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
@@ -64,7 +65,7 @@ def query_heatmap(levels) -> np.ndarray | None:
     for lv in sorted(levels, key=lambda o: o.level):
         if lv.query is not None and lv.is_dense:
             _, h, w = lv.shape
-            return torch.sigmoid(lv.query[: h * w]).view(h, w).cpu().numpy()
+            return torch.sigmoid(lv.query[: h * w].float()).view(h, w).cpu().numpy()
     return None
 
 
@@ -88,7 +89,8 @@ def evaluate(model: QueryDet, cfg: Config, samples: list[Sample], *, protocol: s
             metrics = coco_metrics(truths, dets, names, max_dets or 100)
         rows.append({"run": name, "mode": mode["mode"], "sigma": mode.get("sigma"),
                      "images_per_s": len(samples) / max(seconds, 1e-9), **metrics})
-    return {"protocol": protocol, "images": len(samples), "rows": rows}
+    return {"protocol": protocol, "images": len(samples), "precision": model.precision,
+            "rows": rows}
 
 
 def format_table(report: dict[str, Any]) -> str:

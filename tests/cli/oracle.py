@@ -18,6 +18,12 @@ class OracleModel:
         self.calls = 0
         self.fail_after = fail_after
 
+    def set_precision(self, precision):
+        return "fp32"
+
+    def compute(self):
+        return torch.inference_mode()
+
     def preprocess(self, images):
         return list(images), [tuple(im.shape[1:]) for im in images]
 
