@@ -69,3 +69,23 @@ def save_json_atomic(path: str | Path, data: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def copy_matching_weights(model: nn.Module, state: dict[str, torch.Tensor],
+                          skip: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Copy `state` into `model` by name and shape, except the keys in `skip`.
+
+    Returns (copied keys, model keys left as initialised). Used to start training from another
+    checkpoint (`querydet train --init`).
+    """
+    own = model.state_dict()
+    copied, kept = [], []
+    with torch.no_grad():
+        for key, value in own.items():
+            other = state.get(key)
+            if key not in skip and other is not None and other.shape == value.shape:
+                value.copy_(other)
+                copied.append(key)
+            else:
+                kept.append(key)
+    return copied, kept

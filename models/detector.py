@@ -78,6 +78,12 @@ class FPNDetector(nn.Module):
                          ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def class_parameter_names(self) -> set[str]:
+        """State-dict keys that encode the class list (the classification predictor): fine-tuning
+        on other classes re-initialises them instead of copying them."""
+        last = len(self.head.cls.convs) - 1
+        return {f"head.cls.convs.{last}.weight", f"head.cls.convs.{last}.bias"}
+
     # -- shared -----------------------------------------------------------------------------------
     @property
     def has_query(self) -> bool:

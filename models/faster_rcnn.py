@@ -232,6 +232,10 @@ class QueryFasterRCNN(FPNDetector):
                 maps[str(lvl)] = features.sparse_map(lvl, pos)
         return maps
 
+    def class_parameter_names(self) -> set[str]:
+        """The second stage's predictor: class scores and per-class box deltas."""
+        return {k for k in self.state_dict() if k.startswith("roi_heads.box_predictor.")}
+
     def detections(self, outputs: list[LevelOutput], image_sizes: list[tuple[int, int]],
                    features: Pyramid | None = None) -> list[dict[str, torch.Tensor]]:
         """Second stage on the RPN's proposals: boxes (M, 4), scores, labels (0-based), levels

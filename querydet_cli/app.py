@@ -358,8 +358,10 @@ def detect(
 @app.command()
 def train(
     *,
-    config: Annotated[str, typer.Option(help="A bundled config name (`querydet configs`) or a YAML path")] = "querydet_mobilenet_synthetic",
+    config: Annotated[Optional[str], typer.Option(help="A bundled config name (`querydet configs`) or a YAML path (default: the --init checkpoint's, else querydet_mobilenet_synthetic)")] = None,
     out: Annotated[Path, typer.Option(help="Output folder: last.pt, model_final.pt, metrics.jsonl")] = Path("runs/train"),
+    init: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's weights (copied by name and shape; a new class list gets a fresh classifier)")] = None,
+    freeze_backbone: Annotated[bool, typer.Option("--freeze-backbone", help="Train FPN and heads only")] = False,
     dataset: Annotated[Optional[Dataset], typer.Option(help="Overrides data.dataset")] = None,
     train_root: Annotated[Optional[str], typer.Option(help="VisDrone folder, or COCO image folder")] = None,
     train_annotations: Annotated[Optional[str], typer.Option(help="COCO JSON of the training set")] = None,
@@ -372,9 +374,16 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Override train.seed")] = None,
 ) -> None:
     """Train QueryDet (RetinaNet, FCOS or Faster R-CNN host, from the config) or a baseline (multi-GPU: torchrun --nproc_per_node N -m querydet_cli train ...)."""
-    from .config import load_config, with_changes
+    from .config import config_from_dict, load_config, with_changes
 
-    cfg = load_config(config)
+    if config is None and init is not None:  # fine-tune: the checkpoint's model and schedule
+        from querydet_models.checkpoint import load_checkpoint
+
+        cfg = config_from_dict(load_checkpoint(init)["config"])
+    else:
+        cfg = load_config(config or "querydet_mobilenet_synthetic")
+    if freeze_backbone:
+        cfg = with_changes(cfg, "train", freeze_backbone=True)
     cfg = with_changes(cfg, "data", dataset=dataset.value if dataset else None,
                        train_root=train_root, train_annotations=train_annotations)
     cfg = with_changes(cfg, "train", max_iter=max_iter, batch_size=batch_size, base_lr=lr,
@@ -383,7 +392,7 @@ def train(
     from .training import train as run_training
 
     dev = resolve_device(device.value)
-    summary = run_training(cfg, out, device=str(dev), resume=resume)
+    summary = run_training(cfg, out, device=str(dev), resume=resume, init=init)
     print(json.dumps(summary))
 
 
@@ -450,8 +459,15 @@ def evaluate(
 
 @app.command()
 def tile(
+    rasters: Annotated[Optional[list[Path]], typer.Argument(help="GeoTIFFs to cut, with --labels (a GIS layer)")] = None,
     *,
     out: Annotated[Path, typer.Option(help="Output folder: images/ and annotations.json (COCO)")],
+    labels: Annotated[Optional[Path], typer.Option(help="GIS layer of boxes, polygons or points in any CRS (GeoPackage, Shapefile, GeoJSON, FlatGeobuf)")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Layer of a multi-layer --labels file")] = None,
+    label_field: Annotated[Optional[str], typer.Option(help="Field holding the class name (default: label or class; else one class, object)")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Class names in model order, comma-separated (others skipped)")] = None,
+    point_size: Annotated[Optional[float], typer.Option(help="Box side for point labels, in the raster CRS's units (metres)")] = None,
+    bounds: Annotated[Optional[str], typer.Option(help="Only cut chips inside XMIN,YMIN,XMAX,YMAX (raster CRS)")] = None,
     annotations: Annotated[Optional[Path], typer.Option(help="COCO JSON of the source images")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Image folder of the COCO JSON (default: images/ beside it)")] = None,
     visdrone: Annotated[Optional[Path], typer.Option(help="A VisDrone-DET folder (images/, annotations/) instead of COCO")] = None,
@@ -461,17 +477,45 @@ def tile(
     min_visible: Annotated[float, typer.Option(min=0.0, max=1.0, help="Keep a clipped box if at least this fraction is visible")] = 0.5,
     keep_empty: Annotated[bool, typer.Option(help="Also write chips without objects")] = False,
 ) -> None:
-    """Cut large images or GeoTIFFs and their annotations into training chips."""
-    if (annotations is None) == (visdrone is None):
-        raise QueryDetError("give exactly one of --annotations (COCO JSON) or --visdrone (folder)")
+    """Cut large images or GeoTIFFs and their labels (COCO, VisDrone or a GIS layer) into training chips."""
+    sources = sum(x is not None for x in (annotations, visdrone, labels))
+    if sources != 1:
+        raise QueryDetError("give exactly one of --labels (a GIS layer, with rasters), "
+                            "--annotations (COCO JSON) or --visdrone (folder)")
+    if bool(rasters) != (labels is not None):
+        raise QueryDetError("rasters are given with --labels, and only with it")
+    box = None
+    if bounds is not None:
+        try:
+            box = tuple(float(v) for v in bounds.split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+            raise QueryDetError(f"--bounds: expected XMIN,YMIN,XMAX,YMAX with XMIN < XMAX and "
+                                f"YMIN < YMAX, got {bounds!r}")
+    class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if classes is not None and not class_list:
+        raise QueryDetError("--classes: give class names separated by commas")
+    _refuse_out_holding_sources(out, [*(rasters or []), annotations, images, visdrone, labels])
     from .chips import cut_chips
-    from .datasets import load_coco, load_visdrone
+    from .datasets import coco_category_ids, load_coco, load_visdrone
     from .training import report_problems
 
-    if visdrone is not None:
+    ids = None
+    if labels is not None:
+        from .vector_labels import load_vector_labels
+
+        found = load_vector_labels([str(r) for r in rasters], labels, layer=layer,
+                                   label_field=label_field, classes=class_list,
+                                   point_size=point_size)
+        samples, names, problems = found.samples, found.class_names, found.problems
+        print(f"querydet: {found.total} labels in {labels}: {found.total - found.outside} on "
+              f"the rasters, {found.outside} outside every raster", file=sys.stderr)
+    elif visdrone is not None:
         samples, names, problems = load_visdrone(visdrone)
     else:
         samples, names, problems = load_coco(annotations, images)
+        ids = coco_category_ids(annotations)
     report_problems(problems)
     if not samples:
         raise QueryDetError("no usable source images (see the warnings above)")
@@ -480,10 +524,24 @@ def tile(
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out / ".querydet.lock", str(out)):  # one run per folder
         path = cut_chips(samples, names, out, size=size, overlap=overlap, quadrants=quadrants,
-                         min_visible=min_visible, keep_empty=keep_empty)
+                         min_visible=min_visible, keep_empty=keep_empty, class_ids=ids,
+                         bounds=box)
     data = json.loads(path.read_text())
     print(f"{len(data['images'])} chips, {sum(1 for a in data['annotations'] if not a['iscrowd'])} "
           f"boxes -> {path}")
+
+
+def _refuse_out_holding_sources(out: Path, sources: list[Optional[Path]]) -> None:
+    """`tile --out` must not be where the sources are: chips would overwrite them."""
+    target = out.resolve()
+    for src in sources:
+        if src is None:
+            continue
+        s = Path(src).resolve()
+        folder = s if s.is_dir() else s.parent
+        if folder == target or target in s.parents:
+            raise QueryDetError(f"--out {out} holds the source {src}: its images/ and "
+                                "annotations.json would overwrite them; choose another folder")
 
 
 def main() -> None:

@@ -76,8 +76,16 @@ def clip_boxes(boxes: np.ndarray, window: Window, min_visible: float
 
 def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path, *,
               size: int = 512, overlap: float = 0.2, quadrants: bool = False,
-              min_visible: float = 0.5, keep_empty: bool = False) -> Path:
-    """Write chips and `annotations.json` (COCO) under out_dir; returns the JSON path."""
+              min_visible: float = 0.5, keep_empty: bool = False,
+              class_ids: list[int] | None = None,
+              bounds: tuple[float, float, float, float] | None = None) -> Path:
+    """Write chips and `annotations.json` (COCO) under out_dir; returns the JSON path.
+
+    `class_ids` are the category ids written for the classes (default 1..K); `bounds`
+    (xmin, ymin, xmax, ymax in each raster's CRS) limits the chips to that part of each raster.
+    Chip names carry the source's image id, so two sources of one file name never collide.
+    """
+    class_ids = list(class_ids) if class_ids else list(range(1, len(class_names) + 1))
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
     from rasterio.windows import Window as RioWindow
@@ -97,8 +105,15 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
             continue
         with src:
             georef = src.crs is not None and not src.transform.is_identity
-            windows = (quadrant_windows(src.width, src.height) if quadrants
-                       else sliding_windows(src.width, src.height, size, overlap))
+            region = Window(0, 0, src.width, src.height)
+            if bounds is not None:
+                region = _region(src, bounds, sample.image)
+                if region is None:
+                    continue
+            windows = (quadrant_windows(region.width, region.height) if quadrants
+                       else sliding_windows(region.width, region.height, size, overlap))
+            windows = [Window(w.x + region.x, w.y + region.y, w.width, w.height)
+                       for w in windows]
             bands = list(range(1, min(src.count, 3) + 1))
             for k, win in enumerate(windows):
                 boxes, idx, partial = clip_boxes(sample.boxes, win, min_visible)
@@ -107,7 +122,7 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
                     continue
                 rio_win = RioWindow(win.x, win.y, win.width, win.height)
                 data = src.read(bands, window=rio_win)  # (B, h, w): this window only
-                stem = f"{sample.image.stem}_{k:04d}"
+                stem = f"{sample.image.stem}_{sample.image_id}_{k:04d}"
                 if georef:
                     name = f"{stem}.tif"
                     profile = {"driver": "GTiff", "width": win.width, "height": win.height,
@@ -132,17 +147,35 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
                                "height": win.height, "source": str(sample.image),
                                "window": [win.x, win.y, win.width, win.height]})
                 for box, label in zip(boxes, sample.labels[idx]):
-                    annotations.append(_ann(len(annotations) + 1, image_id, int(label) + 1, box, 0))
+                    annotations.append(_ann(len(annotations) + 1, image_id,
+                                            class_ids[int(label)], box, 0))
                 for box in np.concatenate([partial, ignore]):
                     if box[2] - box[0] > 0 and box[3] - box[1] > 0:
-                        annotations.append(_ann(len(annotations) + 1, image_id, 1, box, 1))
+                        annotations.append(_ann(len(annotations) + 1, image_id, class_ids[0],
+                                                box, 1))
     coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]}
+            "categories": [{"id": i, "name": n} for i, n in zip(class_ids, class_names)]}
     path = out / "annotations.json"
     tmp = out / ".annotations.json.tmp"
     tmp.write_text(json.dumps(coco))
     tmp.replace(path)
     return path
+
+
+def _region(src, bounds: tuple[float, float, float, float], path: Path) -> Window | None:
+    """The pixel window of map `bounds` within the raster, or None (with a warning) if empty."""
+    from rasterio.windows import from_bounds
+
+    if src.crs is None or src.transform.is_identity:
+        raise QueryDetError(f"--bounds needs georeferenced rasters; {path} is not")
+    win = from_bounds(*bounds, transform=src.transform).round_offsets().round_lengths()
+    x1, y1 = max(0, int(win.col_off)), max(0, int(win.row_off))
+    x2 = min(src.width, int(win.col_off + win.width))
+    y2 = min(src.height, int(win.row_off + win.height))
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        print(f"querydet: warning: {path}: --bounds do not overlap it; skipped", file=sys.stderr)
+        return None
+    return Window(x1, y1, x2 - x1, y2 - y1)
 
 
 def _ann(ann_id: int, image_id: int, category: int, box: np.ndarray, crowd: int) -> dict:

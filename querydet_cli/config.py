@@ -56,6 +56,7 @@ class TrainConfig:
     test_short_side: int = 800
     hflip: bool = True
     clip_grad_norm: float = 35.0  # 0 disables clipping
+    freeze_backbone: bool = False  # fine-tuning: train FPN and heads only
     amp: bool = True  # mixed precision, CUDA only
     checkpoint_period: int = 1000
     log_period: int = 20
@@ -91,6 +92,8 @@ class Config:
     model: ModelConfig = ModelConfig()
     inference: InferenceConfig = InferenceConfig()
     class_names: tuple[str, ...] = ()
+    # the dataset's own category ids (COCO `category_id`), one per class; () means 1..K
+    class_ids: tuple[int, ...] = ()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
 
@@ -98,6 +101,14 @@ class Config:
         if self.class_names and len(self.class_names) != self.model.num_classes:
             raise ConfigError(f"class_names: {len(self.class_names)} names but model.num_classes "
                               f"is {self.model.num_classes}")
+        if self.class_ids and (len(self.class_ids) != self.model.num_classes
+                               or len(set(self.class_ids)) != len(self.class_ids)):
+            raise ConfigError(f"class_ids: {len(self.class_ids)} distinct ids needed, one per "
+                              f"class (model.num_classes is {self.model.num_classes})")
+
+    def category_ids(self) -> list[int]:
+        """The dataset's category id of each class (1..K when the config has none)."""
+        return list(self.class_ids) or list(range(1, self.model.num_classes + 1))
 
     def names(self) -> list[str]:
         """Class names, or class_0.. when the config has none."""

@@ -162,6 +162,12 @@ def load_coco(json_path: str | Path, images_dir: str | Path | None = None
     return samples, names, problems
 
 
+def coco_category_ids(json_path: str | Path) -> list[int]:
+    """The category ids of a COCO JSON in the order `load_coco` numbers its classes."""
+    data = json.loads(Path(json_path).read_text())
+    return sorted(int(c["id"]) for c in data["categories"])
+
+
 def _sample(path, boxes, labels, ignore, image_id, w, h) -> Sample:
     return Sample(path, np.asarray(boxes, np.float32).reshape(-1, 4),
                   np.asarray(labels, np.int64).reshape(-1),

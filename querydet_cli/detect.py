@@ -232,6 +232,7 @@ class RasterDetector:
         self.opts = options
         self.device = device
         self.names = cfg.names()
+        self.category_ids = cfg.category_ids()
         self.mode = {k: v for k, v in (("mode", options.mode), ("sigma", options.sigma),
                                        ("context", options.context), ("backend", options.backend),
                                        ("start_level", options.start_level)) if v is not None}
@@ -374,6 +375,7 @@ class RasterDetector:
                     ring = to_lonlat(ring, info.crs)
             records.append({"source": str(src.path), "image_id": image_id,
                             "class_id": int(label), "class_name": self.names[int(label)],
+                            "category_id": self.category_ids[int(label)],
                             "score": round(float(score), 5),
                             "bbox": [round(float(v), 2) for v in box], "geometry": ring})
         emit(records)

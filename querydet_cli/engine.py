@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,7 +47,8 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu"
     except CheckpointError as err:
         raise QueryDetError(str(err)) from None
     cfg = config_from_dict(payload["config"])
-    model = build_querydet(cfg.model, cfg.inference)
+    # every weight is in the checkpoint: the backbone's start weights are not read again
+    model = build_querydet(replace(cfg.model, backbone_weights=None), cfg.inference)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:

@@ -17,14 +17,25 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from querydet_models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from querydet_models.checkpoint import (CheckpointError, copy_matching_weights, load_checkpoint,
+                                        save_checkpoint)
 from querydet_models.querydet import ModelInputError, build_querydet
 
 from .config import Config, config_from_dict
-from .datasets import DetectionDataset, Problem, Sample, collate, load_coco, load_visdrone
+from .datasets import (DetectionDataset, Problem, Sample, coco_category_ids, collate, load_coco,
+                       load_visdrone)
 from .errors import QueryDetError
 from .locking import OutputLock
 from .synthetic import write_dataset
+
+
+def category_ids_of(cfg: Config, split: str = "train") -> list[int] | None:
+    """The dataset's own category ids per class (COCO JSON), or None (1..K)."""
+    d = cfg.data
+    annotations = d.train_annotations if split == "train" else d.val_annotations
+    if d.dataset == "coco" and annotations:
+        return coco_category_ids(annotations)
+    return None
 
 
 def load_split(cfg: Config, split: str, work_dir: Path
@@ -82,7 +93,7 @@ def _distributed() -> tuple[int, int]:
 
 
 def train(cfg: Config, out_dir: str | Path, device: str = "cpu", resume: bool = False,
-          quiet: bool = False) -> dict[str, Any]:
+          quiet: bool = False, init: str | Path | None = None) -> dict[str, Any]:
     """Train `cfg` into out_dir (last.pt, model_final.pt, metrics.jsonl); returns a summary."""
     out = Path(out_dir)
     rank, world = _distributed()
@@ -95,25 +106,36 @@ def train(cfg: Config, out_dir: str | Path, device: str = "cpu", resume: bool = 
     last = out / "last.pt"
     if resume and not last.is_file():
         raise QueryDetError(f"--resume: no checkpoint to resume from at {last}")
+    if resume and init is not None:
+        raise QueryDetError("--init starts a new run; --resume continues OUT/last.pt: give one")
+    init_payload = None
+    if init is not None:
+        try:
+            init_payload = load_checkpoint(init)
+        except CheckpointError as err:
+            raise QueryDetError(f"--init: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     lock = OutputLock(out / ".querydet.lock", str(out))
     if rank == 0:  # one run per folder (the ranks of one torchrun job share it)
         lock.acquire()
     try:
-        return _train(cfg, out, dev, resume, quiet, rank, world, last)
+        return _train(cfg, out, dev, resume, quiet, rank, world, last, init, init_payload)
     finally:
         lock.release()
 
 
 def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool, rank: int,
-           world: int, last: Path) -> dict[str, Any]:
+           world: int, last: Path, init: str | Path | None = None,
+           init_payload: dict[str, Any] | None = None) -> dict[str, Any]:
     samples, names, problems = load_split(cfg, "train", out)
     report_problems(problems)
     if not samples:
         raise QueryDetError("no usable training images (see the warnings above)")
-    if cfg.model.num_classes != len(names) or tuple(cfg.class_names) != tuple(names):
+    ids = tuple(category_ids_of(cfg) or ())
+    if (cfg.model.num_classes != len(names) or tuple(cfg.class_names) != tuple(names)
+            or tuple(cfg.class_ids) != ids):
         cfg = replace(cfg, model=replace(cfg.model, num_classes=len(names)),
-                      class_names=tuple(names))
+                      class_names=tuple(names), class_ids=ids)
 
     start_iter = 0
     payload = None
@@ -127,9 +149,20 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
                       train=replace(config_from_dict(payload["config"]).train,
                                     max_iter=cfg.train.max_iter))
         start_iter = int(payload["extra"].get("iteration", 0))
+        if "optimizer" not in payload["extra"]:
+            raise QueryDetError(f"--resume: {last} has no optimizer state (it is not a training "
+                                "checkpoint of querydet train); start from it with --init")
 
     torch.manual_seed(cfg.train.seed + rank)
-    model = build_querydet(cfg.model, cfg.inference).to(dev)
+    # a resumed or initialised run gets every weight from its checkpoint: no backbone file
+    weights_file = cfg.model.backbone_weights if payload is None and init_payload is None else None
+    model = build_querydet(replace(cfg.model, backbone_weights=weights_file), cfg.inference)
+    model = model.to(dev)
+    if init_payload is not None:
+        _initialise_from(model, cfg, init, init_payload, rank)
+    if cfg.train.freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.train.base_lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
@@ -220,6 +253,28 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
         torch.distributed.barrier()
     return {"iterations": it, "final_losses": losses, "out_dir": str(out),
             "class_names": list(cfg.class_names)}
+
+
+def _initialise_from(model, cfg: Config, init, payload: dict[str, Any], rank: int) -> None:
+    """Copy the --init checkpoint's weights by name and shape; the classification predictor
+    starts afresh when the class list differs. Says on stderr what was kept."""
+    old = config_from_dict(payload["config"])
+    new_names, old_names = list(cfg.names()), list(old.names())
+    skip = set() if new_names == old_names else model.class_parameter_names()
+    copied, fresh = copy_matching_weights(model, payload["model"], skip)
+    if rank != 0:
+        return
+    print(f"querydet: --init {init}: copied {len(copied)} of {len(copied) + len(fresh)} tensors",
+          file=sys.stderr)
+    if skip:
+        print(f"querydet: --init: classes differ ({', '.join(old_names)} -> "
+              f"{', '.join(new_names)}): classification predictor re-initialised "
+              f"({', '.join(sorted(skip))})", file=sys.stderr)
+    other = [k for k in fresh if k not in skip]
+    if other:
+        print(f"querydet: --init: {len(other)} tensors did not match by name and shape and start "
+              f"from scratch: {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}",
+              file=sys.stderr)
 
 
 def _save(path: Path, model, cfg: Config, optimizer, scaler, iteration: int) -> None:

@@ -25,8 +25,8 @@ FORMATS = ("geojson", "gpkg", "coco", "csv", "ndjson")
 GEO_FORMATS = ("geojson", "gpkg")
 _SUFFIXES = {".geojson": "geojson", ".gpkg": "gpkg", ".json": "coco", ".csv": "csv",
              ".ndjson": "ndjson", ".jsonl": "ndjson"}
-CSV_FIELDS = ["source", "image_id", "class_id", "class_name", "score", "x1", "y1", "x2", "y2",
-              "wkt"]
+CSV_FIELDS = ["source", "image_id", "class_id", "category_id", "class_name", "score", "x1", "y1",
+              "x2", "y2", "wkt"]
 
 
 def format_for(output: str, fmt: str | None) -> str:
@@ -142,16 +142,19 @@ class OutputWriter:
                            "geometry": {"type": "Polygon", "coordinates": [r["geometry"]]},
                            "properties": {k: r[k] for k in ("source", "image_id", "class_id",
                                                             "class_name", "score")}
+                           | {"category_id": r.get("category_id", r["class_id"] + 1)}
                            | {"bbox_px": r["bbox"]}}
                 fh.write(("" if self.count == 0 else ",\n") + json.dumps(feature))
             elif self.fmt == "coco":
                 x1, y1, x2, y2 = r["bbox"]
-                item = {"image_id": r["image_id"], "category_id": r["class_id"] + 1,
+                item = {"image_id": r["image_id"],
+                        "category_id": r.get("category_id", r["class_id"] + 1),
                         "bbox": [x1, y1, x2 - x1, y2 - y1], "score": r["score"],
                         "category_name": r["class_name"], "file_name": r["source"]}
                 fh.write(("" if self.count == 0 else ",\n") + json.dumps(item))
             elif self.fmt == "csv":
                 csv.writer(fh).writerow([r["source"], r["image_id"], r["class_id"],
+                                         r.get("category_id", r["class_id"] + 1),
                                          r["class_name"], r["score"], *r["bbox"],
                                          _wkt(r["geometry"])])
             elif self.fmt == "ndjson":
@@ -178,6 +181,7 @@ class OutputWriter:
         frame = gpd.GeoDataFrame(
             {"source": [r["source"] for r in rows], "image_id": [r["image_id"] for r in rows],
              "class_id": [r["class_id"] for r in rows],
+             "category_id": [r.get("category_id", r["class_id"] + 1) for r in rows],
              "class_name": [r["class_name"] for r in rows], "score": [r["score"] for r in rows],
              "x1": [r["bbox"][0] for r in rows], "y1": [r["bbox"][1] for r in rows],
              "x2": [r["bbox"][2] for r in rows], "y2": [r["bbox"][3] for r in rows]},

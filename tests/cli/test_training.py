@@ -12,7 +12,8 @@ def tiny_cfg(max_iter, **train_changes):
     cfg = load_config("querydet_mobilenet_synthetic")
     return replace(
         cfg,
-        model=replace(cfg.model, backbone="resnet18", fpn_channels=16, head_convs=2),
+        model=replace(cfg.model, backbone="resnet18", backbone_weights=None, fpn_channels=16,
+                      head_convs=2),
         data=replace(cfg.data, synthetic_train_scenes=4, synthetic_size=96),
         train=replace(cfg.train, batch_size=2, max_iter=max_iter, warmup_iters=5, steps=(1000,),
                       short_sides=(96,), max_size=96, checkpoint_period=3, log_period=1,
