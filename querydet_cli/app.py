@@ -269,6 +269,7 @@ def detect(
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
     precision: Annotated[Optional[Precision], typer.Option(help="Inference precision (default: the checkpoint's, auto)")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+    coco_gt: Annotated[Optional[Path], typer.Option(help="COCO ground truth: COCO results take its image ids, matched by file name")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (not with -o -)")] = False,
 ) -> None:
     """Detect small objects in huge GeoTIFFs and drone frames, tile by tile, with CSQ.
@@ -309,6 +310,11 @@ def detect(
         from .resources import sample_model
 
         paths = expand_inputs(inputs)
+        image_ids = None
+        if coco_gt is not None:
+            from .detect import coco_image_ids
+
+            image_ids = coco_image_ids(coco_gt, paths)
         dev = resolve_device(device.value)
         model, cfg = load_model(weights or sample_model(), dev)
         opts = DetectOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
@@ -319,7 +325,8 @@ def detect(
                              merge_metric=merge_metric.value, merge_threshold=merge_threshold,
                              rfc7946=rfc7946, resume=resume,
                              save_vis=str(save_vis) if save_vis else None,
-                             precision=precision.value if precision else None)
+                             precision=precision.value if precision else None,
+                             image_ids=image_ids)
         try:
             summary = run_detect(model, cfg, paths, output, out_format, opts, dev,
                                  progress_factory=None if quiet else progress_bar, lock=lock)

@@ -60,6 +60,8 @@ class DetectOptions:
     prefetch: int = 2
     save_vis: str | None = None
     precision: str | None = None  # None: the checkpoint's inference.precision (auto)
+    # COCO image id per input (from --coco-gt); None: the input's position, from 1
+    image_ids: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -450,6 +452,23 @@ def run_key(inputs: list[str], options: DetectOptions, cfg: Config) -> str:
     return hashlib.sha256(data.encode()).hexdigest()
 
 
+def coco_image_ids(gt_path: str | Path, inputs: list[str]) -> tuple[int, ...]:
+    """Each input's image id in a COCO ground-truth JSON, matched by file name."""
+    try:
+        data = json.loads(Path(gt_path).read_text())
+        by_name = {Path(im["file_name"]).name: int(im["id"]) for im in data["images"]}
+    except FileNotFoundError:
+        raise QueryDetError(f"--coco-gt: file not found: {gt_path}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise QueryDetError(f"--coco-gt: {gt_path} is not a COCO JSON with images "
+                            f"(id, file_name): {err}") from None
+    missing = [p for p in inputs if Path(p).name not in by_name]
+    if missing:
+        raise QueryDetError(f"--coco-gt: {Path(missing[0]).name} is not an image of {gt_path} "
+                            f"({len(missing)} inputs are not)")
+    return tuple(by_name[Path(p).name] for p in inputs)
+
+
 def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt: str,
                options: DetectOptions, device: torch.device,
                progress_factory: Callable[[str, int], Any] | None = None,
@@ -514,7 +533,8 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
                         if journal is not None:
                             journal.checkpoint(_id, st | {"crs": info.crs})
 
-                    n = detector.run(src, image_id, emit, checkpoint, state,
+                    record_id = options.image_ids[image_id - 1] if options.image_ids else image_id
+                    n = detector.run(src, record_id, emit, checkpoint, state,
                                      progress=(lambda px: bar.update(px)) if bar else None,
                                      vis=vis)
                     if bar:

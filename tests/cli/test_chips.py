@@ -71,4 +71,4 @@ def test_plain_image_chips_are_png(tmp_path):
                     width=64, height=64)
     ann = cut_chips([sample], ["x"], tmp_path / "out", quadrants=True)
     coco = json.loads(ann.read_text())
-    assert [im["file_name"] for im in coco["images"]] == ["a_0000.png"]
+    assert [im["file_name"] for im in coco["images"]] == ["a_0_0000.png"]
