@@ -304,12 +304,17 @@ def detect(
 
     # one writer per output: the lock is taken before torch loads, so a second run is refused
     # at once
+    from .inputs import expand_inputs, refuse_output_over_inputs
+
+    paths = expand_inputs(inputs)
+    refuse_output_over_inputs(output, paths)
+    if output != "-" and Path(output).is_dir():
+        raise QueryDetError(f"output {output} is a directory; give a file name")
     with claim_output(output) if output != "-" else contextlib.nullcontext() as lock:
-        from .detect import DetectInterrupted, DetectOptions, expand_inputs, run_detect
+        from .detect import DetectInterrupted, DetectOptions, run_detect
         from .engine import load_model, progress_bar, resolve_device
         from .resources import sample_model
 
-        paths = expand_inputs(inputs)
         image_ids = None
         if coco_gt is not None:
             from .detect import coco_image_ids

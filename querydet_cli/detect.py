@@ -10,7 +10,6 @@ journal, and `--resume` picks up from the last finished tile row.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ import sys
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from querydet_models.detector import FPNDetector as QueryDet
 
 from .config import Config
 from .errors import QueryDetError
+
 from .locking import OutputLock, journal_dir
 from .merge import Detections, TileMerger
 from .raster import RasterSource
@@ -37,7 +37,6 @@ from .tiling import Tile, make_tiles, row_starts
 from .writers import GEO_FORMATS, OutputWriter, pixel_box_ring, read_records, to_lonlat
 
 log = logging.getLogger("querydet")
-IMAGE_SUFFIXES = {".tif", ".tiff", ".jpg", ".jpeg", ".png", ".jp2", ".vrt", ".img", ".bmp"}
 EDGE_TOLERANCE = 2.0  # px: a box this close to an inner tile edge is cut by it
 
 
@@ -89,32 +88,6 @@ class DetectInterrupted(QueryDetError):
         self.resumable = resumable
 
 
-def expand_inputs(args: list[str], stdin: Iterable[str] | None = None) -> list[str]:
-    """Files, directories (their images, sorted), globs, and '-' (paths read from stdin)."""
-    out: list[str] = []
-    for arg in args:
-        if arg == "-":
-            lines = stdin if stdin is not None else sys.stdin
-            out.extend(line.strip() for line in lines if line.strip())
-        elif any(ch in arg for ch in "*?[") and not Path(arg).exists():
-            matches = sorted(glob.glob(arg, recursive=True))
-            if not matches:
-                raise QueryDetError(f"no files match {arg!r}")
-            out.extend(matches)
-        elif Path(arg).is_dir():
-            found = sorted(str(p) for p in Path(arg).rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise QueryDetError(f"directory {arg} holds no images "
-                                    f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-            out.extend(found)
-        else:
-            out.append(arg)
-    if not out:
-        raise QueryDetError("no input images given")
-    return out
-
-
 class Journal:
     """Final detections and progress of a run, beside the output, for atomic writes and --resume.
 
@@ -148,8 +121,9 @@ class Journal:
             state = json.loads(self.state_path.read_text())
             if state.get("key") != key:
                 self.lock.release()
-                raise QueryDetError("--resume: the interrupted run used other inputs or options; "
-                                    "run again without --resume")
+                raise QueryDetError("--resume: the interrupted run used other inputs (or they "
+                                    "changed since), options or weights; run again without "
+                                    "--resume")
             self.state = state
             self._truncate_records(state.get("records_bytes", 0))
         else:
@@ -378,6 +352,8 @@ class RasterDetector:
             records.append({"source": str(src.path), "image_id": image_id,
                             "class_id": int(label), "class_name": self.names[int(label)],
                             "category_id": self.category_ids[int(label)],
+                            "crs": ("EPSG:4326" if self.opts.rfc7946 else info.crs)
+                            if ring is not None else None,
                             "score": round(float(score), 5),
                             "bbox": [round(float(v), 2) for v in box], "geometry": ring})
         emit(records)
@@ -446,10 +422,37 @@ class Overview:
         os.replace(tmp, path)
 
 
-def run_key(inputs: list[str], options: DetectOptions, cfg: Config) -> str:
-    data = json.dumps({"inputs": inputs, "options": asdict(options) | {"resume": None},
-                       "config": cfg.to_dict()}, sort_keys=True, default=str)
+def run_key(inputs: list[str], options: DetectOptions, cfg: Config, model: Any = None) -> str:
+    """What a journal belongs to: inputs (and their size and mtime), options, config, weights.
+
+    `--resume` refuses a journal whose key differs: other weights or a changed input would
+    mix two runs' detections in one output."""
+    data = json.dumps({"inputs": inputs, "identity": [input_identity(p) for p in inputs],
+                       "options": asdict(options) | {"resume": None},
+                       "config": cfg.to_dict(), "weights": weights_digest(model)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()
+
+
+def input_identity(path: str) -> list[int] | None:
+    """(size, mtime in ns) of an input file; None for what is not a local file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def weights_digest(model: Any) -> str:
+    """SHA-256 of every tensor of the model's state (its weights as they run)."""
+    state = getattr(model, "state_dict", None)
+    if state is None:
+        return ""
+    h = hashlib.sha256()
+    for key, value in state().items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def coco_image_ids(gt_path: str | Path, inputs: list[str]) -> tuple[int, ...]:
@@ -481,7 +484,7 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
     if to_stdout and options.resume:
         raise QueryDetError("--resume needs an output file, not stdout")
     detector = RasterDetector(model, cfg, options, device)
-    journal = None if to_stdout else Journal(output, run_key(inputs, options, cfg),
+    journal = None if to_stdout else Journal(output, run_key(inputs, options, cfg, model),
                                              options.resume, lock)
     crs_seen: str | None = None
     started = time.perf_counter()

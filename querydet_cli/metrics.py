@@ -186,9 +186,27 @@ def coco_metrics(truths: list[ImageTruth], dets: list[ImageDetections], class_na
         ev.params.maxDets = [1, 10, max_dets]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    # pycocotools reports -1 where an area range holds no ground truth: that is "no value", not 0
-    return {k: (float(v) if v >= 0 else None) for k, v in zip(keys, ev.stats[:6])}
+    # every figure at the requested maxDets (pycocotools' summarize() computes AP at 100 whatever
+    # maxDets holds, and reports -1 when 100 is not among them)
+    figures = [coco_ap(ev, max_dets), coco_ap(ev, max_dets, iou=0.5), coco_ap(ev, max_dets, iou=0.75),
+               coco_ap(ev, max_dets, area="small"), coco_ap(ev, max_dets, area="medium"),
+               coco_ap(ev, max_dets, area="large")]
+    # -1 where an area range holds no ground truth: that is "no value", not 0
+    return {k: (float(v) if v >= 0 else None) for k, v in zip(keys, figures)}
+
+
+def coco_ap(ev, max_dets: int, iou: float | None = None, area: str = "all") -> float:
+    """Mean precision of an accumulated COCOeval at one maxDets, IoU threshold (None: 0.5:0.95)
+    and area range; -1 when nothing was evaluated there."""
+    precision = ev.eval["precision"]  # (T iou, R recall, K class, A area, M maxDets)
+    m = list(ev.params.maxDets).index(max_dets)
+    a = list(ev.params.areaRngLbl).index(area)
+    if iou is not None:
+        t = int(np.argmin(np.abs(ev.params.iouThrs - iou)))
+        precision = precision[t:t + 1]
+    values = precision[:, :, :, a, m]
+    values = values[values > -1]
+    return float(values.mean()) if values.size else -1.0
 
 
 def _coco_ann(ann_id: int, image_id: int, category: int, box, crowd: int) -> dict:

@@ -26,7 +26,7 @@ GEO_FORMATS = ("geojson", "gpkg")
 _SUFFIXES = {".geojson": "geojson", ".gpkg": "gpkg", ".json": "coco", ".csv": "csv",
              ".ndjson": "ndjson", ".jsonl": "ndjson"}
 CSV_FIELDS = ["source", "image_id", "class_id", "category_id", "class_name", "score", "x1", "y1",
-              "x2", "y2", "wkt"]
+              "x2", "y2", "wkt", "crs"]
 
 
 def format_for(output: str, fmt: str | None) -> str:
@@ -78,6 +78,7 @@ class OutputWriter:
         self._fh: TextIO | None = None
         self._gpkg_rows: list[dict[str, Any]] = []
         self._gpkg_written = False
+        self._digits: int | None = None  # GeoJSON coordinate decimals, set on first feature
 
     def __enter__(self) -> "OutputWriter":
         if self.output == "-":
@@ -139,7 +140,8 @@ class OutputWriter:
                     raise QueryDetError(f"{r['source']} is not georeferenced: GeoJSON needs map "
                                         "coordinates; use --format coco, csv or ndjson")
                 feature = {"type": "Feature",
-                           "geometry": {"type": "Polygon", "coordinates": [r["geometry"]]},
+                           "geometry": {"type": "Polygon",
+                                        "coordinates": [self._geojson_ring(r["geometry"])]},
                            "properties": {k: r[k] for k in ("source", "image_id", "class_id",
                                                             "class_name", "score")}
                            | {"category_id": r.get("category_id", r["class_id"] + 1)}
@@ -156,7 +158,7 @@ class OutputWriter:
                 csv.writer(fh).writerow([r["source"], r["image_id"], r["class_id"],
                                          r.get("category_id", r["class_id"] + 1),
                                          r["class_name"], r["score"], *r["bbox"],
-                                         _wkt(r["geometry"])])
+                                         _wkt(r["geometry"]), r.get("crs") or ""])
             elif self.fmt == "ndjson":
                 fh.write(json.dumps(r) + "\n")
             elif self.fmt == "gpkg":
@@ -169,6 +171,14 @@ class OutputWriter:
             self.count += 1
         if fh is not None and fh is sys.stdout:
             fh.flush()
+
+    def _geojson_ring(self, ring: list[list[float]]) -> list[list[float]]:
+        """Counter-clockwise exterior ring (RFC 7946's right-hand rule), coordinates rounded to
+        7 decimals for degrees (about 1 cm) and 3 for projected units (1 mm in metres)."""
+        if self._digits is None:
+            self._digits = 7 if self.rfc7946 or _is_geographic(self.crs) else 3
+        ring = [[round(x, self._digits), round(y, self._digits)] for x, y in ring]
+        return ring if signed_area(ring) >= 0 else ring[::-1]
 
     def _flush_gpkg(self) -> None:
         import geopandas as gpd
@@ -198,6 +208,22 @@ class OutputWriter:
             fh.write("\n]\n")
         elif self.fmt == "gpkg":
             self._flush_gpkg()
+
+
+def signed_area(ring: list[list[float]]) -> float:
+    """Shoelace area of a closed ring: positive when counter-clockwise (x right, y up)."""
+    return 0.5 * sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(ring, ring[1:]))
+
+
+def _is_geographic(crs: str | None) -> bool:
+    if not crs:
+        return False
+    from rasterio.crs import CRS
+
+    try:
+        return bool(CRS.from_user_input(crs).is_geographic)
+    except Exception:  # an unparseable CRS string: treat as projected
+        return False
 
 
 def _crs_urn(crs: str) -> str:

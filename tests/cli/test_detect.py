@@ -9,7 +9,8 @@ import torch
 from rasterio.transform import Affine
 
 from querydet_cli.config import Config
-from querydet_cli.detect import DetectInterrupted, DetectOptions, expand_inputs, run_detect
+from querydet_cli.detect import DetectInterrupted, DetectOptions, run_detect
+from querydet_cli.inputs import expand_inputs
 from querydet_cli.errors import QueryDetError
 from querydet_cli.writers import pixel_box_ring
 from tests.cli.oracle import OracleModel, paint, write_tif

@@ -1,0 +1,140 @@
+"""Data loss, exact resume keys and outputs other tools read (the interoperability issue)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from rasterio.transform import Affine
+
+from querydet_cli.config import Config
+from querydet_cli.detect import DetectOptions, run_detect
+from querydet_cli.errors import QueryDetError
+from querydet_cli.inputs import refuse_output_over_inputs
+from querydet_cli.metrics import ImageDetections, ImageTruth, coco_metrics
+from querydet_cli.writers import signed_area
+from tests.cli.oracle import OracleModel, paint, write_tif
+
+CPU = torch.device("cpu")
+OPTS = DetectOptions(tile_size=128, overlap=32, batch_size=2)
+OBJECTS = [(10, 10, 30, 25), (80, 40, 150, 60)]
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "querydet_cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink"])
+def test_output_that_is_an_input_is_refused_and_nothing_is_touched(tmp_path, link):
+    src = write_tif(tmp_path / "scene.tif", paint(200, 160, OBJECTS), Affine(1, 0, 0, 0, -1, 0))
+    before = src.read_bytes()
+    out = src
+    if link == "symlink":
+        out = tmp_path / "alias.geojson"
+        out.symlink_to(src)
+    elif link == "hardlink":
+        out = tmp_path / "hard.geojson"
+        os.link(src, out)
+    with pytest.raises(QueryDetError, match="is the input"):
+        refuse_output_over_inputs(str(out), [str(src)])
+    proc = _cli("detect", src, "-o", out, "--format", "geojson", "--quiet")
+    assert proc.returncode == 2 and "is the input" in proc.stderr
+    assert src.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if "querydet-partial" in p.name]
+
+
+def test_resume_refuses_other_weights_and_changed_inputs(tmp_path):
+    path = write_tif(tmp_path / "a.tif", paint(300, 260, OBJECTS), Affine(1, 0, 0, 0, -1, 0))
+    out = tmp_path / "out.ndjson"
+    model = OracleModel(fail_after=2)
+    from querydet_cli.detect import DetectInterrupted
+
+    with pytest.raises(DetectInterrupted):
+        run_detect(model, Config(), [str(path)], str(out), "ndjson", OPTS, CPU)
+    resume = DetectOptions(**{**OPTS.__dict__, "resume": True})
+    # the same inputs, but the file changed since (new mtime): refused
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    with pytest.raises(QueryDetError, match="changed since"):
+        run_detect(OracleModel(), Config(), [str(path)], str(out), "ndjson", resume, CPU)
+
+
+def test_resume_refuses_other_weights(tmp_path):
+    from querydet_cli.detect import weights_digest
+    from tests.conftest import tiny_model
+
+    a, b = tiny_model(seed=0), tiny_model(seed=1)
+    assert weights_digest(a) != weights_digest(b)
+    assert weights_digest(a) == weights_digest(tiny_model(seed=0))
+
+
+def _features(path):
+    return json.loads(path.read_text())["features"]
+
+
+@pytest.mark.parametrize("rfc7946", [False, True])
+@pytest.mark.parametrize("transform", [Affine(0.5, 0, 500000, 0, -0.5, 4500000),
+                                       Affine(0.5, 0, 500000, 0, 0.5, 4500000)])  # south-up
+def test_geojson_rings_are_counter_clockwise_with_sensible_precision(tmp_path, rfc7946,
+                                                                     transform):
+    path = write_tif(tmp_path / "a.tif", paint(200, 160, OBJECTS), transform)
+    out = tmp_path / "o.geojson"
+    run_detect(OracleModel(), Config(), [str(path)], str(out), "geojson",
+               DetectOptions(**{**OPTS.__dict__, "rfc7946": rfc7946}), CPU)
+    feats = _features(out)
+    assert len(feats) == len(OBJECTS)
+    for f in feats:
+        ring = f["geometry"]["coordinates"][0]
+        assert signed_area(ring) > 0  # counter-clockwise
+        decimals = max(len(repr(v).split(".")[1]) if "." in repr(v) else 0
+                       for xy in ring for v in xy)
+        assert decimals <= (7 if rfc7946 else 3)
+        assert f["properties"]["category_id"] == f["properties"]["class_id"] + 1
+
+
+def test_csv_rows_carry_their_crs(tmp_path):
+    a = write_tif(tmp_path / "a.tif", paint(200, 160, OBJECTS), Affine(1, 0, 500000, 0, -1, 0),
+                  crs="EPSG:32633")
+    b = write_tif(tmp_path / "b.tif", paint(200, 160, OBJECTS), Affine(1, 0, 0, 0, -1, 0),
+                  crs="EPSG:3857")
+    out = tmp_path / "o.csv"
+    run_detect(OracleModel(), Config(), [str(a), str(b)], str(out), "csv", OPTS, CPU)
+    rows = list(csv.DictReader(open(out)))
+    assert {r["crs"] for r in rows if r["source"] == str(a)} == {"EPSG:32633"}
+    assert {r["crs"] for r in rows if r["source"] == str(b)} == {"EPSG:3857"}
+
+
+def test_coco_metrics_at_any_max_dets():
+    truth = [ImageTruth(np.array([[10, 10, 30, 30], [50, 50, 90, 80]], np.float32),
+                        np.array([0, 1]), np.zeros((0, 4), np.float32), 128, 128)]
+    dets = [ImageDetections(np.array([[10, 10, 30, 31], [50, 50, 90, 80], [0, 0, 5, 5]],
+                                     np.float32), np.array([0.9, 0.8, 0.3]), np.array([0, 1, 0]))]
+    for max_dets in (1, 100, 500):
+        m = coco_metrics(truth, dets, ["a", "b"], max_dets)
+        assert m["AP"] is not None and m["AP50"] is not None
+    assert coco_metrics(truth, dets, ["a", "b"], 500)["AP50"] == pytest.approx(1.0)
+
+
+def test_two_sources_of_one_name_give_distinct_chips(tmp_path):
+    from querydet_cli.chips import cut_chips
+    from querydet_cli.datasets import load_coco
+
+    for folder in ("a", "b"):
+        (tmp_path / "src" / "images" / folder).mkdir(parents=True)
+        write_tif(tmp_path / "src" / "images" / folder / "x.tif", paint(64, 64, [(5, 5, 20, 20)]))
+    gt = {"images": [{"id": 1, "file_name": "a/x.tif", "width": 64, "height": 64},
+                     {"id": 2, "file_name": "b/x.tif", "width": 64, "height": 64}],
+          "annotations": [{"id": k, "image_id": k, "category_id": 1, "bbox": [5, 5, 15, 15],
+                           "area": 225, "iscrowd": 0} for k in (1, 2)],
+          "categories": [{"id": 1, "name": "car"}]}
+    (tmp_path / "src" / "gt.json").write_text(json.dumps(gt))
+    samples, names, _ = load_coco(tmp_path / "src" / "gt.json")
+    path = cut_chips(samples, names, tmp_path / "chips", size=64)
+    data = json.loads(path.read_text())
+    files = [im["file_name"] for im in data["images"]]
+    assert len(files) == 2 and len(set(files)) == 2
+    assert len(list((tmp_path / "chips" / "images").iterdir())) == 2
