@@ -12,6 +12,7 @@ complete, so a failed or interrupted run never leaves a truncated file that look
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import sys
@@ -52,11 +53,17 @@ def pixel_box_ring(box, transform) -> list[list[float]]:
     return [[a * col + b * row + c, d * col + e * row + f] for col, row in corners]
 
 
-def to_lonlat(ring: list[list[float]], crs: str) -> list[list[float]]:
-    from rasterio.warp import transform as warp
+@functools.lru_cache(maxsize=64)
+def _lonlat_transformer(crs: str):
+    """One pyproj Transformer per source CRS, reused for every detection of a raster."""
+    from pyproj import Transformer
 
-    xs, ys = warp(crs, "EPSG:4326", [p[0] for p in ring], [p[1] for p in ring])
-    return [[x, y] for x, y in zip(xs, ys)]
+    return Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+
+
+def to_lonlat(ring: list[list[float]], crs: str) -> list[list[float]]:
+    xs, ys = _lonlat_transformer(crs).transform([p[0] for p in ring], [p[1] for p in ring])
+    return [[float(x), float(y)] for x, y in zip(xs, ys)]
 
 
 def _wkt(ring: list[list[float]] | None) -> str:
@@ -160,7 +167,7 @@ class OutputWriter:
                                          r["class_name"], r["score"], *r["bbox"],
                                          _wkt(r["geometry"]), r.get("crs") or ""])
             elif self.fmt == "ndjson":
-                fh.write(json.dumps(r) + "\n")
+                fh.write(json.dumps(ndjson_feature(r)) + "\n")
             elif self.fmt == "gpkg":
                 if r["geometry"] is None:
                     raise QueryDetError(f"{r['source']} is not georeferenced: GeoPackage needs "
@@ -208,6 +215,24 @@ class OutputWriter:
             fh.write("\n]\n")
         elif self.fmt == "gpkg":
             self._flush_gpkg()
+
+
+def ndjson_feature(r: dict[str, Any]) -> dict[str, Any]:
+    """One line of NDJSON output: a GeoJSON Feature (RFC 8142 text sequence, RFC 7946 geometry:
+    lon/lat, counter-clockwise), so GDAL's GeoJSONSeq driver and geopandas read it. The pixel box
+    and the source CRS are properties; a non-georeferenced source has a null geometry."""
+    geometry = None
+    if r["geometry"] is not None:
+        ring = r["geometry"]
+        crs = r.get("crs")
+        if crs and crs.upper() not in ("EPSG:4326", "OGC:CRS84"):
+            ring = to_lonlat(ring, crs)
+        ring = [[round(x, 7), round(y, 7)] for x, y in ring]
+        geometry = {"type": "Polygon",
+                    "coordinates": [ring if signed_area(ring) >= 0 else ring[::-1]]}
+    props = {k: r.get(k) for k in ("source", "image_id", "class_id", "category_id",
+                                   "class_name", "score", "crs")}
+    return {"type": "Feature", "geometry": geometry, "properties": props | {"bbox_px": r["bbox"]}}
 
 
 def signed_area(ring: list[list[float]]) -> float:

@@ -74,3 +74,22 @@ def write_tif(path, data, transform=None, crs="EPSG:32633", tiled=True, **extra)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
     return path
+
+
+def parse_ndjson(text):
+    """Detections of NDJSON output (GeoJSON Features) as flat dicts with a pixel `bbox`."""
+    import json
+
+    rows = []
+    for line in text.splitlines():
+        if line.strip():
+            f = json.loads(line)
+            rows.append({**f["properties"], "bbox": f["properties"]["bbox_px"],
+                         "feature_geometry": f["geometry"]})
+    return rows
+
+
+def read_ndjson(path):
+    from pathlib import Path
+
+    return parse_ndjson(Path(path).read_text())

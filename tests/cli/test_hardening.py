@@ -138,3 +138,22 @@ def test_two_sources_of_one_name_give_distinct_chips(tmp_path):
     files = [im["file_name"] for im in data["images"]]
     assert len(files) == 2 and len(set(files)) == 2
     assert len(list((tmp_path / "chips" / "images").iterdir())) == 2
+
+
+def test_ndjson_is_geojson_text_sequence_read_by_pyogrio(tmp_path):
+    import geopandas as gpd
+    import pyogrio
+
+    path = write_tif(tmp_path / "a.tif", paint(200, 160, OBJECTS),
+                     Affine(0.5, 0, 500000, 0, -0.5, 4500000), crs="EPSG:32633")
+    out = tmp_path / "o.ndjson"
+    run_detect(OracleModel(), Config(), [str(path)], str(out), "ndjson", OPTS, CPU)
+    info = pyogrio.read_info(f"GeoJSONSeq:{out}")
+    assert info["features"] == len(OBJECTS) and info["crs"] == "EPSG:4326"
+    frame = gpd.read_file(f"GeoJSONSeq:{out}")
+    assert frame.crs.to_epsg() == 4326 and len(frame) == len(OBJECTS)
+    # the lon/lat polygon is the projected box, reprojected: compare in EPSG:32633
+    back = frame.to_crs("EPSG:32633")
+    x1, y1 = 500000 + 0.5 * 10, 4500000 - 0.5 * 10
+    assert any(abs(b[0] - x1) < 0.01 and abs(b[3] - y1) < 0.01 for b in back.geometry.bounds.values)
+    assert set(frame.columns) >= {"class_name", "score", "crs", "category_id"}

@@ -20,7 +20,7 @@ from querydet_cli.config import Config
 from querydet_cli.detect import DetectOptions, run_detect
 from querydet_cli.locking import OutputLock, claim_output
 from querydet_cli.errors import QueryDetError
-from tests.cli.oracle import OracleModel, paint, write_tif
+from tests.cli.oracle import OracleModel, paint, read_ndjson, write_tif
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOW_TILES = ["--tile-size", "128", "--overlap", "16", "--batch-size", "1", "--quiet"]
@@ -167,5 +167,5 @@ def test_palette_raster_gives_the_rgb_detections(tmp_path):
         out = tmp_path / f"{path.stem}.ndjson"
         run_detect(OracleModel(), Config(), [str(path)], str(out), "ndjson", opts,
                    torch.device("cpu"))
-        found.append(sorted(tuple(json.loads(line)["bbox"]) for line in open(out)))
+        found.append(sorted(tuple(r["bbox"]) for r in read_ndjson(out)))
     assert found[0] == found[1] and len(found[0]) == len(objects)
