@@ -49,6 +49,7 @@ class LevelOutput:
     dense_macs: float  # what the same heads cost densely on this level
     seconds: float = 0.0  # head time
     fpn_seconds: float = 0.0  # time spent computing this level's FPN map (dense or at rows)
+    decided_dense: bool = False  # run densely because the queries covered too much (CSQ)
 
     @property
     def is_dense(self) -> bool:
@@ -147,6 +148,14 @@ class QueryInference:
         outputs = {lvl: self._dense_level(lvl, features, with_query=lvl == start)
                    for lvl in sorted(levels, reverse=True) if lvl >= start}
         queried = self._queried(outputs[start])
+        if opts.mode == "csq" and self._too_busy_for_sparse(queried, outputs[start].shape):
+            # the queries cover so much that no sparse plan can win: the finer levels run dense
+            # before any sparse work is set up (same outputs at every key, plus the rest)
+            for lvl in range(start - 1, levels[0] - 1, -1):
+                out = self._dense_level(lvl, features, with_query=False)
+                out.decided_dense = True
+                outputs[lvl] = out
+            return [outputs[lvl] for lvl in levels]
         for lvl in range(start - 1, levels[0] - 1, -1):
             coarse = outputs[lvl + 1]
             with_query = lvl > levels[0]
@@ -159,6 +168,25 @@ class QueryInference:
         return [outputs[lvl] for lvl in levels]
 
     # -- query decisions ------------------------------------------------------------------------
+    def _too_busy_for_sparse(self, queried: torch.Tensor, shape: tuple[int, int, int]) -> bool:
+        """True when the exact plan's first layer on the next finer level would cover more than
+        `sparse_max_fraction` of it (then the level-by-level fallback would go dense anyway).
+
+        Estimated on the start level itself: the queried map dilated by the receptive radius of
+        the towers in start-level cells (depth / 2, rounded up), one max-pool over a map 4x
+        smaller than the next level; it costs well under 1% of the heads."""
+        opts = self.options
+        if opts.context != "exact" or opts.sparse_max_fraction >= 1.0 or self.forced:
+            return False
+        n, h, w = shape
+        if queried.numel() == 0:
+            return False
+        hit = torch.zeros(n * h * w, device=queried.device)
+        hit[queried] = 1.0
+        radius = -(-self.depth // 2)
+        grown = F.max_pool2d(hit.view(n, 1, h, w), 2 * radius + 1, stride=1, padding=radius)
+        return float(grown.mean()) > opts.sparse_max_fraction
+
     def _queried(self, out: LevelOutput) -> torch.Tensor:
         """Positions of `out` whose query score passes sigma (or the forced set)."""
         if out.query is None or out.positions.numel() == 0:

@@ -270,6 +270,7 @@ def detect(
     precision: Annotated[Optional[Precision], typer.Option(help="Inference precision (default: the checkpoint's, auto)")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
     coco_gt: Annotated[Optional[Path], typer.Option(help="COCO ground truth: COCO results take its image ids, matched by file name")] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="Print seconds per pipeline stage on stderr (also with -v; always in --json)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (not with -o -)")] = False,
 ) -> None:
     """Detect small objects in huge GeoTIFFs and drone frames, tile by tile, with CSQ.
@@ -331,7 +332,7 @@ def detect(
                              rfc7946=rfc7946, resume=resume,
                              save_vis=str(save_vis) if save_vis else None,
                              precision=precision.value if precision else None,
-                             image_ids=image_ids)
+                             image_ids=image_ids, profile=profile)
         try:
             summary = run_detect(model, cfg, paths, output, out_format, opts, dev,
                                  progress_factory=None if quiet else progress_bar, lock=lock)
@@ -353,6 +354,10 @@ def detect(
         where = f" ({output} not written: no input succeeded)"
     print(f"querydet: {summary.done}/{summary.inputs} inputs, {found}, "
           f"{summary.megapixels:.1f} Mpx at {rate:.2f} Mpx/s{where}", file=sys.stderr)
+    if summary.profile and (profile or log.isEnabledFor(logging.INFO)):
+        from .profile import format_profile
+
+        print(format_profile(summary.profile), file=sys.stderr)
     if json_out:
         print(json.dumps({"inputs": summary.inputs, "done": summary.done,
                           "failed": [{"input": p, "error": e} for p, e in summary.failed],
@@ -361,7 +366,9 @@ def detect(
                           "new_detections": summary.new_detections,
                           "megapixels": round(summary.megapixels, 3),
                           "seconds": round(summary.seconds, 3),
-                          "output": output if summary.output_written else None}))
+                          "output": output if summary.output_written else None,
+                          "precision": getattr(summary, "precision", None),
+                          "profile": summary.profile}))
     if summary.failed:  # each error was printed once, when it happened
         print(f"querydet: {len(summary.failed)} input(s) failed (errors above)", file=sys.stderr)
         raise typer.Exit(1)

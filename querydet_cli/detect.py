@@ -32,6 +32,7 @@ from .errors import QueryDetError
 
 from .locking import OutputLock, journal_dir
 from .merge import Detections, TileMerger
+from .profile import Profile
 from .raster import RasterSource
 from .tiling import Tile, make_tiles, row_starts
 from .writers import GEO_FORMATS, OutputWriter, pixel_box_ring, read_records, to_lonlat
@@ -61,6 +62,7 @@ class DetectOptions:
     precision: str | None = None  # None: the checkpoint's inference.precision (auto)
     # COCO image id per input (from --coco-gt); None: the input's position, from 1
     image_ids: tuple[int, ...] | None = None
+    profile: bool = False  # synchronise CUDA at stage edges, for exact per-stage times
 
 
 @dataclass
@@ -76,6 +78,8 @@ class DetectSummary:
     megapixels: float = 0.0
     seconds: float = 0.0
     output_written: bool = False
+    profile: dict[str, Any] | None = None  # seconds per stage (see profile.py)
+    precision: str | None = None
 
 
 class DetectInterrupted(QueryDetError):
@@ -216,15 +220,31 @@ class RasterDetector:
             model.inference = replace(model.inference, score_threshold=options.score_threshold)
         self.precision = model.set_precision(options.precision or cfg.inference.precision)
         log.info("precision: %s", self.precision)
+        self.profile = Profile()
+        if options.profile and device.type == "cuda":
+            self.profile.sync = lambda: torch.cuda.synchronize(device)
 
     def infer(self, batch: list[tuple[Tile, np.ndarray, np.ndarray]]
               ) -> list[tuple[dict[str, torch.Tensor], np.ndarray | None]]:
-        images = [torch.from_numpy(p).to(self.device) for _, p, _ in batch]
+        prof = self.profile
         with self.model.compute():  # inference_mode + autocast to the run's precision
-            tensor, sizes = self.model.preprocess(images)
-            features = self.model.extract_features(tensor)
-            levels = self.model.predict_levels(features, **self.mode)
-            dets = self.model.detections(levels, sizes, features)
+            with prof.stage("preprocess"):
+                images = [torch.from_numpy(p).to(self.device) for _, p, _ in batch]
+                tensor, sizes = self.model.preprocess(images)
+            with prof.stage("backbone"):
+                features = self.model.extract_features(tensor)
+            with prof.stage("coarse_heads"):
+                levels = self.model.predict_levels(features, **self.mode)
+            # split the heads' time by level kind, FPN time apart (measured inside the levels)
+            for lv in levels:
+                prof.move("coarse_heads", "fpn", getattr(lv, "fpn_seconds", 0.0))
+                if getattr(lv, "is_dense", True) is False or getattr(lv, "decided_dense", False):
+                    prof.move("coarse_heads", "sparse_heads", getattr(lv, "seconds", 0.0))
+            prof.tiles += len(batch)
+            if any(getattr(lv, "decided_dense", False) for lv in levels):
+                prof.tiles_dense_by_decision += len(batch)
+            with prof.stage("postprocess"):
+                dets = self.model.detections(levels, sizes, features)
         # the query heatmap is only drawn with --save-vis: no per-tile work nobody asked for
         heats = _query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
         return list(zip(dets, heats))
@@ -260,8 +280,10 @@ class RasterDetector:
             if not batch:
                 return
             for (tile, _, valid), (det, heat) in zip(batch, self.infer(batch)):
-                final = merger.add(tile.index, *self._tile_detections(tile, det, valid, info))
-                emitted += self._emit(final, src, image_id, emit, vis)
+                with self.profile.stage("merge"):
+                    final = merger.add(tile.index, *self._tile_detections(tile, det, valid, info))
+                with self.profile.stage("write"):
+                    emitted += self._emit(final, src, image_id, emit, vis)
                 if vis is not None:
                     vis.add_heat(tile, heat)
                 finished[tile.row] += 1
@@ -271,15 +293,19 @@ class RasterDetector:
             nonlocal next_row, emitted
             while next_row <= last_row and finished[next_row] == per_row[next_row]:
                 below = starts[next_row + 1] if next_row < last_row else None
-                final = merger.release(below)
-                emitted += self._emit(final, src, image_id, emit, vis)
+                with self.profile.stage("merge"):
+                    final = merger.release(below)
+                    pending = merger.snapshot()
+                with self.profile.stage("write"):
+                    emitted += self._emit(final, src, image_id, emit, vis)
+                    checkpoint({"rows_done": next_row + 1, "pending": pending})
                 next_row += 1
-                checkpoint({"rows_done": next_row, "pending": merger.snapshot()})
                 self.rows = (next_row, len(starts))
 
         try:
             while True:
-                item = q.get()
+                with self.profile.stage("read"):
+                    item = q.get()
                 if isinstance(item, Exception):
                     raise QueryDetError(f"{src.path}: read failed: {item}") from None
                 if item is None:
@@ -484,6 +510,7 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
     if to_stdout and options.resume:
         raise QueryDetError("--resume needs an output file, not stdout")
     detector = RasterDetector(model, cfg, options, device)
+    summary.precision = detector.precision
     journal = None if to_stdout else Journal(output, run_key(inputs, options, cfg, model),
                                              options.resume, lock)
     crs_seen: str | None = None
@@ -509,6 +536,7 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
             current = path
             detector.rows = (int(state.get("rows_done", 0)), 0)
             try:
+                setup = time.perf_counter()
                 with RasterSource(path, options.bands) as src:
                     info = src.info()
                     if fmt in GEO_FORMATS and not info.georeferenced:
@@ -537,6 +565,7 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
                             journal.checkpoint(_id, st | {"crs": info.crs})
 
                     record_id = options.image_ids[image_id - 1] if options.image_ids else image_id
+                    detector.profile.add("setup", time.perf_counter() - setup)
                     n = detector.run(src, record_id, emit, checkpoint, state,
                                      progress=(lambda px: bar.update(px)) if bar else None,
                                      vis=vis)
@@ -564,12 +593,14 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
                 return summary
             crs = next((s.get("crs") for s in journal.state["inputs"].values() if s.get("crs")),
                        None)
-            with OutputWriter(output, fmt, crs, options.rfc7946) as writer:
+            with detector.profile.stage("write"), \
+                    OutputWriter(output, fmt, crs, options.rfc7946) as writer:
                 writer.write(read_records(journal.records))
             summary.detections = writer.count
             summary.output_written = True
             if not summary.failed:
                 journal.remove()
+        summary.profile = detector.profile.close(time.perf_counter() - started)
     except KeyboardInterrupt:
         done, total = detector.rows
         where = (f"in {current} after {done}/{total} tile rows" if total else f"in {current}") \

@@ -258,3 +258,25 @@ def test_bad_bands_are_one_clear_error(tmp_path):
     run_detect(OracleModel(), CFG, [str(path)], str(out), "ndjson",
                replace_opts(OPTS, bands=(9,)), CPU)
     assert out.read_text() == "old\n"
+
+
+def test_profile_stages_add_up_to_the_wall_time(tmp_path):
+    from tests.conftest import tiny_model, with_random_heads
+
+    path = write_tif(tmp_path / "a.tif", paint(400, 300, OBJECTS), Affine(1, 0, 0, 0, -1, 0))
+    model = with_random_heads(tiny_model())
+    model.prepare_inference("fp32")
+    cfg = Config()
+    from dataclasses import replace as dc_replace
+
+    cfg = dc_replace(cfg, model=dc_replace(cfg.model, num_classes=3, backbone="resnet18",
+                                           fpn_channels=32), class_names=("a", "b", "c"))
+    summary = run_detect(model, cfg, [str(path)], str(tmp_path / "o.geojson"), "geojson",
+                         DetectOptions(tile_size=128, overlap=16, batch_size=2), CPU)
+    prof = summary.profile
+    stages = prof["stages"]
+    named = sum(v["s"] for k, v in stages.items() if k != "other")
+    assert prof["tiles"] == 12
+    assert named >= 0.95 * prof["wall_s"], stages  # the named stages cover the run
+    assert abs(named + stages["other"]["s"] - prof["wall_s"]) < 1e-3
+    assert stages["backbone"]["s"] > 0 and stages["write"]["s"] > 0

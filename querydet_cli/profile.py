@@ -1,0 +1,65 @@
+"""Where the time of `querydet detect` goes: seconds per pipeline stage, on the main thread.
+
+Stages: read (waiting for the reader thread's next window: decode that did not overlap compute),
+preprocess, backbone, fpn, coarse heads (the dense levels, query head included), sparse heads
+(the queried levels; also the levels a busy tile ran densely), postprocess (decode, NMS), merge
+(cross-tile), write (journal, then the output file), setup (opening rasters, planning tiles) and
+other (the rest of the main thread: progress bar, bookkeeping). They add up to the wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+STAGES = ("setup", "read", "preprocess", "backbone", "fpn", "coarse_heads", "sparse_heads",
+          "postprocess", "merge", "write", "other")
+
+
+class Profile:
+    """Accumulated seconds per stage; `tiles_dense_by_decision` counts CSQ's busy-tile choice."""
+
+    def __init__(self) -> None:
+        self.seconds = {s: 0.0 for s in STAGES}
+        self.tiles = 0
+        self.tiles_dense_by_decision = 0
+        self.sync = None  # a callable that waits for the device (CUDA), set by the caller
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.sync is not None:
+            self.sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync is not None:
+                self.sync()
+            self.seconds[name] += time.perf_counter() - t0
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] += seconds
+
+    def move(self, source: str, target: str, seconds: float) -> None:
+        """Re-assign time measured inside `source` to `target` (e.g. FPN time inside the heads)."""
+        seconds = min(seconds, self.seconds[source])
+        self.seconds[source] -= seconds
+        self.seconds[target] += seconds
+
+    def close(self, wall: float) -> dict[str, object]:
+        """The report: seconds and share per stage; `other` is what the stages did not cover."""
+        named = sum(v for k, v in self.seconds.items() if k != "other")
+        self.seconds["other"] = max(0.0, wall - named)
+        return {"wall_s": round(wall, 4),
+                "stages": {k: {"s": round(v, 4), "share": round(v / wall, 4) if wall > 0 else 0.0}
+                           for k, v in self.seconds.items()},
+                "tiles": self.tiles, "tiles_dense_by_decision": self.tiles_dense_by_decision}
+
+
+def format_profile(report: dict[str, object]) -> str:
+    lines = [f"querydet: profile ({report['tiles']} tiles, {report['tiles_dense_by_decision']} "
+             f"run dense by CSQ's busy-tile decision), wall {report['wall_s']:.2f} s:"]
+    for name, entry in report["stages"].items():
+        lines.append(f"querydet:   {name:<13} {entry['s']:8.3f} s  {entry['share']:6.1%}")
+    return "\n".join(lines)
