@@ -210,6 +210,9 @@ def bench_detect(
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Tiles per batch")] = 2,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
     precision: Annotated[str, typer.Option(help="Precisions for the throughput rows, comma-separated (the first is the reference)")] = "fp32,auto",
+    peer: Annotated[Optional[str], typer.Option(help="sahi: the same raster and weights through SAHI, in the same run (pip install 'querydet[bench]')")] = None,
+    truth: Annotated[Optional[Path], typer.Option(help="COCO ground truth of --raster, for AP in the --peer rows")] = None,
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="Interleaved rounds of the --peer comparison (median)")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
 ) -> None:
     """Peak memory of detect on growing rasters, and CSQ vs dense megapixels per second."""
@@ -239,8 +242,18 @@ def bench_detect(
     from .engine import resolve_device
 
     dev = str(resolve_device(device.value))
+    if peer not in (None, "sahi"):
+        raise QueryDetError(f"--peer: {peer!r} is not one of sahi")
+    if peer and not raster_path:
+        raise QueryDetError("--peer compares on --raster: give one")
+    if truth is not None and not truth.is_file():
+        raise QueryDetError(f"--truth: file not found: {truth}")
+    if peer:
+        from .peer import _sahi_base
+
+        _sahi_base()  # says how to install SAHI when it is missing
     report = run(size_list, w, workdir, raster_path or None, dev, tile_size, overlap, batch_size,
-                 precisions)
+                 precisions, peer=peer, truth=truth, rounds=rounds)
     print(json.dumps(report) if json_out else format_report(report))
 
 
@@ -271,6 +284,10 @@ def detect(
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
     coco_gt: Annotated[Optional[Path], typer.Option(help="COCO ground truth: COCO results take its image ids, matched by file name")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="Print seconds per pipeline stage on stderr (also with -v; always in --json)")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run the model on Ray: auto (a running cluster, else a local one) or ADDRESS (host:port); pip install 'querydet[ray]'")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=4096, help="Ray actors, each holding the model once")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option(min=0.0, max=16.0, help="GPUs per Ray actor (0: CPU actors)")] = 0.0,
+    threads_per_worker: Annotated[int, typer.Option(min=1, max=256, help="torch threads (and Ray CPUs) per actor")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (not with -o -)")] = False,
 ) -> None:
     """Detect small objects in huge GeoTIFFs and drone frames, tile by tile, with CSQ.
@@ -281,6 +298,13 @@ def detect(
     from .writers import format_for
 
     out_format = format_for(output, fmt.value if fmt else None)
+    if ray is None and (workers != 2 or gpus_per_worker or threads_per_worker != 1):
+        raise QueryDetError("--workers, --gpus-per-worker and --threads-per-worker go with --ray")
+    if ray is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise QueryDetError("--ray needs Ray: pip install 'querydet[ray]'")
     if json_out and output == "-":
         raise QueryDetError("--json prints a summary on stdout, where -o - writes detections: "
                             "choose one")
@@ -334,8 +358,16 @@ def detect(
                              precision=precision.value if precision else None,
                              image_ids=image_ids, profile=profile)
         try:
+            settings = None
+            if ray is not None:
+                from .distributed import RaySettings
+
+                settings = RaySettings(address=ray, workers=workers,
+                                       gpus_per_worker=gpus_per_worker,
+                                       threads_per_worker=threads_per_worker)
             summary = run_detect(model, cfg, paths, output, out_format, opts, dev,
-                                 progress_factory=None if quiet else progress_bar, lock=lock)
+                                 progress_factory=None if quiet else progress_bar, lock=lock,
+                                 ray=settings, weights=weights or sample_model())
         except DetectInterrupted as err:
             if err.resumable:
                 import shlex

@@ -7,7 +7,9 @@ second of CSQ and of dense inference on the same raster, in this process, one af
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,13 +23,18 @@ from .errors import QueryDetError
 from .synthetic import CRS, ORIGIN, PIXEL_SIZE, make_scene
 
 
-def write_big_raster(path: Path, size: int, seed: int = 0, block: int = 512) -> Path:
-    """A size x size RGB GeoTIFF built from 16 synthetic scenes repeated, written block by block."""
+def write_big_raster(path: Path, size: int, seed: int = 0, block: int = 512,
+                     truth: Path | None = None) -> Path:
+    """A size x size RGB GeoTIFF built from 16 synthetic scenes repeated, written block by block.
+
+    With `truth`, also a COCO JSON of its objects (the scenes' boxes, shifted and clipped)."""
     import rasterio
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    scenes = [make_scene(block, seed * 100 + i)[0].transpose(2, 0, 1) for i in range(16)]
+    made = [make_scene(block, seed * 100 + i) for i in range(16)]
+    scenes = [img.transpose(2, 0, 1) for img, _ in made]
+    annotations = []
     profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
                "crs": CRS, "transform": from_origin(*ORIGIN, PIXEL_SIZE, PIXEL_SIZE),
                "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
@@ -38,7 +45,22 @@ def write_big_raster(path: Path, size: int, seed: int = 0, block: int = 512) -> 
             for x in range(0, size, block):
                 h, w = min(block, size - y), min(block, size - x)
                 dst.write(scenes[k % 16][:, :h, :w], window=Window(x, y, w, h))
+                for obj in made[k % 16][1]:
+                    x1, y1 = obj.box[0] + x, obj.box[1] + y
+                    x2, y2 = min(obj.box[2] + x, x + w), min(obj.box[3] + y, y + h)
+                    if x2 - x1 >= 2 and y2 - y1 >= 2:
+                        annotations.append({"id": len(annotations) + 1, "image_id": 1,
+                                            "category_id": obj.label + 1,
+                                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                            "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
                 k += 1
+    if truth is not None:
+        from .synthetic import CLASSES
+
+        truth.write_text(json.dumps({
+            "images": [{"id": 1, "file_name": path.name, "width": size, "height": size}],
+            "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}))
     return path
 
 
@@ -122,6 +144,83 @@ def run_throughput_bench(raster: str, weights: str, device: str, tile_size: int,
     return rows
 
 
+def coco_ap(truth: Path, dets: list[dict[str, Any]], category_ids: list[int]) -> dict[str, float]:
+    """AP and AP50 (pycocotools, maxDets 1000 for these big single images) of one raster."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from .metrics import coco_ap as ap_at
+
+    if not dets:
+        return {"AP": 0.0, "AP50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(truth))
+        results = [{"image_id": 1, "category_id": category_ids[d["class_id"]],
+                    "bbox": [d["bbox"][0], d["bbox"][1], d["bbox"][2] - d["bbox"][0],
+                             d["bbox"][3] - d["bbox"][1]], "score": d["score"]} for d in dets]
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.params.maxDets = [1, 100, 100000]
+        ev.evaluate()
+        ev.accumulate()
+    return {"AP": ap_at(ev, 100000), "AP50": ap_at(ev, 100000, iou=0.5)}
+
+
+def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overlap: int,
+                   batch_size: int, rounds: int = 3, truth: Path | None = None,
+                   score_threshold: float = 0.3) -> dict[str, Any]:
+    """`detect` (default precision and fp32) against SAHI with the same weights (fp32, dense,
+    its greedy IoS merge), rounds interleaved, median wall seconds, reading included."""
+    import torch
+
+    from .detect import DetectOptions, run_detect
+    from .engine import load_model
+    from .peer import sahi_detect
+    from .writers import read_records
+
+    model, cfg = load_model(weights, device)
+    dev = torch.device(device)
+    names = cfg.names()
+    rows: dict[str, dict[str, Any]] = {}
+    times: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name, precision in (("querydet", None), ("querydet_fp32", "fp32")):
+                out = Path(tmp) / f"{name}{r}.ndjson"
+                opts = DetectOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
+                                     score_threshold=score_threshold, precision=precision)
+                t0 = time.perf_counter()
+                s = run_detect(model, cfg, [raster], str(out), "ndjson", opts, dev)
+                times.setdefault(name, []).append(time.perf_counter() - t0)
+                if r == 0:
+                    feats = [json.loads(line) for line in open(out)]
+                    dets = [{"bbox": f["properties"]["bbox_px"], "score": f["properties"]["score"],
+                             "class_id": f["properties"]["class_id"]} for f in feats]
+                    rows[name] = {"precision": s.precision, "detections": len(dets),
+                                  "profile": s.profile}
+                    if truth is not None:
+                        rows[name] |= coco_ap(truth, dets, cfg.category_ids())
+            model.set_precision("fp32")
+            t0 = time.perf_counter()
+            dets, _ = sahi_detect(raster, model, names, dev, tile_size=tile_size, overlap=overlap,
+                                  confidence=score_threshold, postprocess="GREEDYNMM",
+                                  metric="IOS", threshold=0.5)
+            times.setdefault("sahi_fp32", []).append(time.perf_counter() - t0)
+            if r == 0:
+                rows["sahi_fp32"] = {"precision": "fp32", "detections": len(dets)}
+                if truth is not None:
+                    rows["sahi_fp32"] |= coco_ap(truth, dets, cfg.category_ids())
+    for name, ts in times.items():
+        rows[name]["wall_s"] = statistics.median(ts)
+        rows[name]["wall_s_all"] = [round(t, 2) for t in ts]
+    sahi = rows["sahi_fp32"]["wall_s"]
+    return {"raster": raster, "rows": rows,
+            "speedup_fp32_vs_sahi": sahi / rows["querydet_fp32"]["wall_s"],
+            "speedup_default_vs_sahi": sahi / rows["querydet"]["wall_s"]}
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = []
     if "throughput" in report:
@@ -135,6 +234,15 @@ def format_report(report: dict[str, Any]) -> str:
         for key, value in t.items():
             if key.endswith(f"_vs_csq_{t['precisions'][0]}"):
                 lines.append(f"  {key.replace('_vs_', ' / ')}: {value:.2f}x")
+    if "peer" in report:
+        p = report["peer"]
+        lines.append(f"querydet vs SAHI (same weights) on {p['raster']}, median of rounds:")
+        for name, row in p["rows"].items():
+            ap = f", AP {row['AP']:.3f} AP50 {row['AP50']:.3f}" if "AP" in row else ""
+            lines.append(f"  {name:<14} {row['precision']:<5} {row['wall_s']:8.2f} s "
+                         f"({row['detections']} detections{ap})")
+        lines.append(f"  detect fp32 / SAHI fp32: {p['speedup_fp32_vs_sahi']:.2f}x faster")
+        lines.append(f"  detect default / SAHI fp32: {p['speedup_default_vs_sahi']:.2f}x faster")
     if "memory" in report:
         lines.append("peak RSS of `querydet detect`:")
         for r in report["memory"]:
@@ -147,9 +255,14 @@ def format_report(report: dict[str, Any]) -> str:
 
 def run(sizes: list[int], weights: str, workdir: Path, raster: str | None, device: str,
         tile_size: int, overlap: int, batch_size: int,
-        precisions: tuple[str, ...] = ("fp32", "auto")) -> dict[str, Any]:
+        precisions: tuple[str, ...] = ("fp32", "auto"), peer: str | None = None,
+        truth: Path | None = None, rounds: int = 3) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
+    if peer == "sahi" and raster:
+        report["peer"] = run_peer_bench(raster, weights, device, tile_size, overlap, batch_size,
+                                        rounds=rounds, truth=truth)
+        return report
     if raster:
         report["throughput_raster"] = raster
         report["throughput"] = run_throughput_bench(raster, weights, device, tile_size, overlap,

@@ -20,7 +20,7 @@ import sys
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -249,14 +249,65 @@ class RasterDetector:
         heats = _query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
         return list(zip(dets, heats))
 
+    def produce(self, src: RasterSource, tiles: list[Tile], info=None
+                ) -> Iterator[tuple[Tile, tuple[np.ndarray, ...] | None, np.ndarray | None]]:
+        """The producer (pixels in, boxes out): (tile, its detections, query heatmap) in tile
+        order. A reader thread prefetches windows; tiles are batched through the model.
+        Detections are `_tile_detections` arrays in global pixels; None for an all-nodata tile.
+        """
+        info = info or src.info()
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.opts.prefetch * self.opts.batch_size))
+        stop = threading.Event()
+        reader = threading.Thread(target=_reader, args=(src, tiles, q, stop), daemon=True)
+        reader.start()
+        batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+
+        def flush() -> Iterator[tuple[Tile, tuple[np.ndarray, ...], np.ndarray | None]]:
+            if not batch:
+                return
+            for (tile, _, valid), (det, heat) in zip(batch, self.infer(batch)):
+                with self.profile.stage("merge"):
+                    found = self._tile_detections(tile, det, valid, info)
+                yield tile, found, heat
+            batch.clear()
+
+        try:
+            while True:
+                with self.profile.stage("read"):
+                    item = q.get()
+                if isinstance(item, Exception):
+                    raise QueryDetError(f"{src.path}: read failed: {item}") from None
+                if item is None:
+                    break
+                tile, pixels, valid = item
+                if pixels is None:  # all nodata: nothing to look at
+                    yield from flush()
+                    yield tile, None, None
+                else:
+                    batch.append((tile, pixels, valid))
+                    if len(batch) >= self.opts.batch_size:
+                        yield from flush()
+            yield from flush()
+        finally:
+            stop.set()
+            while reader.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    reader.join(timeout=0.1)
+
     def run(self, src: RasterSource, image_id: int, emit: Callable[[list[dict]], None],
             checkpoint: Callable[[dict[str, Any]], None], state: dict[str, Any],
-            progress: Callable[[int], None] | None = None, vis: "Overview | None" = None) -> int:
-        """Detect on one raster; returns the number of detections emitted."""
+            progress: Callable[[int], None] | None = None, vis: "Overview | None" = None,
+            results: Iterable[tuple[Tile, tuple[np.ndarray, ...] | None, Any]] | None = None
+            ) -> int:
+        """The consumer: merge each tile's detections across tiles, emit final ones and
+        checkpoint per finished tile row; returns the number emitted. `results` (tile,
+        detections, heatmap) come from `produce` here, or from elsewhere (Ray workers)."""
         info = self._info = src.info()  # read once: _emit runs for every released tile row
         # a second handle, for this thread only: the reader thread owns `src` while it runs
         self._probe = src.reopen()
-        tiles = make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap)
+        tiles = self.plan(info)
         starts = row_starts(tiles)
         last_row = max(starts)
         rows_done = int(state.get("rows_done", 0))
@@ -267,27 +318,8 @@ class RasterDetector:
         per_row = {r: sum(1 for t in tiles if t.row == r) for r in starts}
         finished = {r: 0 for r in starts}
         emitted = 0
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.opts.prefetch * self.opts.batch_size))
-        stop = threading.Event()
-        reader = threading.Thread(target=_reader, args=(src, todo, q, stop), daemon=True)
-        reader.start()
         next_row = rows_done
         self.rows = (rows_done, len(starts))  # tile rows done, of all (for an interrupt message)
-        batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
-
-        def flush_batch() -> None:
-            nonlocal emitted
-            if not batch:
-                return
-            for (tile, _, valid), (det, heat) in zip(batch, self.infer(batch)):
-                with self.profile.stage("merge"):
-                    final = merger.add(tile.index, *self._tile_detections(tile, det, valid, info))
-                with self.profile.stage("write"):
-                    emitted += self._emit(final, src, image_id, emit, vis)
-                if vis is not None:
-                    vis.add_heat(tile, heat)
-                finished[tile.row] += 1
-            batch.clear()
 
         def release_rows() -> None:
             nonlocal next_row, emitted
@@ -303,35 +335,27 @@ class RasterDetector:
                 self.rows = (next_row, len(starts))
 
         try:
-            while True:
-                with self.profile.stage("read"):
-                    item = q.get()
-                if isinstance(item, Exception):
-                    raise QueryDetError(f"{src.path}: read failed: {item}") from None
-                if item is None:
-                    break
-                tile, pixels, valid = item
+            for tile, found, heat in (results if results is not None
+                                      else self.produce(src, todo, info)):
                 if progress:
-                    progress(tile.width * tile.height)
-                if pixels is None:  # all nodata: nothing to look at
-                    flush_batch()
-                    finished[tile.row] += 1
-                else:
-                    batch.append((tile, pixels, valid))
-                    if len(batch) >= self.opts.batch_size:
-                        flush_batch()
+                    progress(1)
+                if found is not None:
+                    with self.profile.stage("merge"):
+                        final = merger.add(tile.index, *found)
+                    with self.profile.stage("write"):
+                        emitted += self._emit(final, src, image_id, emit, vis)
+                    if vis is not None:
+                        vis.add_heat(tile, heat)
+                finished[tile.row] += 1
                 release_rows()
-            flush_batch()
             release_rows()
         finally:
             self._probe.close()
-            stop.set()
-            while reader.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    reader.join(timeout=0.1)
         return emitted
+
+    def plan(self, info) -> list[Tile]:
+        """The tiles of a raster, in the order they are produced and merged."""
+        return make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap)
 
     def _tile_detections(self, tile: Tile, det: dict[str, torch.Tensor], valid: np.ndarray,
                          info) -> tuple[np.ndarray, ...]:
@@ -501,8 +525,12 @@ def coco_image_ids(gt_path: str | Path, inputs: list[str]) -> tuple[int, ...]:
 def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt: str,
                options: DetectOptions, device: torch.device,
                progress_factory: Callable[[str, int], Any] | None = None,
-               lock: OutputLock | None = None) -> DetectSummary:
-    """Detect on every input into one output; a bad input is reported and skipped."""
+               lock: OutputLock | None = None, ray: Any = None,
+               weights: str | Path | None = None) -> DetectSummary:
+    """Detect on every input into one output; a bad input is reported and skipped.
+
+    With `ray` (`distributed.RaySettings`) and the checkpoint path `weights`, the producer runs
+    on Ray actors and this process merges and writes, exactly as without Ray."""
     import time
 
     summary = DetectSummary(inputs=len(inputs), failed=[])
@@ -515,6 +543,23 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
                                              options.resume, lock)
     crs_seen: str | None = None
     started = time.perf_counter()
+    producer = None
+    if ray is not None:
+        from .distributed import RayProducer
+
+        if weights is None:
+            raise QueryDetError("--ray needs the checkpoint file the workers load")
+        producer = RayProducer(ray, weights, options, str(device))
+
+        def tile_rows(path: str) -> int | None:
+            try:
+                with RasterSource(path, options.bands) as src:
+                    return max(t.row for t in detector.plan(src.info())) + 1
+            except QueryDetError:
+                return None
+
+        states = {i: journal.input_state(i) if journal else {} for i in range(1, len(inputs) + 1)}
+        producer.start(producer.plan(inputs, states, tile_rows))
     # stdout is written as detections come; it opens once the first input's CRS is known
     writer_ctx = OutputWriter(output, fmt, None, options.rfc7946) if to_stdout else None
     opened = False
@@ -551,7 +596,9 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
                                                 "--rfc7946 (EPSG:4326) or separate runs")
                     open_stdout(info.crs)
                     vis = Overview(src) if options.save_vis else None
-                    bar = progress_factory(Path(path).name, info.width * info.height) \
+                    done_rows = int(state.get("rows_done", 0))
+                    remaining = sum(1 for t in detector.plan(info) if t.row >= done_rows)
+                    bar = progress_factory(Path(path).name, remaining) \
                         if progress_factory else None
 
                     def emit(records: list[dict]) -> None:
@@ -566,9 +613,13 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
 
                     record_id = options.image_ids[image_id - 1] if options.image_ids else image_id
                     detector.profile.add("setup", time.perf_counter() - setup)
+                    results = None
+                    if producer is not None:
+                        results = producer.results_for(
+                            image_id, {t.index: t for t in detector.plan(info)})
                     n = detector.run(src, record_id, emit, checkpoint, state,
-                                     progress=(lambda px: bar.update(px)) if bar else None,
-                                     vis=vis)
+                                     progress=(lambda n: bar.update(n)) if bar else None,
+                                     vis=vis, results=results)
                     if bar:
                         bar.close()
                     if journal is not None:
@@ -582,6 +633,8 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
             except QueryDetError as err:
                 summary.failed.append((path, str(err)))
                 print(f"querydet: error: {err}", file=sys.stderr)
+                if producer is not None:
+                    producer.skip(image_id)
         summary.seconds = time.perf_counter() - started
         summary.detections = summary.new_detections
         if journal is not None:
@@ -612,6 +665,8 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
         raise DetectInterrupted(f"interrupted {where}; stdout output is incomplete",
                                 resumable=False) from None
     finally:
+        if producer is not None:
+            producer.close()
         if journal is not None:
             journal.close()
         if writer_ctx is not None:

@@ -59,11 +59,11 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu"
     return model, cfg
 
 
-def progress_bar(name: str, total_pixels: int):
-    """A tqdm bar on stderr counting megapixels of one raster."""
+def progress_bar(name: str, total_tiles: int):
+    """A tqdm bar on stderr counting the tiles of one raster (each advances it by one)."""
     import sys
 
     from tqdm import tqdm
 
-    return tqdm(total=total_pixels, unit="px", unit_scale=True, desc=name, file=sys.stderr,
-                leave=False, dynamic_ncols=True)
+    return tqdm(total=total_tiles, unit="tile", desc=name, file=sys.stderr, leave=False,
+                dynamic_ncols=True)

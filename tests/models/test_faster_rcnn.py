@@ -81,7 +81,8 @@ def test_csq_sigma_zero_gives_dense_detections(frcnn, images):
 def test_csq_reduces_proposals(frcnn, images):
     feats, sizes = features(frcnn, images)
     dense = frcnn.proposals(frcnn.predict_levels(feats, mode="dense"), sizes)
-    csq = frcnn.proposals(frcnn.predict_levels(feats, mode="csq", sigma=0.25), sizes)
+    csq = frcnn.proposals(frcnn.predict_levels(feats, mode="csq", sigma=0.25,
+                                               sparse_max_fraction=1.0), sizes)
     assert sum(p.shape[0] for p in csq) < sum(p.shape[0] for p in dense)
 
 
