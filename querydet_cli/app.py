@@ -310,8 +310,9 @@ def detect(
                             "choose one")
     if no_csq and mode not in (None, Mode.dense):
         raise QueryDetError("--no-csq and --mode contradict each other")
-    if overlap >= tile_size:
-        raise QueryDetError(f"--overlap ({overlap}) must be smaller than --tile-size ({tile_size})")
+    if overlap > tile_size // 2:
+        raise QueryDetError(f"--overlap ({overlap}) must be at most half of --tile-size "
+                            f"({tile_size})")
     band_list = None
     if bands:
         try:

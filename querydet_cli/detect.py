@@ -261,6 +261,15 @@ class RasterDetector:
         reader = threading.Thread(target=_reader, args=(src, tiles, q, stop), daemon=True)
         reader.start()
         batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+        # a batch never spans two tile rows, nor two groups of batch_size tiles of a row: the
+        # batches (and so the sums) are the same whichever row a run starts from (--resume, a
+        # Ray band), so every way of running gives bit-identical detections
+        row_first: dict[int, int] = {}
+        for t in tiles:
+            row_first.setdefault(t.row, t.index)
+
+        def group(t: Tile) -> tuple[int, int]:
+            return t.row, (t.index - row_first[t.row]) // self.opts.batch_size
 
         def flush() -> Iterator[tuple[Tile, tuple[np.ndarray, ...], np.ndarray | None]]:
             if not batch:
@@ -284,6 +293,8 @@ class RasterDetector:
                     yield from flush()
                     yield tile, None, None
                 else:
+                    if batch and group(batch[-1][0]) != group(tile):
+                        yield from flush()
                     batch.append((tile, pixels, valid))
                     if len(batch) >= self.opts.batch_size:
                         yield from flush()

@@ -72,7 +72,7 @@ def test_cli_conventions_version_configs_devices(tmp_path):
                          (["--context", "13x13"], "'13x13' is not one of"),
                          (["--merge-threshold", "-1"], "'--merge-threshold'"),
                          (["--tile-size", "0"], "'--tile-size'"),
-                         (["--overlap", "1024"], "--overlap (1024) must be smaller")):
+                         (["--overlap", "1024"], "--overlap (1024) must be at most half")):
         proc = _cli("detect", str(tmp_path / "x.tif"), "-o", str(tmp_path / "o.geojson"), *args)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
