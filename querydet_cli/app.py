@@ -212,7 +212,11 @@ def bench_detect(
     precision: Annotated[str, typer.Option(help="Precisions for the throughput rows, comma-separated (the first is the reference)")] = "fp32,auto",
     peer: Annotated[Optional[str], typer.Option(help="sahi: the same raster and weights through SAHI, in the same run (pip install 'querydet[bench]')")] = None,
     truth: Annotated[Optional[Path], typer.Option(help="COCO ground truth of --raster, for AP in the --peer rows")] = None,
-    rounds: Annotated[int, typer.Option(min=1, max=20, help="Interleaved rounds of the --peer comparison (median)")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="Interleaved rounds of the --peer / --ray-rasters comparisons (median)")] = 3,
+    scene: Annotated[Optional[str], typer.Option(help="Instead of --raster: a synthetic busy (objects everywhere) or survey (objects in a tenth, nodata collar) GeoTIFF with its ground truth, written to --workdir")] = None,
+    scene_size: Annotated[int, typer.Option(min=512, max=65536, help="Side of the --scene raster")] = 4096,
+    ray_rasters: Annotated[int, typer.Option(min=0, max=1000, help="Ray scaling: detect on this many synthetic rasters with 1 and 2 single-thread actors")] = 0,
+    ray_size: Annotated[int, typer.Option(min=256, max=16384, help="Side of the --ray-rasters rasters")] = 2048,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
 ) -> None:
     """Peak memory of detect on growing rasters, and CSQ vs dense megapixels per second."""
@@ -226,6 +230,22 @@ def bench_detect(
         raise QueryDetError("--sizes: each size must be in 256..65536")
     if overlap >= tile_size:
         raise QueryDetError(f"--overlap ({overlap}) must be smaller than --tile-size ({tile_size})")
+    if scene not in (None, "busy", "survey"):
+        raise QueryDetError(f"--scene: {scene!r} is not one of busy, survey")
+    if scene is not None:
+        if raster is not None or truth is not None:
+            raise QueryDetError("--scene makes its own raster and truth: not with --raster/--truth")
+        from .bench_detect import write_big_raster, write_survey_raster
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        raster = str(workdir / f"{scene}_{scene_size}.tif")
+        truth = workdir / f"{scene}_{scene_size}.json"
+        if not (Path(raster).is_file() and truth.is_file()):
+            print(f"bench-detect: writing {raster} ...", file=sys.stderr, flush=True)
+            if scene == "busy":
+                write_big_raster(Path(raster), scene_size, truth=truth)
+            else:
+                write_survey_raster(Path(raster), scene_size, truth)
     raster_path = str(sample_scene()) if raster is None else raster
     if raster_path and not Path(raster_path).is_file():
         raise QueryDetError(f"--raster: file not found: {raster_path}")
@@ -248,12 +268,18 @@ def bench_detect(
         raise QueryDetError("--peer compares on --raster: give one")
     if truth is not None and not truth.is_file():
         raise QueryDetError(f"--truth: file not found: {truth}")
+    if ray_rasters:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise QueryDetError("--ray-rasters needs Ray: pip install 'querydet[ray]'")
     if peer:
         from .peer import _sahi_base
 
         _sahi_base()  # says how to install SAHI when it is missing
     report = run(size_list, w, workdir, raster_path or None, dev, tile_size, overlap, batch_size,
-                 precisions, peer=peer, truth=truth, rounds=rounds)
+                 precisions, peer=peer, truth=truth, rounds=rounds, ray_rasters=ray_rasters,
+                 ray_size=ray_size)
     print(json.dumps(report) if json_out else format_report(report))
 
 

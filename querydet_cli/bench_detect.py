@@ -64,6 +64,65 @@ def write_big_raster(path: Path, size: int, seed: int = 0, block: int = 512,
     return path
 
 
+def write_survey_raster(path: Path, size: int, truth: Path, seed: int = 0, block: int = 512,
+                        busy_fraction: float = 0.1, angle: float = 20.0) -> Path:
+    """A survey-like GeoTIFF: objects in about `busy_fraction` of the blocks, empty ground
+    elsewhere, and a nodata collar (0) around a footprint rotated by `angle` degrees; with its
+    COCO ground truth (objects centred inside the footprint)."""
+    import math
+
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    from .synthetic import CLASSES, _ground
+
+    rng = np.random.default_rng(seed)
+    scenes = [make_scene(block, seed * 100 + i) for i in range(8)]
+    grounds = [np.clip(_ground(np.random.default_rng(seed * 100 + 50 + i), block), 1, 255)
+               .astype(np.uint8) for i in range(4)]
+    c, half = size / 2, size * 0.36
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+
+    def inside(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        u = (x - c) * cos + (y - c) * sin
+        v = -(x - c) * sin + (y - c) * cos
+        return (np.abs(u) <= half) & (np.abs(v) <= half)
+
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
+               "crs": CRS, "transform": from_origin(*ORIGIN, PIXEL_SIZE, PIXEL_SIZE),
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+               "nodata": 0, "BIGTIFF": "IF_SAFER"}
+    annotations = []
+    with rasterio.open(path, "w", **profile) as dst:
+        for y in range(0, size, block):
+            for x in range(0, size, block):
+                h, w = min(block, size - y), min(block, size - x)
+                if rng.random() < busy_fraction:
+                    img, objects = scenes[int(rng.integers(len(scenes)))]
+                    img = np.clip(img, 1, 255).astype(np.uint8)
+                else:
+                    img, objects = grounds[int(rng.integers(len(grounds)))], []
+                tile = img[:h, :w].transpose(2, 0, 1).copy()  # (3, h, w)
+                ys, xs = np.mgrid[y:y + h, x:x + w]
+                tile[:, ~inside(xs + 0.5, ys + 0.5)] = 0  # the nodata collar
+                dst.write(tile, window=Window(x, y, w, h))
+                for obj in objects:
+                    x1, y1 = obj.box[0] + x, obj.box[1] + y
+                    x2, y2 = min(obj.box[2] + x, x + w), min(obj.box[3] + y, y + h)
+                    cx, cy = np.array([(x1 + x2) / 2]), np.array([(y1 + y2) / 2])
+                    if x2 - x1 >= 2 and y2 - y1 >= 2 and inside(cx, cy)[0]:
+                        annotations.append({"id": len(annotations) + 1, "image_id": 1,
+                                            "category_id": obj.label + 1,
+                                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                            "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    truth.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": path.name, "width": size, "height": size}],
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}))
+    return path
+
+
 def peak_rss_of(cmd: list[str]) -> tuple[float, float, int]:
     """Run a command; return its peak RSS in MiB, wall seconds and exit code."""
     t0 = time.perf_counter()
@@ -221,6 +280,51 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
             "speedup_default_vs_sahi": sahi / rows["querydet"]["wall_s"]}
 
 
+def run_ray_scaling(count: int, size: int, weights: str, workdir: Path, tile_size: int,
+                    overlap: int, batch_size: int, workers: tuple[int, ...] = (1, 2),
+                    rounds: int = 2) -> dict[str, Any]:
+    """`detect --ray` on `count` synthetic rasters with 1 and 2 single-thread actors, rounds
+    interleaved, in one local Ray instance: megapixels per second and the ratio."""
+    import torch
+
+    from .detect import DetectOptions, run_detect
+    from .distributed import RaySettings, import_ray
+    from .engine import load_model
+
+    ray = import_ray()
+    rasters = []
+    for i in range(count):
+        path = workdir / f"ray_{size}_{i}.tif"
+        if not path.is_file():
+            write_big_raster(path, size, seed=i)
+        rasters.append(str(path))
+    model, cfg = load_model(weights, "cpu")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
+    rates: dict[int, list[float]] = {w: [] for w in workers}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(rounds):
+                for w in workers:
+                    opts = DetectOptions(tile_size=tile_size, overlap=overlap,
+                                         batch_size=batch_size)
+                    t0 = time.perf_counter()
+                    s = run_detect(model, cfg, rasters, str(Path(tmp) / f"w{w}r{r}.ndjson"),
+                                   "ndjson", opts, torch.device("cpu"),
+                                   ray=RaySettings(workers=w, threads_per_worker=1),
+                                   weights=weights)
+                    rates[w].append(s.megapixels / (time.perf_counter() - t0))
+    finally:
+        if started:
+            ray.shutdown()
+    best = {w: statistics.median(v) for w, v in rates.items()}
+    return {"rasters": count, "size": size, "megapixels": count * size * size / 1e6,
+            "megapixels_per_s": {str(w): v for w, v in best.items()},
+            "all_rounds": {str(w): [round(x, 3) for x in v] for w, v in rates.items()},
+            "ratio": best[max(workers)] / best[min(workers)]}
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = []
     if "throughput" in report:
@@ -234,6 +338,13 @@ def format_report(report: dict[str, Any]) -> str:
         for key, value in t.items():
             if key.endswith(f"_vs_csq_{t['precisions'][0]}"):
                 lines.append(f"  {key.replace('_vs_', ' / ')}: {value:.2f}x")
+    if "ray_scaling" in report:
+        r = report["ray_scaling"]
+        lines.append(f"detect --ray on {r['rasters']} rasters of {r['size']}^2 "
+                     f"({r['megapixels']:.0f} Mpx), single-thread actors, median of rounds:")
+        for w, rate in r["megapixels_per_s"].items():
+            lines.append(f"  {w} worker(s): {rate:.3f} Mpx/s")
+        lines.append(f"  ratio: {r['ratio']:.2f}x")
     if "peer" in report:
         p = report["peer"]
         lines.append(f"querydet vs SAHI (same weights) on {p['raster']}, median of rounds:")
@@ -256,9 +367,14 @@ def format_report(report: dict[str, Any]) -> str:
 def run(sizes: list[int], weights: str, workdir: Path, raster: str | None, device: str,
         tile_size: int, overlap: int, batch_size: int,
         precisions: tuple[str, ...] = ("fp32", "auto"), peer: str | None = None,
-        truth: Path | None = None, rounds: int = 3) -> dict[str, Any]:
+        truth: Path | None = None, rounds: int = 3, ray_rasters: int = 0,
+        ray_size: int = 2048) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
+    if ray_rasters:
+        report["ray_scaling"] = run_ray_scaling(ray_rasters, ray_size, weights, workdir,
+                                                tile_size, overlap, batch_size, rounds=rounds)
+        return report
     if peer == "sahi" and raster:
         report["peer"] = run_peer_bench(raster, weights, device, tile_size, overlap, batch_size,
                                         rounds=rounds, truth=truth)

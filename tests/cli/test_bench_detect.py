@@ -31,3 +31,47 @@ def test_memory_and_throughput_report(tmp_path):
     assert report["rss_ratio"] >= 1.0
     t = report["throughput"]
     assert t["csq"]["megapixels_per_s"] > 0 and t["dense"]["megapixels_per_s"] > 0
+
+
+def test_survey_raster_has_a_nodata_collar_and_truth_inside(tmp_path):
+    import json
+
+    import numpy as np
+
+    from querydet_cli.bench_detect import write_survey_raster
+
+    path = write_survey_raster(tmp_path / "s.tif", 1024, tmp_path / "s.json", block=256,
+                               busy_fraction=0.5)
+    with rasterio.open(path) as src:
+        data = src.read(1)
+        assert src.nodata == 0
+    collar = (data == 0).mean()
+    assert 0.2 < collar < 0.7  # a rotated footprint inside a nodata collar
+    truth = json.loads((tmp_path / "s.json").read_text())
+    assert truth["annotations"]
+    for a in truth["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert data[int(y + h / 2), int(x + w / 2)] != 0  # centred on valid pixels
+
+
+def test_peer_bench_runs_sahi_with_the_same_weights(tmp_path):
+    import pytest
+
+    pytest.importorskip("sahi")
+    from querydet_cli.bench_detect import run_peer_bench
+
+    cfg = replace(Config(), model=ModelConfig(backbone="resnet18", fpn_channels=16, head_convs=2,
+                                              num_classes=5))
+    torch.manual_seed(0)
+    weights = tmp_path / "m.pt"
+    save_checkpoint(weights, build_querydet(cfg.model, cfg.inference), cfg.to_dict(),
+                    ["car", "truck", "person", "tree", "building"])
+    truth = tmp_path / "t.json"
+    raster = write_big_raster(tmp_path / "t.tif", 512, block=256, truth=truth)
+    report = run_peer_bench(str(raster), str(weights), "cpu", 256, 32, 2, rounds=1, truth=truth,
+                            score_threshold=0.0)
+    rows = report["rows"]
+    assert set(rows) == {"querydet", "querydet_fp32", "sahi_fp32"}
+    for row in rows.values():
+        assert row["wall_s"] > 0 and 0 <= row["AP"] <= 1
+    assert report["speedup_fp32_vs_sahi"] > 0

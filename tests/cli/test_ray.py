@@ -162,7 +162,12 @@ def test_against_a_ray_start_head_cluster_on_loopback(checkpoint, tmp_path):
     """A real cluster: `ray start --head` on 127.0.0.1, the CLI with --ray 127.0.0.1:PORT."""
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     port = 26379
-    env = dict(os.environ, RAY_ADDRESS="")
+    # token authentication, as a real cluster runs it (Ray >= 2.52): the same token on the
+    # head node and on the driver
+    import secrets
+
+    env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
     subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
                     str(port), "--num-cpus", "2", "--include-dashboard", "false",
                     "--disable-usage-stats"], check=True, capture_output=True, env=env,
@@ -179,4 +184,4 @@ def test_against_a_ray_start_head_cluster_on_loopback(checkpoint, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert _detections(tmp_path / "cluster.ndjson") == expected
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
