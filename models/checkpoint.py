@@ -50,7 +50,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+        if "weights only" in first.lower() or "weights_only" in first.lower():
+            # torch's text goes on to advise weights_only=False: never pass that on
+            first = "it holds Python objects other than tensors and plain data"
+        raise CheckpointError(f"cannot read checkpoint {path}: {first} (not a querydet "
+                              "checkpoint?)") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a querydet checkpoint")
     return payload

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,20 @@ def test_ndjson_is_geojson_text_sequence_read_by_pyogrio(tmp_path):
     x1, y1 = 500000 + 0.5 * 10, 4500000 - 0.5 * 10
     assert any(abs(b[0] - x1) < 0.01 and abs(b[3] - y1) < 0.01 for b in back.geometry.bounds.values)
     assert set(frame.columns) >= {"class_name", "score", "crs", "category_id"}
+
+
+def test_checkpoint_errors_never_advise_unsafe_loading(tmp_path):
+    import pickle
+
+    from querydet_models.checkpoint import CheckpointError, load_checkpoint
+
+    text = tmp_path / "notes.pt"
+    text.write_text("just some text\n")
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"x": Path}))  # a class reference: refused by weights_only
+    for path in (text, evil):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        message = str(info.value)
+        assert "weights_only" not in message and "\n" not in message
+        assert message.startswith(f"cannot read checkpoint {path}")
