@@ -384,8 +384,9 @@ def run(sizes: list[int], weights: str, workdir: Path, raster: str | None, devic
         report["throughput"] = run_throughput_bench(raster, weights, device, tile_size, overlap,
                                                     batch_size, precisions=precisions)
     if sizes:
-        args = ["--tile-size", str(tile_size), "--overlap", str(overlap), "--batch-size",
-                str(batch_size), "--device", device]
+        args = ["--tile-size", str(tile_size), "--overlap", str(overlap), "--device", device]
+        if batch_size is not None:
+            args += ["--batch-size", str(batch_size)]
         rows = run_memory_bench(sizes, weights, workdir, args)
         report["memory"] = rows
         rss = [r["peak_rss_mib"] for r in rows]

@@ -45,7 +45,7 @@ EDGE_TOLERANCE = 2.0  # px: a box this close to an inner tile edge is cut by it
 class DetectOptions:
     tile_size: int = 1024
     overlap: int = 128
-    batch_size: int = 2
+    batch_size: int | None = None  # None: by device (see default_batch_size)
     mode: str | None = None
     sigma: float | None = None
     context: str | None = None
@@ -202,6 +202,13 @@ def _reader(src: RasterSource, tiles: list[Tile], out: queue.Queue, stop: thread
         out.put(err)
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Tiles per batch when none is given: 1 on the CPU, where batching costs time (measured:
+    a 4096^2 raster in 1024 px tiles, fp32, 2 cores: 20 s at batch 1, 24 s at 2, 26 s at 4),
+    4 on CUDA (not measured here: no GPU was lent)."""
+    return 4 if device.type == "cuda" else 1
+
+
 class RasterDetector:
     """Runs one model over the tiles of rasters; options fixed for a run."""
 
@@ -209,6 +216,8 @@ class RasterDetector:
                  device: torch.device) -> None:
         self.model = model
         self.cfg = cfg
+        if options.batch_size is None:
+            options = replace(options, batch_size=default_batch_size(device))
         self.opts = options
         self.device = device
         self.names = cfg.names()
