@@ -123,11 +123,14 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
                 rio_win = RioWindow(win.x, win.y, win.width, win.height)
                 data = src.read(bands, window=rio_win)  # (B, h, w): this window only
                 stem = f"{sample.image.stem}_{sample.image_id}_{k:04d}"
-                if georef:
+                if georef or data.dtype != np.uint8:
+                    # GeoTIFF chips keep the window's georeference; 16-bit and float images
+                    # (which PNG cannot hold in colour) become plain TIFFs
                     name = f"{stem}.tif"
                     profile = {"driver": "GTiff", "width": win.width, "height": win.height,
-                               "count": data.shape[0], "dtype": data.dtype, "crs": src.crs,
-                               "transform": src.window_transform(rio_win), "compress": "deflate"}
+                               "count": data.shape[0], "dtype": data.dtype, "compress": "deflate"}
+                    if georef:
+                        profile |= {"crs": src.crs, "transform": src.window_transform(rio_win)}
                     tmp = out / "images" / f".{name}.tmp"
                     with rasterio.open(tmp, "w", **profile) as dst:
                         dst.write(data)

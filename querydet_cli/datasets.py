@@ -137,7 +137,14 @@ def load_coco(json_path: str | Path, images_dir: str | Path | None = None
         if not path.is_file():
             problems.append(Problem(str(path), "image file missing; image skipped"))
             continue
-        w, h = int(img["width"]), int(img["height"])
+        try:
+            w, h = int(img["width"]), int(img["height"])
+        except (KeyError, TypeError, ValueError):  # absent or not a number: read the file
+            size = _image_size(path)
+            if size is None:
+                problems.append(Problem(str(path), "no width/height and unreadable; skipped"))
+                continue
+            w, h = size
         boxes, labels, ignore = [], [], []
         for k, ann in by_image.get(img["id"], []):
             where = f"{json_path}:annotations[{k}]"
@@ -199,7 +206,9 @@ def load_visdrone(root: str | Path) -> tuple[list[Sample], list[str], list[Probl
             continue
         w, h = size
         boxes, labels, ignore = [], [], []
-        for lineno, line in enumerate(ann_path.read_text().splitlines(), start=1):
+        # undecodable bytes become U+FFFD, so such a line is reported as malformed, not fatal
+        text = ann_path.read_text(encoding="utf-8", errors="replace")
+        for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             where = f"{ann_path}:{lineno}"
@@ -207,7 +216,10 @@ def load_visdrone(root: str | Path) -> tuple[list[Sample], list[str], list[Probl
             try:
                 x, y, bw, bh, score, cat = (float(v) for v in parts[:6])
             except ValueError:  # fewer than six fields, or a field that is not a number
-                problems.append(Problem(where, f"malformed line {line.strip()!r}; skipped"))
+                problems.append(Problem(where, f"malformed line {line.strip()[:80]!r}; skipped"))
+                continue
+            if not (np.isfinite(score) and np.isfinite(cat)):
+                problems.append(Problem(where, "score or category is NaN or Inf; skipped"))
                 continue
             box = [x, y, x + bw, y + bh]
             if not _usable_box(box, w, h, where, problems):

@@ -175,3 +175,50 @@ def test_checkpoint_errors_never_advise_unsafe_loading(tmp_path):
         message = str(info.value)
         assert "weights_only" not in message and "\n" not in message
         assert message.startswith(f"cannot read checkpoint {path}")
+
+
+def test_visdrone_lines_with_nan_inf_or_bytes_are_reported_and_skipped(tmp_path):
+    from querydet_cli.datasets import load_visdrone
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    write_tif(tmp_path / "images" / "f.png", paint(64, 64, [(5, 5, 20, 20)]), driver="PNG",
+              tiled=False)
+    (tmp_path / "annotations" / "f.txt").write_bytes(
+        b"5,5,15,15,1,4,0,0\n1,1,5,5,nan,4,0,0\n1,1,5,5,1,inf,0,0\n\xff\xfe\x00binary\n"
+        b"nan,1,5,5,1,4,0,0\n")
+    samples, _, problems = load_visdrone(tmp_path)
+    assert len(samples) == 1 and len(samples[0].boxes) == 1
+    assert len(problems) == 4 and all("f.txt:" in p.where for p in problems)
+
+
+def test_coco_image_without_width_reads_the_file(tmp_path):
+    from querydet_cli.datasets import load_coco
+
+    (tmp_path / "images").mkdir()
+    write_tif(tmp_path / "images" / "a.tif", paint(80, 60, [(5, 5, 20, 20)]))
+    (tmp_path / "gt.json").write_text(json.dumps({
+        "images": [{"id": 3, "file_name": "a.tif"}],
+        "annotations": [{"id": 1, "image_id": 3, "category_id": 1, "bbox": [5, 5, 15, 15],
+                         "area": 225, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "car"}]}))
+    samples, _, problems = load_coco(tmp_path / "gt.json")
+    assert (samples[0].width, samples[0].height) == (80, 60) and not problems
+
+
+def test_tile_cuts_a_16_bit_plain_image(tmp_path):
+    from querydet_cli.chips import cut_chips
+    from querydet_cli.datasets import load_coco
+
+    (tmp_path / "src" / "images").mkdir(parents=True)
+    write_tif(tmp_path / "src" / "images" / "a.tif",
+              paint(96, 80, [(5, 5, 30, 30)], dtype="uint16", scale=200))
+    (tmp_path / "src" / "gt.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.tif", "width": 96, "height": 80}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 25, 25],
+                         "area": 625, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "car"}]}))
+    samples, names, _ = load_coco(tmp_path / "src" / "gt.json")
+    path = cut_chips(samples, names, tmp_path / "chips", size=64)
+    files = [im["file_name"] for im in json.loads(path.read_text())["images"]]
+    assert files and all(f.endswith(".tif") for f in files)
