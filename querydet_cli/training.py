@@ -202,6 +202,9 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
             epoch += 1
 
     log_path = out / "metrics.jsonl"
+    if rank == 0:
+        _remove_stale_temporaries(out)
+        _truncate_metrics(log_path, start_iter)
     model.train()
     bar = tqdm(total=t.max_iter, initial=start_iter, file=sys.stderr, disable=quiet or rank != 0,
                desc="train", dynamic_ncols=True)
@@ -253,6 +256,29 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
         torch.distributed.barrier()
     return {"iterations": it, "final_losses": losses, "out_dir": str(out),
             "class_names": list(cfg.class_names)}
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary checkpoint files a killed run left (this run holds the folder's lock)."""
+    for tmp in out.glob(".*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _truncate_metrics(log_path: Path, start_iter: int) -> None:
+    """Drop logged iterations after the checkpoint a run resumes from (a new run: all of them),
+    so metrics.jsonl never repeats an iteration."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["iter"]) <= start_iter:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut by the kill
+            continue
+    tmp = log_path.with_name(f".{log_path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, log_path)
 
 
 def _initialise_from(model, cfg: Config, init, payload: dict[str, Any], rank: int) -> None:

@@ -54,3 +54,17 @@ def test_resume_continues_the_same_schedule(tmp_path):
         assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-5), k
     log = [json.loads(line)["iter"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_after_a_kill_repeats_no_iteration_and_cleans_temporaries(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(3), run, quiet=True)  # last.pt at iteration 3
+    # what a run killed at iteration 5 (-9, during a checkpoint save) leaves behind
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 4, "loss": 1.0}\n{"iter": 5, "loss": 1.0}\n{"iter": 6, "lo')
+    stale = run / ".last.pt.k3j2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(tiny_cfg(6), run, resume=True, quiet=True)
+    log = [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5, 6]
+    assert not stale.exists()
