@@ -419,7 +419,7 @@ class RasterDetector:
                 ring = pixel_box_ring(box, info.transform)
                 if self.opts.rfc7946:
                     ring = to_lonlat(ring, info.crs)
-            records.append({"source": str(src.path), "image_id": image_id,
+            records.append({"source": src.name, "image_id": image_id,
                             "class_id": int(label), "class_name": self.names[int(label)],
                             "category_id": self.category_ids[int(label)],
                             "crs": ("EPSG:4326" if self.opts.rfc7946 else info.crs)

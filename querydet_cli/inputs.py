@@ -23,6 +23,8 @@ def expand_inputs(args: list[str], stdin: Iterable[str] | None = None) -> list[s
         if arg == "-":
             lines = stdin if stdin is not None else sys.stdin
             out.extend(line.strip() for line in lines if line.strip())
+        elif arg.startswith("/vsi") or "://" in arg:  # GDAL paths and URLs: rasterio's to open
+            out.append(arg)
         elif any(ch in arg for ch in "*?[") and not Path(arg).exists():
             matches = sorted(glob.glob(arg, recursive=True))
             if not matches:

@@ -8,6 +8,7 @@ bands and internal masks all become one validity mask per window.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,12 @@ from .errors import QueryDetError
 
 # Longest side of the decimated read used for the percentile stretch and overviews.
 _SAMPLE_SIDE = 1024
+
+
+def is_gdal_path(path: str) -> bool:
+    """A GDAL virtual path or URL (/vsizip/..., /vsicurl/..., s3://..., https://...): passed to
+    rasterio as it is, never through pathlib (which would turn s3:// into s3:/)."""
+    return path.startswith("/vsi") or bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,17 @@ class RasterSource:
             self.name = path.name
             self.path = Path(path.name)
             self._owns = False
+        elif is_gdal_path(str(path)):  # /vsizip/, /vsicurl/, s3://...: GDAL's to open
+            self.name = str(path)
+            self.path = Path(self.name)  # for messages only; `name` is what gets opened
+            self._owns = True
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    self.src = rasterio.open(self.name)
+            except RasterioIOError as err:
+                msg = str(err).split("\n")[0]
+                raise QueryDetError(f"{self.name}: cannot open ({msg})") from None
         else:
             self.name = str(path)
             self.path = Path(path)

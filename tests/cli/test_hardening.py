@@ -222,3 +222,74 @@ def test_tile_cuts_a_16_bit_plain_image(tmp_path):
     path = cut_chips(samples, names, tmp_path / "chips", size=64)
     files = [im["file_name"] for im in json.loads(path.read_text())["images"]]
     assert files and all(f.endswith(".tif") for f in files)
+
+
+class _RangeHandler:
+    """A static file server on 127.0.0.1 that answers HTTP Range requests (GDAL's /vsicurl/)."""
+
+    @staticmethod
+    def serve(folder):
+        import http.server
+        import re as _re
+        import threading
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(folder), **kw)
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                path = self.translate_path(self.path)
+                if not os.path.isfile(path):
+                    self.send_error(404)
+                    return
+                data = open(path, "rb").read()
+                match = _re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                if match:
+                    start = int(match.group(1))
+                    end = min(int(match.group(2) or len(data) - 1), len(data) - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                    body = data[start:end + 1]
+                else:
+                    self.send_response(200)
+                    body = data
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                self.wfile.write(body)
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+
+def test_gdal_paths_go_straight_to_rasterio(tmp_path, monkeypatch):
+    import zipfile
+
+    src = write_tif(tmp_path / "scene.tif", paint(200, 160, OBJECTS), Affine(1, 0, 0, 0, -1, 0))
+    with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as z:
+        z.write(src, "inner/scene.tif")
+    reference = tmp_path / "ref.ndjson"
+    run_detect(OracleModel(), Config(), [str(src)], str(reference), "ndjson", OPTS, CPU)
+    expected = sorted(tuple(f["properties"]["bbox_px"]) for f in map(json.loads, open(reference)))
+    server = _RangeHandler.serve(tmp_path)
+    monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "10")
+    monkeypatch.setenv("CPL_VSIL_CURL_ALLOWED_EXTENSIONS", ".tif")
+    monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+    try:
+        url = f"/vsicurl/http://127.0.0.1:{server.server_address[1]}/scene.tif"
+        for name in (f"/vsizip/{tmp_path / 'scenes.zip'}/inner/scene.tif", url):
+            out = tmp_path / "o.ndjson"
+            summary = run_detect(OracleModel(), Config(), [name], str(out), "ndjson", OPTS, CPU)
+            assert summary.done == 1, summary.failed
+            feats = [json.loads(line) for line in open(out)]
+            assert sorted(tuple(f["properties"]["bbox_px"]) for f in feats) == expected
+            assert {f["properties"]["source"] for f in feats} == {name}  # not collapsed by Path
+    finally:
+        server.shutdown()
+    from querydet_cli.inputs import expand_inputs
+
+    assert expand_inputs(["s3://bucket/a.tif"]) == ["s3://bucket/a.tif"]
