@@ -171,8 +171,11 @@ class Journal:
 
     def close_records(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:  # the disk is full: records after the last checkpoint are
+                pass  # dropped anyway (--resume truncates to the checkpoint)
 
     def close(self) -> None:
         """Close the records and release the lock; the folder stays for --resume."""
@@ -188,6 +191,18 @@ class Journal:
             self.dir.rmdir()
         except OSError:  # another run created its lock here meanwhile: its folder now
             pass
+
+
+def read_failure(src: RasterSource, err: Exception) -> str:
+    """Why a window read failed, naming a missing source file of a VRT (GDAL only says
+    'Read failed. See previous exception for details.')."""
+    try:
+        missing = [f for f in src.src.files[1:] if not f.startswith("/vsi") and not os.path.exists(f)]
+    except Exception:  # a driver without a file list
+        missing = []
+    if missing:
+        return f"source file missing: {missing[0]}"
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _reader(src: RasterSource, tiles: list[Tile], out: queue.Queue, stop: threading.Event) -> None:
@@ -294,7 +309,8 @@ class RasterDetector:
                 with self.profile.stage("read"):
                     item = q.get()
                 if isinstance(item, Exception):
-                    raise QueryDetError(f"{src.path}: read failed: {item}") from None
+                    raise QueryDetError(f"{src.path}: read failed: {read_failure(src, item)}"
+                                        ) from None
                 if item is None:
                     break
                 tile, pixels, valid = item
@@ -674,6 +690,12 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
             if not summary.failed:
                 journal.remove()
         summary.profile = detector.profile.close(time.perf_counter() - started)
+    except OSError as err:  # no space left, a file-size limit, a vanished disk: one line
+        what = err.filename or (journal.dir if journal is not None else output)
+        kept = (f"; the journal {journal.dir} is kept: make room and run again with --resume"
+                if journal is not None and journal.dir.exists() else "")
+        raise QueryDetError(f"cannot write {what}: {err.strerror or err}{kept}",
+                            exit_code=1) from None
     except KeyboardInterrupt:
         done, total = detector.rows
         where = (f"in {current} after {done}/{total} tile rows" if total else f"in {current}") \

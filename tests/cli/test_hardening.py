@@ -293,3 +293,52 @@ def test_gdal_paths_go_straight_to_rasterio(tmp_path, monkeypatch):
     from querydet_cli.inputs import expand_inputs
 
     assert expand_inputs(["s3://bucket/a.tif"]) == ["s3://bucket/a.tif"]
+
+
+def test_vrt_with_a_missing_source_names_it(tmp_path):
+    src = write_tif(tmp_path / "part.tif", paint(200, 160, OBJECTS), Affine(1, 0, 0, 0, -1, 0))
+    vrt = tmp_path / "mosaic.vrt"
+    with open(vrt, "w") as f:
+        f.write(f"""<VRTDataset rasterXSize="200" rasterYSize="160">
+  <GeoTransform>0, 1, 0, 0, 0, -1</GeoTransform>
+""" + "".join(f"""  <VRTRasterBand dataType="Byte" band="{b}">
+    <SimpleSource><SourceFilename relativeToVRT="1">part.tif</SourceFilename>
+      <SourceBand>{b}</SourceBand></SimpleSource>
+  </VRTRasterBand>
+""" for b in (1, 2, 3)) + "</VRTDataset>\n")
+    src.unlink()
+    summary = run_detect(OracleModel(), Config(), [str(vrt)], str(tmp_path / "o.ndjson"),
+                         "ndjson", OPTS, CPU)
+    assert summary.done == 0
+    assert "part.tif" in summary.failed[0][1] and "missing" in summary.failed[0][1]
+
+
+def test_file_size_limit_while_writing_is_one_line_and_keeps_the_journal(tmp_path):
+    import resource
+
+    def limit():  # EFBIG after 4 kB per file; Python ignores SIGXFSZ, so writes fail cleanly
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    objects = [(x, y, x + 12, y + 12) for x in range(5, 380, 25) for y in range(5, 300, 25)]
+    src = write_tif(tmp_path / "many.tif", paint(400, 320, objects[:250]), Affine(1, 0, 0, 0, -1, 0))
+    from querydet_models.checkpoint import save_checkpoint
+    from tests.conftest import tiny_model
+
+    model = tiny_model()
+    weights = tmp_path / "m.pt"
+    cfg = Config()
+    from dataclasses import replace as dc_replace
+
+    cfg = dc_replace(cfg, model=dc_replace(cfg.model, backbone="resnet18", fpn_channels=32,
+                                           num_classes=3), class_names=("a", "b", "c"))
+    save_checkpoint(weights, model, cfg.to_dict(), ["a", "b", "c"])
+    proc = subprocess.run([sys.executable, "-m", "querydet_cli", "detect", str(src), "-o",
+                           str(tmp_path / "o.ndjson"), "--weights", str(weights),
+                           "--score-threshold", "0.0", "--tile-size", "128", "--overlap", "16",
+                           "--quiet"], capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("querydet: error: cannot write") and "--resume" in line
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.ndjson").exists()
