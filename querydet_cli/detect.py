@@ -101,6 +101,9 @@ class Journal:
     def __init__(self, output: str, key: str, resume: bool,
                  lock: OutputLock | None = None) -> None:
         self.dir = journal_dir(output)
+        if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
+            raise QueryDetError(f"{self.dir} is in the way of {output}'s journal (a link or a "
+                                "file, not querydet's folder): remove it and run again")
         self.records = self.dir / "detections.ndjson"
         self.state_path = self.dir / "state.json"
         self.state: dict[str, Any] = {"key": key, "inputs": {}}

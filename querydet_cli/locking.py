@@ -84,6 +84,9 @@ def claim_output(output: str | Path) -> Iterator[OutputLock]:
     so an error leaves nothing behind.
     """
     folder = journal_dir(output)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise QueryDetError(f"{folder} is in the way of {output}'s journal (a link or a file, "
+                            "not querydet's folder): remove it and run again")
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)

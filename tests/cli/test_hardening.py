@@ -342,3 +342,20 @@ def test_file_size_limit_while_writing_is_one_line_and_keeps_the_journal(tmp_pat
     assert line.startswith("querydet: error: cannot write") and "--resume" in line
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o.ndjson").exists()
+
+
+def test_planted_symlink_and_unwritable_outputs_are_one_line(tmp_path):
+    src = write_tif(tmp_path / "a.tif", paint(200, 160, OBJECTS), Affine(1, 0, 0, 0, -1, 0))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    (tmp_path / ".o.ndjson.querydet-partial").symlink_to(victim)
+    for out in (tmp_path / "o.ndjson", "/proc/o.ndjson"):
+        proc = _cli("detect", src, "-o", out, "--quiet")
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("querydet: error: ")
+    assert (victim / "keep.txt").read_text() == "precious"  # nothing followed the link
+    with pytest.raises(QueryDetError, match="in the way"):
+        run_detect(OracleModel(), Config(), [str(src)], str(tmp_path / "o.ndjson"), "ndjson",
+                   OPTS, CPU)
