@@ -72,12 +72,21 @@ def test_cli_conventions_version_configs_devices(tmp_path):
                          (["--context", "13x13"], "'13x13' is not one of"),
                          (["--merge-threshold", "-1"], "'--merge-threshold'"),
                          (["--tile-size", "0"], "'--tile-size'"),
-                         (["--overlap", "1024"], "--overlap (1024) must be at most half")):
+                         (["--overlap", "1024"], "--overlap (1024) must be at most half"),
+                         (["--overlap", "-1"], "'--overlap'"),
+                         (["--bands", "0"], "--bands: one band"),
+                         (["--bands", "1,2"], "--bands: one band"),
+                         (["--format", "shp"], "'shp' is not one of")):
         proc = _cli("detect", str(tmp_path / "x.tif"), "-o", str(tmp_path / "o.geojson"), *args)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("querydet: error: ") and needle in lines[0]
         assert not list(tmp_path.iterdir())  # a usage error leaves nothing behind
+    (tmp_path / "adir").mkdir()
+    proc = _cli("detect", str(tmp_path / "x.tif"), "-o", str(tmp_path / "adir"), "--format",
+                "geojson")
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["adir"]
 
 
 def test_resolve_device():
