@@ -46,6 +46,9 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu"
         payload = load_checkpoint(weights)
     except CheckpointError as err:
         raise QueryDetError(str(err)) from None
+    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("model"), dict):
+        raise QueryDetError(f"checkpoint {weights} has no config or no weights: not written by "
+                            "querydet train (or damaged)")
     cfg = config_from_dict(payload["config"])
     # every weight is in the checkpoint: the backbone's start weights are not read again
     model = build_querydet(replace(cfg.model, backbone_weights=None), cfg.inference)

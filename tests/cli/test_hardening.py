@@ -359,3 +359,38 @@ def test_planted_symlink_and_unwritable_outputs_are_one_line(tmp_path):
     with pytest.raises(QueryDetError, match="in the way"):
         run_detect(OracleModel(), Config(), [str(src)], str(tmp_path / "o.ndjson"), "ndjson",
                    OPTS, CPU)
+
+
+def test_checkpoint_without_config_and_bad_max_dets_are_one_line(tmp_path):
+    weights = tmp_path / "noconfig.pt"
+    torch.save({"format": "querydet-checkpoint-v1", "model": {}}, weights)
+    src = write_tif(tmp_path / "a.tif", paint(200, 160, OBJECTS), Affine(1, 0, 0, 0, -1, 0))
+    proc = _cli("detect", src, "-o", tmp_path / "o.ndjson", "--weights", weights, "--quiet")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"querydet: error: checkpoint {weights} has no config or no weights: not written by "
+        "querydet train (or damaged)"]
+    assert not (tmp_path / "o.ndjson").exists()
+    for bad in ("0", "-5"):
+        proc = _cli("eval", "--weights", weights, "--max-dets", bad, "--out", tmp_path / "ev")
+        assert proc.returncode == 2 and "'--max-dets'" in proc.stderr
+        assert not (tmp_path / "ev").exists()
+
+
+def test_progress_counts_tiles_to_exactly_its_total(tmp_path):
+    src = write_tif(tmp_path / "a.tif", paint(300, 260, OBJECTS), Affine(1, 0, 0, 0, -1, 0))
+    bars = []
+
+    class Bar:
+        def __init__(self, name, total):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    run_detect(OracleModel(), Config(), [str(src)], str(tmp_path / "o.ndjson"), "ndjson", OPTS,
+               CPU, progress_factory=Bar)
+    assert bars and bars[0].n == bars[0].total == 9  # 3 x 3 tiles of 128 px
