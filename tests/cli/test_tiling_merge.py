@@ -80,3 +80,34 @@ def test_release_holds_clusters_reaching_the_next_row():
     assert len(out) == 1 and m.pending == 1
     out = m.release()
     assert len(out) == 1 and m.pending == 0
+
+
+def test_no_seam_duplicates_with_objects_across_every_seam(tmp_path):
+    """Objects on every vertical and horizontal seam and on every tile corner of a 4 x 4 tile
+    grid: each is reported exactly once, with its full box."""
+    import json
+
+    import torch
+    from rasterio.transform import Affine
+
+    from querydet_cli.config import Config
+    from querydet_cli.detect import DetectOptions, run_detect
+    from tests.cli.oracle import OracleModel, paint, read_ndjson, write_tif
+
+    # 128 px tiles overlapping by 32 on 416 px: seams (overlap zones) at 96..128, 192..224, 288..320
+    seams = (112, 208, 304)
+    objects = []
+    for s in seams:  # across each vertical and horizontal seam, away from the others
+        for t in (40, 160, 256, 370):
+            objects.append((s - 18, t - 8, s + 18, t + 8))
+            objects.append((t - 8, s - 18, t + 8, s + 18))
+        for s2 in seams:  # on each tile corner
+            objects.append((s - 14, s2 - 14, s + 14, s2 + 14))
+    objects = sorted(set(objects))
+    # paint gives each object its own id (1..255) in band 1: keep them apart (no overlaps)
+    path = write_tif(tmp_path / "seams.tif", paint(416, 416, objects), Affine(1, 0, 0, 0, -1, 0))
+    out = tmp_path / "o.ndjson"
+    run_detect(OracleModel(), Config(), [str(path)], str(out), "ndjson",
+               DetectOptions(tile_size=128, overlap=32, batch_size=2), torch.device("cpu"))
+    found = sorted(tuple(r["bbox"]) for r in read_ndjson(out))
+    assert found == sorted(tuple(float(v) for v in o) for o in objects)
