@@ -11,86 +11,56 @@ import logging
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args, get_type_hints
 
 import typer
 
+from querydet_models.config import BACKBONES, CONTEXTS, InferenceConfig, ModelConfig
+
+from .config import DataConfig
 from .errors import QueryDetError
+from .writers import FORMATS
 
 log = logging.getLogger("querydet")
 
 
-class Device(str, Enum):
-    auto = "auto"  # CUDA when available, else the CPU
-    cpu = "cpu"
-    cuda = "cuda"
+def _choices(name: str, values) -> type[Enum]:
+    """A str Enum of `values`, so help and shell completion list them (Typer choice option)."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Mode(str, Enum):
-    dense = "dense"
-    csq = "csq"
-    cq = "cq"
-    ccq = "ccq"
+def _literal(cls: type, field: str) -> tuple[str, ...]:
+    """The allowed values of a config field typed `Literal[...]` (the config is the source)."""
+    return get_args(get_type_hints(cls)[field])
 
 
-class Backend(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    spconv = "spconv"
-
-
-class MergeMetric(str, Enum):
-    iou = "iou"
-    ios = "ios"
-
-
-class OutputFormat(str, Enum):
-    geojson = "geojson"
-    gpkg = "gpkg"
-    coco = "coco"
-    csv = "csv"
-    ndjson = "ndjson"
-
-
-class Precision(str, Enum):
-    auto = "auto"  # bf16 on CPUs with native bf16 and on CUDA with bf16, fp16 on other CUDA, else fp32
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Dataset(str, Enum):
-    synthetic = "synthetic"
-    coco = "coco"
-    visdrone = "visdrone"
-
-
-class Protocol(str, Enum):
-    coco = "coco"
-    visdrone = "visdrone"
-
-
-class Detector(str, Enum):
-    retinanet = "retinanet"
-    fcos = "fcos"
-    faster_rcnn = "faster_rcnn"
-
-
-class Backbone(str, Enum):
-    resnet18 = "resnet18"
-    resnet34 = "resnet34"
-    resnet50 = "resnet50"
-    mobilenet_v2 = "mobilenet_v2"
-    shufflenet_v2 = "shufflenet_v2"
-
-
-CONTEXTS = ("exact", "1x1", "3x3", "5x5", "7x7", "9x9", "11x11")  # = querydet_models.config.CONTEXTS
+# every list below is defined once elsewhere, in modules that do not import torch
+Device = _choices("Device", ("auto", "cpu", "cuda"))  # auto: CUDA when available
+Mode = _choices("Mode", _literal(InferenceConfig, "mode"))
+Backend = _choices("Backend", _literal(InferenceConfig, "backend"))
+Precision = _choices("Precision", _literal(InferenceConfig, "precision"))
+Detector = _choices("Detector", _literal(ModelConfig, "detector"))
+Backbone = _choices("Backbone", BACKBONES)
+Dataset = _choices("Dataset", _literal(DataConfig, "dataset"))
+OutputFormat = _choices("OutputFormat", FORMATS)
+MergeMetric = _choices("MergeMetric", ("iou", "ios"))
+Protocol = _choices("Protocol", ("coco", "visdrone"))
 
 
 def _context(value: Optional[str]) -> Optional[str]:
     if value is not None and value not in CONTEXTS:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(CONTEXTS)}")
     return value
+
+
+def _precision_list(value: str) -> tuple[str, ...]:
+    """--precision of the bench commands: one or more precisions, comma-separated."""
+    precisions = tuple(p.strip() for p in value.split(",") if p.strip())
+    bad = [p for p in precisions if p not in Precision.__members__]
+    if bad or not precisions:
+        raise QueryDetError(f"--precision: {bad[0] if bad else '(none)'!r} is not one of "
+                            f"{', '.join(Precision.__members__)}")
+    return precisions
 
 
 def _version(value: bool) -> None:
@@ -167,11 +137,7 @@ def bench(
     bad = [b for b in names if b not in ("torch", "spconv")]
     if bad or not names:
         raise QueryDetError(f"--backends: unknown backend {bad[0] if bad else '(none)'} (allowed: torch, spconv)")
-    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
-    bad = [p for p in precisions if p not in Precision.__members__]
-    if bad or not precisions:
-        raise QueryDetError(f"--precision: {bad[0] if bad else '(none)'!r} is not one of "
-                            f"{', '.join(Precision.__members__)}")
+    precisions = _precision_list(precision)
     from .bench import BenchOptions, format_report, run_bench
     from .engine import load_model, resolve_device
 
@@ -251,10 +217,7 @@ def bench_detect(
         raise QueryDetError(f"--raster: file not found: {raster_path}")
     if not size_list and not raster_path:
         raise QueryDetError("nothing to measure: --sizes is empty and --raster is ''")
-    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
-    if not precisions or any(p not in Precision.__members__ for p in precisions):
-        raise QueryDetError(f"--precision: {precision!r}: give values from "
-                            f"{', '.join(Precision.__members__)}, comma-separated")
+    precisions = _precision_list(precision)
     w = str(weights or sample_model())
     if not Path(w).is_file():
         raise QueryDetError(f"checkpoint not found: {w}")

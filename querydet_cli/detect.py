@@ -101,9 +101,6 @@ class Journal:
     def __init__(self, output: str, key: str, resume: bool,
                  lock: OutputLock | None = None) -> None:
         self.dir = journal_dir(output)
-        if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
-            raise QueryDetError(f"{self.dir} is in the way of {output}'s journal (a link or a "
-                                "file, not querydet's folder): remove it and run again")
         self.records = self.dir / "detections.ndjson"
         self.state_path = self.dir / "state.json"
         self.state: dict[str, Any] = {"key": key, "inputs": {}}
@@ -264,11 +261,11 @@ class RasterDetector:
                 levels = self.model.predict_levels(features, **self.mode)
             # split the heads' time by level kind, FPN time apart (measured inside the levels)
             for lv in levels:
-                prof.move("coarse_heads", "fpn", getattr(lv, "fpn_seconds", 0.0))
-                if getattr(lv, "is_dense", True) is False or getattr(lv, "decided_dense", False):
-                    prof.move("coarse_heads", "sparse_heads", getattr(lv, "seconds", 0.0))
+                prof.move("coarse_heads", "fpn", lv.fpn_seconds)
+                if not lv.is_dense or lv.decided_dense:
+                    prof.move("coarse_heads", "sparse_heads", lv.seconds)
             prof.tiles += len(batch)
-            if any(getattr(lv, "decided_dense", False) for lv in levels):
+            if any(lv.decided_dense for lv in levels):
                 prof.tiles_dense_by_decision += len(batch)
             with prof.stage("postprocess"):
                 dets = self.model.detections(levels, sizes, features)
@@ -591,8 +588,8 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
         producer = RayProducer(ray, weights, options, str(device))
 
         def tile_rows(path: str) -> int | None:
-            try:
-                with RasterSource(path, options.bands) as src:
+            try:  # only the size is needed: no percentile stretch
+                with RasterSource(path, options.bands, stretch_known=True) as src:
                     return max(t.row for t in detector.plan(src.info())) + 1
             except QueryDetError:
                 return None

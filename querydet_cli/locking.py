@@ -71,9 +71,14 @@ class OutputLock:
 
 
 def journal_dir(output: str | Path) -> Path:
-    """The hidden folder beside an output that holds its journal and its lock."""
+    """The hidden folder beside an output that holds its journal and its lock; refused when a
+    link or a file stands there (querydet would write, and clear, wherever it points)."""
     target = Path(output)
-    return target.with_name(f".{target.name}.querydet-partial")
+    folder = target.with_name(f".{target.name}.querydet-partial")
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise QueryDetError(f"{folder} is in the way of {output}'s journal (a link or a file, "
+                            "not querydet's folder): remove it and run again")
+    return folder
 
 
 @contextlib.contextmanager
@@ -84,9 +89,6 @@ def claim_output(output: str | Path) -> Iterator[OutputLock]:
     so an error leaves nothing behind.
     """
     folder = journal_dir(output)
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise QueryDetError(f"{folder} is in the way of {output}'s journal (a link or a file, "
-                            "not querydet's folder): remove it and run again")
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,16 @@ from .errors import QueryDetError
 _SAMPLE_SIDE = 1024
 
 
+def _open(name: str):
+    """rasterio.open without the warning plain (non-georeferenced) images raise."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(name)
+
+
 def is_gdal_path(path: str) -> bool:
     """A GDAL virtual path or URL (/vsizip/..., /vsicurl/..., s3://..., https://...): passed to
     rasterio as it is, never through pathlib (which would turn s3:// into s3:/)."""
@@ -47,41 +57,29 @@ class RasterSource:
                  stretch: tuple[np.ndarray, np.ndarray] | None = None,
                  stretch_known: bool = False) -> None:
         import rasterio
-        from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+        from rasterio.errors import RasterioIOError
 
         if isinstance(path, rasterio.io.DatasetReaderBase):  # an open dataset the caller owns
             self.src = path
             self.name = path.name
             self.path = Path(path.name)
             self._owns = False
-        elif is_gdal_path(str(path)):  # /vsizip/, /vsicurl/, s3://...: GDAL's to open
-            self.name = str(path)
-            self.path = Path(self.name)  # for messages only; `name` is what gets opened
-            self._owns = True
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    self.src = rasterio.open(self.name)
-            except RasterioIOError as err:
-                msg = str(err).split("\n")[0]
-                raise QueryDetError(f"{self.name}: cannot open ({msg})") from None
         else:
             self.name = str(path)
-            self.path = Path(path)
+            self.path = Path(path)  # for messages; `name` is what gets opened
             self._owns = True
-            if not self.path.exists():
-                raise QueryDetError(f"{self.path}: file not found")
-            if self.path.is_dir():
-                raise QueryDetError(f"{self.path}: is a directory, not an image")
-            if self.path.stat().st_size == 0:
-                raise QueryDetError(f"{self.path}: file is empty (0 bytes)")
+            if not is_gdal_path(self.name):  # /vsizip/, s3://...: only GDAL can check those
+                if not self.path.exists():
+                    raise QueryDetError(f"{self.path}: file not found")
+                if self.path.is_dir():
+                    raise QueryDetError(f"{self.path}: is a directory, not an image")
+                if self.path.stat().st_size == 0:
+                    raise QueryDetError(f"{self.path}: file is empty (0 bytes)")
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    self.src = rasterio.open(self.path)
+                self.src = _open(self.name)
             except RasterioIOError as err:
                 msg = str(err).split("\n")[0]
-                raise QueryDetError(f"{self.path}: not a readable raster or image ({msg})") from None
+                raise QueryDetError(f"{self.name}: not a readable raster or image ({msg})") from None
         src = self.src
         if src.width < 1 or src.height < 1 or src.count < 1:
             raise QueryDetError(f"{self.path}: raster has no pixels")
@@ -217,15 +215,9 @@ class RasterSource:
 
     def reopen(self) -> "RasterSource":
         """A second handle on the same raster (for another thread), sharing the stretch."""
-        import rasterio
-
-        from rasterio.errors import NotGeoreferencedWarning
-
         twin = RasterSource.__new__(RasterSource)
         twin.__dict__.update(self.__dict__)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            twin.src = rasterio.open(self.name)
+        twin.src = _open(self.name)
         twin._owns = True
         return twin
 

@@ -184,8 +184,7 @@ class OutputWriter:
         7 decimals for degrees (about 1 cm) and 3 for projected units (1 mm in metres)."""
         if self._digits is None:
             self._digits = 7 if self.rfc7946 or _is_geographic(self.crs) else 3
-        ring = [[round(x, self._digits), round(y, self._digits)] for x, y in ring]
-        return ring if signed_area(ring) >= 0 else ring[::-1]
+        return rfc7946_ring(ring, self._digits)
 
     def _flush_gpkg(self) -> None:
         import geopandas as gpd
@@ -227,12 +226,16 @@ def ndjson_feature(r: dict[str, Any]) -> dict[str, Any]:
         crs = r.get("crs")
         if crs and crs.upper() not in ("EPSG:4326", "OGC:CRS84"):
             ring = to_lonlat(ring, crs)
-        ring = [[round(x, 7), round(y, 7)] for x, y in ring]
-        geometry = {"type": "Polygon",
-                    "coordinates": [ring if signed_area(ring) >= 0 else ring[::-1]]}
+        geometry = {"type": "Polygon", "coordinates": [rfc7946_ring(ring, 7)]}
     props = {k: r.get(k) for k in ("source", "image_id", "class_id", "category_id",
                                    "class_name", "score", "crs")}
     return {"type": "Feature", "geometry": geometry, "properties": props | {"bbox_px": r["bbox"]}}
+
+
+def rfc7946_ring(ring: list[list[float]], digits: int) -> list[list[float]]:
+    """The ring rounded to `digits` decimals and counter-clockwise (RFC 7946's right-hand rule)."""
+    ring = [[round(x, digits), round(y, digits)] for x, y in ring]
+    return ring if signed_area(ring) >= 0 else ring[::-1]
 
 
 def signed_area(ring: list[list[float]]) -> float:
