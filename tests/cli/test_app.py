@@ -102,3 +102,46 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(QueryDetError, match="no CUDA device is available"):
             resolve_device("cuda")
+
+
+def test_new_options_reject_bad_values_with_one_line_and_leave_nothing(tmp_path):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from tests.cli.oracle import paint, write_tif
+
+    work = tmp_path / "work"
+    work.mkdir()
+    from rasterio.transform import Affine
+
+    tif = write_tif(tmp_path / "a.tif", paint(64, 64, []), Affine(1, 0, 0, 0, -1, 0))
+    gpd.GeoDataFrame({"label": ["x"]}, geometry=[box(1, -20, 10, -2)]).to_file(tmp_path / "nocrs.gpkg")
+    gpd.GeoDataFrame({"label": ["x"]}, geometry=[box(1, -20, 10, -2)],
+                     crs="EPSG:32633").to_file(tmp_path / "l.gpkg")
+    cases = [
+        (["tile", tif, "--labels", tmp_path / "missing.gpkg", "--out", work / "c"], "file not found"),
+        (["tile", tif, "--labels", tmp_path / "nocrs.gpkg", "--out", work / "c"], "has no CRS"),
+        (["tile", tif, "--labels", tmp_path / "l.gpkg", "--label-field", "species", "--out",
+          work / "c"], "'species' is not a field"),
+        (["tile", tif, "--labels", tmp_path / "l.gpkg", "--bounds", "1,2,3", "--out", work / "c"],
+         "--bounds"),
+        (["tile", tif, "--labels", tmp_path / "l.gpkg", "--classes", ",", "--out", work / "c"],
+         "--classes"),
+        (["tile", "--labels", tmp_path / "l.gpkg", "--out", work / "c"], "rasters are given"),
+        (["train", "--init", tmp_path / "none.pt", "--out", work / "r"], "checkpoint not found"),
+        (["detect", tif, "-o", "-", "--json"], "--json prints a summary"),
+        (["detect", tif, "-o", work / "o.geojson", "--workers", "3"], "go with --ray"),
+        (["detect", tif, "-o", work / "o.json", "--coco-gt", tmp_path / "none.json"],
+         "--coco-gt: file not found"),
+        (["bench-detect", "--peer", "yolo", "--sizes", ""], "--peer"),
+        (["bench-detect", "--scene", "city", "--sizes", ""], "--scene"),
+        (["bench-detect", "--truth", tmp_path / "none.json", "--sizes", ""], "--truth"),
+        (["bench", "--precision", "fp8"], "--precision: 'fp8'"),
+    ]
+    for args, needle in cases:
+        proc = _cli(*map(str, args))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(lines) == 1 and lines[0].startswith("querydet: error: ") and needle in lines[0], \
+            (args, proc.stderr)
+        assert list(work.iterdir()) == [], args  # a usage error leaves nothing behind
