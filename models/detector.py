@@ -19,7 +19,7 @@ from .errors import ModelError
 from .fpn import FPN, Pyramid
 from .heads import Branch, branch_maps
 from .losses import query_loss
-from .precision import compute_context, fold_frozen_batchnorm, resolve_precision
+from .precision import compute_context, fold_batchnorm, resolve_precision
 from .query_infer import LevelOutput, QueryInference, QueryOptions
 from .query_targets import query_target_map
 
@@ -177,12 +177,12 @@ class FPNDetector(nn.Module):
         return self.precision
 
     def prepare_inference(self, precision: str = "auto", channels_last: bool = True) -> str:
-        """Turn the model into its inference form, in place: eval mode, every frozen BN folded
-        into the conv before it, weights and inputs channels_last (NHWC: measured faster for
+        """Turn the model into its inference form, in place: eval mode, every batch norm (frozen,
+        or trainable with its running statistics) folded into the conv before it, weights and inputs channels_last (NHWC: measured faster for
         the convolutions in fp32 and bf16 on this CPU, and the layout tensor cores want), and
         the precision resolved. Not for training afterwards."""
         self.eval()
-        self.folded_batchnorms = fold_frozen_batchnorm(self.backbone)
+        self.folded_batchnorms = fold_batchnorm(self.backbone)
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)

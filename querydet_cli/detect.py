@@ -34,7 +34,7 @@ from .locking import OutputLock, journal_dir
 from .merge import Detections, TileMerger
 from .profile import Profile
 from .raster import RasterSource
-from .tiling import Tile, make_tiles, row_starts
+from .tiling import TILING_VERSION, Tile, make_tiles, row_starts
 from .writers import GEO_FORMATS, OutputWriter, pixel_box_ring, read_records, to_lonlat
 
 log = logging.getLogger("querydet")
@@ -391,7 +391,8 @@ class RasterDetector:
 
     def plan(self, info) -> list[Tile]:
         """The tiles of a raster, in the order they are produced and merged."""
-        return make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap)
+        return make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap,
+                          align=getattr(self.model, "size_divisibility", 1))
 
     def _tile_detections(self, tile: Tile, det: dict[str, torch.Tensor], valid: np.ndarray,
                          info) -> tuple[np.ndarray, ...]:
@@ -515,7 +516,8 @@ def run_key(inputs: list[str], options: DetectOptions, cfg: Config, model: Any =
     mix two runs' detections in one output."""
     data = json.dumps({"inputs": inputs, "identity": [input_identity(p) for p in inputs],
                        "options": asdict(options) | {"resume": None},
-                       "config": cfg.to_dict(), "weights": weights_digest(model)},
+                       "config": cfg.to_dict(), "weights": weights_digest(model),
+                       "tiling": TILING_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()
 

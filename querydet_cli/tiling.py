@@ -1,6 +1,11 @@
 """Inference tiles over a large raster, each with the core region it owns.
 
-Tiles of `size` overlap their neighbours by `overlap` pixels. A tile's core is its area minus
+Tiles of at most `size` pixels overlap their neighbours by at least `overlap` pixels. Along each
+axis the fewest tiles that can do so are spread evenly, all of one extent, the smallest multiple
+of `align` (the model's size divisibility) that covers the axis: no tile reaches past the edge
+and none is shifted back over its neighbour, so no pixel is computed more often than the overlap
+asks. (Fixed-size tiles with the last one moved back to the edge, as SAHI slices, compute a
+4096-pixel axis as 5 x 1024 = 5120 pixels; these tiles compute it as 5 x 928 = 4640.) A tile's core is its area minus
 half the overlap on each inner side, so the cores partition the raster: every pixel lies in
 exactly one core. An object no larger than half the overlap whose centre lies in a tile's core
 is seen whole by that tile. Larger objects are cut and repaired by the cross-tile merge.
@@ -11,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import QueryDetError
+
+# part of a --resume journal's key: a journal written under another tile plan is not continued
+TILING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -30,14 +38,19 @@ class Tile:
                 self.y + self.height < raster_height)
 
 
-def _axis(length: int, size: int, overlap: int) -> list[tuple[int, int, int, int, int, int]]:
+def _axis(length: int, size: int, overlap: int, align: int = 1
+          ) -> list[tuple[int, int, int, int, int, int]]:
     """(start, extent, core_start, core_end, exclusive_start, exclusive_end) along one axis."""
     if length <= size:
         return [(0, length, 0, length, 0, length)]
-    stride = size - overlap
-    starts = list(range(0, length - size + 1, stride))
-    if starts[-1] + size < length:
-        starts.append(length - size)
+    count = -(-(length - overlap) // (size - overlap))  # fewest tiles of `size` that cover
+    # the smallest extent at which `count` tiles overlapping by `overlap` cover the axis
+    extent = -(-(length + (count - 1) * overlap) // count)
+    extent = min(size, -(-extent // align) * align)
+    # even spacing; each step <= extent - overlap, since count * extent - (count - 1) * overlap
+    # >= length, and the step is an integer
+    starts = [i * (length - extent) // (count - 1) for i in range(count)]
+    size = extent
     out = []
     for i, s in enumerate(starts):
         core_start = 0 if i == 0 else (s + starts[i - 1] + size) // 2  # middle of the overlap
@@ -48,15 +61,16 @@ def _axis(length: int, size: int, overlap: int) -> list[tuple[int, int, int, int
     return out
 
 
-def make_tiles(width: int, height: int, size: int, overlap: int) -> list[Tile]:
-    """Row-major tiles covering a width x height raster."""
+def make_tiles(width: int, height: int, size: int, overlap: int, align: int = 1) -> list[Tile]:
+    """Row-major tiles covering a width x height raster: at most `size` pixels a side, extents a
+    multiple of `align` where possible, neighbours overlapping by at least `overlap`."""
     if size < 32:
         raise QueryDetError(f"--tile-size must be at least 32 pixels, got {size}")
     if not 0 <= overlap < size // 2 + 1 or overlap >= size:
         raise QueryDetError(f"--overlap must be in 0..{size // 2} pixels for {size}-pixel tiles, "
                             f"got {overlap}")
-    cols = _axis(width, size, overlap)
-    rows = _axis(height, size, overlap)
+    cols = _axis(width, size, overlap, align)
+    rows = _axis(height, size, overlap, align)
     tiles = []
     for r, (y, h, cy1, cy2, ey1, ey2) in enumerate(rows):
         for x, w, cx1, cx2, ex1, ex2 in cols:

@@ -25,6 +25,37 @@ def test_cores_partition_the_raster(w, h, size, overlap):
     assert (covered >= 1).all()
 
 
+def _shifted_plan_pixels(length, size, overlap):
+    """Pixels one axis costs with fixed-size tiles, the last moved back to the edge (SAHI)."""
+    if length <= size:
+        return length
+    starts = list(range(0, length - size + 1, size - overlap))
+    return size * (len(starts) + (starts[-1] + size < length))
+
+
+@pytest.mark.parametrize("length,size,overlap,align", [
+    (4096, 1024, 128, 32), (8192, 1024, 128, 32), (5000, 1000, 100, 32), (1025, 1024, 128, 32),
+    (2000, 1024, 0, 32), (700, 256, 64, 1), (10000, 512, 256, 32), (1000, 1000, 0, 32)])
+def test_tiles_are_even_and_never_cost_more_than_fixed_ones(length, size, overlap, align):
+    tiles = make_tiles(length, 64, size, overlap, align)
+    xs = [t.x for t in tiles]
+    extents = {t.width for t in tiles}
+    assert len(extents) == 1 and max(extents) <= size
+    extent = extents.pop()
+    assert xs[0] == 0 and xs[-1] + extent == length
+    assert all(extent - (b - a) >= overlap for a, b in zip(xs, xs[1:]))  # at least the overlap
+    assert extent % align == 0 or extent == size or len(tiles) == 1
+    # the same number of tiles as fixed-size ones, never more pixels
+    assert len(tiles) * extent <= _shifted_plan_pixels(length, size, overlap)
+    assert len(tiles) == -(-_shifted_plan_pixels(length, size, overlap) // min(size, length))
+
+
+def test_a_4096_axis_takes_five_928_pixel_tiles():
+    tiles = make_tiles(4096, 4096, 1024, 128, align=32)
+    assert len(tiles) == 25 and {(t.width, t.height) for t in tiles} == {(928, 928)}
+    assert sorted({t.x for t in tiles}) == [0, 792, 1584, 2376, 3168]
+
+
 def test_bad_tile_geometry_refused():
     with pytest.raises(QueryDetError):
         make_tiles(100, 100, 16, 0)

@@ -7,7 +7,7 @@ import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from querydet_models.backbones import build_backbone
-from querydet_models.precision import (cpu_has_native_bf16, fold_frozen_batchnorm,
+from querydet_models.precision import (cpu_has_native_bf16, fold_batchnorm,
                                        resolve_precision)
 from tests.conftest import randomize, tiny_model, with_random_heads
 from tests.models.test_querydet import BACKENDS, features, rel_err
@@ -18,31 +18,36 @@ from tests.models.test_querydet import BACKENDS, features, rel_err
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 
 
+@torch.no_grad()
 def _stats(module, seed):
-    """Non-trivial frozen BN statistics, so folding has something to fold."""
+    """Non-trivial BN statistics, so folding has something to fold."""
     gen = torch.Generator().manual_seed(seed)
     for m in module.modules():
-        if isinstance(m, FrozenBatchNorm2d):
+        if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
             m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
             m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2"])
-def test_folding_frozen_bn_keeps_outputs(name):
+def test_folding_bn_keeps_outputs(name, norm):
+    """Frozen BN (the R50 configs) and trainable BN in eval mode (the bundled MobileNetV2 model)
+    both fold away with the same outputs."""
     torch.manual_seed(0)
-    net = build_backbone(name).eval()
+    net = build_backbone(name, norm=norm).eval()
     _stats(net, 1)
     randomize(net, seed=2)
     x = torch.rand(1, 3, 96, 128)
     with torch.no_grad():
         before = net(x)
         folded_net = copy.deepcopy(net)
-        count = fold_frozen_batchnorm(folded_net)
+        count = fold_batchnorm(folded_net)
         after = folded_net(x)
     assert count > 0
-    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded_net.modules())
+    assert not any(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))
+                   for m in folded_net.modules())
     for k in before:
         scale = before[k].abs().max()
         assert float((before[k] - after[k]).abs().max() / scale) < 1e-4, k  # float32 rounding
