@@ -227,6 +227,30 @@ def coco_ap(truth: Path, dets: list[dict[str, Any]], category_ids: list[int]) ->
     return {"AP": ap_at(ev, 100000), "AP50": ap_at(ev, 100000, iou=0.5)}
 
 
+def duplicate_count(truth: Path, dets: list[dict[str, Any]], category_ids: list[int],
+                    iou: float = 0.5) -> int:
+    """Detections beyond the first that match one true object (same category, IoU >= `iou`,
+    each detection given to the object it overlaps most): what a merge leaves twice. Within
+    a tile NMS already removed such pairs, so across tiles they are seam duplicates."""
+    from .merge import overlap_matrix
+
+    annotations = json.loads(Path(truth).read_text())["annotations"]
+    count = 0
+    for category in {a["category_id"] for a in annotations}:
+        gt = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                        a["bbox"][1] + a["bbox"][3]] for a in annotations
+                       if a["category_id"] == category], np.float64).reshape(-1, 4)
+        found = np.array([d["bbox"] for d in dets if category_ids[d["class_id"]] == category],
+                         np.float64).reshape(-1, 4)
+        if not len(gt) or not len(found):
+            continue
+        overlaps = overlap_matrix(found, gt, np.zeros((len(found), len(gt)), bool))
+        matched = overlaps.max(axis=1) >= iou
+        hits = np.bincount(overlaps.argmax(axis=1)[matched], minlength=len(gt))
+        count += int(np.maximum(hits - 1, 0).sum())
+    return count
+
+
 def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overlap: int,
                    batch_size: int, rounds: int = 3, truth: Path | None = None,
                    score_threshold: float = 0.3) -> dict[str, Any]:
@@ -261,6 +285,8 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
                                   "profile": s.profile}
                     if truth is not None:
                         rows[name] |= coco_ap(truth, dets, cfg.category_ids())
+                        rows[name]["duplicates"] = duplicate_count(truth, dets,
+                                                                   cfg.category_ids())
             model.set_precision("fp32")
             t0 = time.perf_counter()
             dets, _ = sahi_detect(raster, model, names, dev, tile_size=tile_size, overlap=overlap,
@@ -271,6 +297,8 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
                 rows["sahi_fp32"] = {"precision": "fp32", "detections": len(dets)}
                 if truth is not None:
                     rows["sahi_fp32"] |= coco_ap(truth, dets, cfg.category_ids())
+                    rows["sahi_fp32"]["duplicates"] = duplicate_count(truth, dets,
+                                                                      cfg.category_ids())
     for name, ts in times.items():
         rows[name]["wall_s"] = statistics.median(ts)
         rows[name]["wall_s_all"] = [round(t, 2) for t in ts]
@@ -349,7 +377,8 @@ def format_report(report: dict[str, Any]) -> str:
         p = report["peer"]
         lines.append(f"querydet vs SAHI (same weights) on {p['raster']}, median of rounds:")
         for name, row in p["rows"].items():
-            ap = f", AP {row['AP']:.3f} AP50 {row['AP50']:.3f}" if "AP" in row else ""
+            ap = (f", AP {row['AP']:.3f} AP50 {row['AP50']:.3f}, {row['duplicates']} duplicates"
+                  if "AP" in row else "")
             lines.append(f"  {name:<14} {row['precision']:<5} {row['wall_s']:8.2f} s "
                          f"({row['detections']} detections{ap})")
         lines.append(f"  detect fp32 / SAHI fp32: {p['speedup_fp32_vs_sahi']:.2f}x faster")

@@ -251,10 +251,17 @@ class RasterDetector:
     def infer(self, batch: list[tuple[Tile, np.ndarray, np.ndarray]]
               ) -> list[tuple[dict[str, torch.Tensor], np.ndarray | None]]:
         prof = self.profile
+        align = getattr(self.model, "size_divisibility", 1)
+        # only the part of a tile that holds data goes through the network: a nodata collar
+        # (orthomosaic footprints) costs nothing beyond the rectangle around the data
+        crops = [data_window(valid, align) for _, _, valid in batch]
         with self.model.compute():  # inference_mode + autocast to the run's precision
             with prof.stage("preprocess"):
-                images = [torch.from_numpy(p).to(self.device) for _, p, _ in batch]
+                images = [torch.from_numpy(p[:, y0:y1, x0:x1]).to(self.device)
+                          for (_, p, _), (x0, y0, x1, y1) in zip(batch, crops)]
                 tensor, sizes = self.model.preprocess(images)
+                prof.pixels += sum(h * w for h, w in sizes)
+                prof.tile_pixels += sum(t.width * t.height for t, _, _ in batch)
             with prof.stage("backbone"):
                 features = self.model.extract_features(tensor)
             with prof.stage("coarse_heads"):
@@ -269,8 +276,13 @@ class RasterDetector:
                 prof.tiles_dense_by_decision += len(batch)
             with prof.stage("postprocess"):
                 dets = self.model.detections(levels, sizes, features)
+                for det, (x0, y0, _, _) in zip(dets, crops):
+                    if x0 or y0:  # back to tile pixels
+                        det["boxes"] = det["boxes"] + det["boxes"].new_tensor([x0, y0, x0, y0])
         # the query heatmap is only drawn with --save-vis: no per-tile work nobody asked for
         heats = _query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
+        heats = [None if h is None else _heat_in_tile(h, tensor.shape[-2:], c, t.height, t.width)
+                 for h, c, (t, _, _) in zip(heats, crops, batch)]
         return list(zip(dets, heats))
 
     def produce(self, src: RasterSource, tiles: list[Tile], info=None
@@ -447,6 +459,37 @@ class RasterDetector:
         if vis is not None:
             vis.add_boxes(dets)
         return len(records)
+
+
+def data_window(valid: np.ndarray, align: int = 1) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the smallest window of a tile holding all its valid pixels, its start
+    rounded down and its size up to multiples of `align` (within the tile); the whole tile
+    when it has no valid pixel."""
+    height, width = valid.shape
+    rows = np.flatnonzero(valid.any(axis=1))
+    cols = np.flatnonzero(valid.any(axis=0))
+    if not len(rows):
+        return 0, 0, width, height
+
+    def span(first: int, last: int, length: int) -> tuple[int, int]:
+        start = first // align * align
+        return start, min(length, start + -(-(last + 1 - start) // align) * align)
+
+    (y0, y1), (x0, x1) = span(rows[0], rows[-1], height), span(cols[0], cols[-1], width)
+    return x0, y0, x1, y1
+
+
+def _heat_in_tile(heat: np.ndarray, padded: tuple[int, int], crop: tuple[int, int, int, int],
+                  height: int, width: int) -> np.ndarray:
+    """A heatmap of a (cropped, padded) network input placed in a map of the whole tile at the
+    same stride; the rest of the tile is 0 (not looked at)."""
+    stride = max(1, round(padded[0] / heat.shape[0]))
+    x0, y0, x1, y1 = crop
+    out = np.zeros((-(-height // stride), -(-width // stride)), np.float32)
+    h = min(heat.shape[0], -(-(y1 - y0) // stride), out.shape[0] - y0 // stride)
+    w = min(heat.shape[1], -(-(x1 - x0) // stride), out.shape[1] - x0 // stride)
+    out[y0 // stride:y0 // stride + h, x0 // stride:x0 // stride + w] = heat[:h, :w]
+    return out
 
 
 def _query_heatmaps(levels, n: int) -> list[np.ndarray | None]:

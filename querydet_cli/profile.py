@@ -24,6 +24,8 @@ class Profile:
         self.seconds = {s: 0.0 for s in STAGES}
         self.tiles = 0
         self.tiles_dense_by_decision = 0
+        self.pixels = 0  # pixels through the network (tiles cropped to their data)
+        self.tile_pixels = 0  # pixels of those tiles
         self.sync = None  # a callable that waits for the device (CUDA), set by the caller
 
     @contextmanager
@@ -54,12 +56,16 @@ class Profile:
         return {"wall_s": round(wall, 4),
                 "stages": {k: {"s": round(v, 4), "share": round(v / wall, 4) if wall > 0 else 0.0}
                            for k, v in self.seconds.items()},
-                "tiles": self.tiles, "tiles_dense_by_decision": self.tiles_dense_by_decision}
+                "tiles": self.tiles, "tiles_dense_by_decision": self.tiles_dense_by_decision,
+                "computed_pixel_share": round(self.pixels / self.tile_pixels, 4)
+                if self.tile_pixels else 1.0}
 
 
 def format_profile(report: dict[str, object]) -> str:
     lines = [f"querydet: profile ({report['tiles']} tiles, {report['tiles_dense_by_decision']} "
-             f"run dense by CSQ's busy-tile decision), wall {report['wall_s']:.2f} s:"]
+             f"run dense by CSQ's busy-tile decision, "
+             f"{report.get('computed_pixel_share', 1.0):.0%} of their pixels computed: the rest "
+             f"nodata), wall {report['wall_s']:.2f} s:"]
     for name, entry in report["stages"].items():
         lines.append(f"querydet:   {name:<13} {entry['s']:8.3f} s  {entry['share']:6.1%}")
     return "\n".join(lines)

@@ -1,3 +1,4 @@
+import json
 from dataclasses import replace
 
 import rasterio
@@ -75,3 +76,23 @@ def test_peer_bench_runs_sahi_with_the_same_weights(tmp_path):
     for row in rows.values():
         assert row["wall_s"] > 0 and 0 <= row["AP"] <= 1
     assert report["speedup_fp32_vs_sahi"] > 0
+
+
+def test_duplicate_count_counts_extra_matches_of_one_object(tmp_path):
+    from querydet_cli.bench_detect import duplicate_count
+
+    truth = tmp_path / "t.json"
+    truth.write_text(json.dumps({"annotations": [
+        {"bbox": [0, 0, 10, 10], "category_id": 7}, {"bbox": [100, 100, 10, 10], "category_id": 7},
+        {"bbox": [200, 200, 10, 10], "category_id": 9}]}))
+
+    def det(box, cls=0):
+        return {"bbox": box, "class_id": cls, "score": 0.9}
+
+    ids = [7, 9]
+    assert duplicate_count(truth, [det([0, 0, 10, 10]), det([100, 100, 110, 110])], ids) == 0
+    # a second view of the first object (IoU 0.81), a fragment (IoU 0.3: not a duplicate), and
+    # another class's box over it (not a duplicate)
+    dets = [det([0, 0, 10, 10]), det([1, 1, 10, 10]), det([0, 0, 3, 10]), det([0, 0, 10, 10], 1),
+            det([100, 100, 110, 110]), det([100, 100, 110, 110]), det([101, 100, 110, 110])]
+    assert duplicate_count(truth, dets, ids) == 3

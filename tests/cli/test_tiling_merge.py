@@ -142,3 +142,41 @@ def test_no_seam_duplicates_with_objects_across_every_seam(tmp_path):
                DetectOptions(tile_size=128, overlap=32, batch_size=2), torch.device("cpu"))
     found = sorted(tuple(r["bbox"]) for r in read_ndjson(out))
     assert found == sorted(tuple(float(v) for v in o) for o in objects)
+
+
+def test_data_window_is_the_aligned_rectangle_around_valid_pixels():
+    from querydet_cli.detect import data_window
+
+    valid = np.zeros((100, 90), bool)
+    valid[37:41, 50:52] = True
+    assert data_window(valid) == (50, 37, 52, 41)
+    assert data_window(valid, 32) == (32, 32, 64, 64)  # start down, size up to multiples of 32
+    valid[99, 89] = True
+    assert data_window(valid, 32) == (32, 32, 90, 100)  # clipped to the tile
+    assert data_window(np.zeros((100, 90), bool), 32) == (0, 0, 90, 100)
+
+
+def test_a_nodata_collar_is_not_computed_and_boxes_stay_in_place(tmp_path):
+    """Tiles are cropped to the rectangle around their data before the network: on a raster
+    whose data is a window inside a nodata collar, fewer pixels are computed, and every object
+    (on seams and tile corners too) is still found once with its exact box."""
+    import torch
+    from rasterio.transform import Affine
+
+    from querydet_cli.config import Config
+    from querydet_cli.detect import DetectOptions, run_detect
+    from tests.cli.oracle import OracleModel, paint, read_ndjson, write_tif
+
+    objects = [(150, 60, 170, 75), (205, 100, 230, 120), (300, 200, 318, 230), (110, 90, 130, 104),
+               (190, 200, 230, 226), (350, 120, 372, 140), (270, 265, 300, 282)]
+    data = paint(416, 416, objects)
+    collar = np.ones((416, 416), bool)
+    collar[45:300, 101:390] = False  # data only here
+    data[:, collar] = 255  # nodata in every band
+    path = write_tif(tmp_path / "collar.tif", data, Affine(1, 0, 0, 0, -1, 0), nodata=255)
+    out = tmp_path / "o.ndjson"
+    summary = run_detect(OracleModel(), Config(), [str(path)], str(out), "ndjson",
+                         DetectOptions(tile_size=128, overlap=32), torch.device("cpu"))
+    found = sorted(tuple(r["bbox"]) for r in read_ndjson(out))
+    assert found == sorted(tuple(float(v) for v in o) for o in objects)
+    assert summary.profile["computed_pixel_share"] < 0.8
