@@ -117,6 +117,8 @@ class InferenceConfig:
     # the dense heads (1.0: always sparse)
     sparse_max_fraction: float = 0.3
     score_threshold: float = 0.05
+    # candidates per level and image before NMS, for maps up to 128 x 128 positions; larger maps
+    # (P2 of a big tile) get a proportional budget (`postprocess.level_budget`)
     topk_per_level: int = 1000
     nms_iou: float = 0.5
     max_detections: int = 100

@@ -133,13 +133,20 @@ class FPNDetector(nn.Module):
                 raise ModelInputError(f"image is empty: shape {tuple(img.shape)}")
             if not img.is_floating_point():
                 raise ModelInputError(f"expected float images in [0, 1], got dtype {img.dtype}")
-            if not torch.isfinite(img).all():
+            lo, hi = torch.aminmax(img)  # NaN propagates to both; one pass, no mask
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
                 raise ModelInputError("image contains NaN or Inf values")
             sizes.append((int(img.shape[1]), int(img.shape[2])))
         d = self.size_divisibility
         height = -(-max(h for h, _ in sizes) // d) * d
         width = -(-max(w for _, w in sizes) // d) * d
-        batch = self.pixel_mean.new_zeros(len(images), 3, height, width)
+        # the batch is made in the layout the backbone runs in, so it is written once
+        layout = torch.channels_last if getattr(self, "channels_last", False) else \
+            torch.contiguous_format
+        batch = torch.empty(len(images), 3, height, width, dtype=self.pixel_mean.dtype,
+                            device=self.pixel_mean.device, memory_format=layout)
+        if any(size != (height, width) for size in sizes):
+            batch.zero_()  # padding
         for i, img in enumerate(images):
             h, w = sizes[i]
             batch[i, :, :h, :w] = (img.to(batch.device) - self.pixel_mean[0]) / self.pixel_std[0]
@@ -178,9 +185,10 @@ class FPNDetector(nn.Module):
 
     def prepare_inference(self, precision: str = "auto", channels_last: bool = True) -> str:
         """Turn the model into its inference form, in place: eval mode, every batch norm (frozen,
-        or trainable with its running statistics) folded into the conv before it, weights and inputs channels_last (NHWC: measured faster for
-        the convolutions in fp32 and bf16 on this CPU, and the layout tensor cores want), and
-        the precision resolved. Not for training afterwards."""
+        or trainable with its running statistics) folded into the conv before it, weights and
+        inputs channels_last (NHWC: measured faster for the convolutions in fp32 and bf16 on
+        this CPU, and the layout tensor cores want), and the precision resolved. Not for
+        training afterwards."""
         self.eval()
         self.folded_batchnorms = fold_batchnorm(self.backbone)
         self.channels_last = channels_last

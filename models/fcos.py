@@ -28,7 +28,8 @@ from .config import InferenceConfig
 from .detector import FPNDetector
 from .fpn import Pyramid
 from .heads import Branch, FCOSHead, QueryHead, tower_branches
-from .postprocess import clip_boxes, image_bounds, merge_with_nms, top_candidates
+from .postprocess import (clip_boxes, image_bounds, level_budget, merge_with_nms,
+                          top_candidates)
 from .query_infer import LevelOutput
 from .sparse import unravel
 
@@ -224,7 +225,8 @@ class QueryFCOS(FPNDetector):
                     continue
                 ctr = torch.sigmoid(out.box[lo:hi, 4])  # (Q_i,)
                 scores = torch.sqrt(torch.sigmoid(out.cls[lo:hi]) * ctr[:, None]).reshape(-1)
-                keep = top_candidates(scores, d.score_threshold, d.topk_per_level)
+                keep = top_candidates(scores, d.score_threshold,
+                                      level_budget(d.topk_per_level, out.shape))
                 if keep.numel() == 0:
                     continue
                 row, label = keep // K, keep % K

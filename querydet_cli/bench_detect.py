@@ -228,27 +228,36 @@ def coco_ap(truth: Path, dets: list[dict[str, Any]], category_ids: list[int]) ->
 
 
 def duplicate_count(truth: Path, dets: list[dict[str, Any]], category_ids: list[int],
-                    iou: float = 0.5) -> int:
+                    windows: list[tuple[int, int, int, int]] | None = None, iou: float = 0.5
+                    ) -> dict[str, int]:
     """Detections beyond the first that match one true object (same category, IoU >= `iou`,
-    each detection given to the object it overlaps most): what a merge leaves twice. Within
-    a tile NMS already removed such pairs, so across tiles they are seam duplicates."""
+    each detection given to the object it overlaps most): what a merge leaves twice.
+
+    With the pipeline's own tile `windows` (x1, y1, x2, y2), also the objects on a seam (cut by
+    some window: partly inside it) and their duplicates, the ones a cross-tile merge answers for.
+    """
     from .merge import overlap_matrix
 
     annotations = json.loads(Path(truth).read_text())["annotations"]
-    count = 0
+    wins = np.array(windows or [], np.float64).reshape(-1, 4)
+    report = {"duplicates": 0, "seam_objects": 0, "seam_duplicates": 0}
     for category in {a["category_id"] for a in annotations}:
         gt = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                         a["bbox"][1] + a["bbox"][3]] for a in annotations
                        if a["category_id"] == category], np.float64).reshape(-1, 4)
+        inside = overlap_matrix(gt, wins, np.ones((len(gt), len(wins)), bool))  # IoS
+        on_seam = ((inside > 0) & (inside < 1)).any(axis=1)
+        report["seam_objects"] += int(on_seam.sum())
         found = np.array([d["bbox"] for d in dets if category_ids[d["class_id"]] == category],
                          np.float64).reshape(-1, 4)
         if not len(gt) or not len(found):
             continue
         overlaps = overlap_matrix(found, gt, np.zeros((len(found), len(gt)), bool))
         matched = overlaps.max(axis=1) >= iou
-        hits = np.bincount(overlaps.argmax(axis=1)[matched], minlength=len(gt))
-        count += int(np.maximum(hits - 1, 0).sum())
-    return count
+        extra = np.maximum(np.bincount(overlaps.argmax(axis=1)[matched], minlength=len(gt)) - 1, 0)
+        report["duplicates"] += int(extra.sum())
+        report["seam_duplicates"] += int(extra[on_seam].sum())
+    return report
 
 
 def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overlap: int,
@@ -256,16 +265,20 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
                    score_threshold: float = 0.3) -> dict[str, Any]:
     """`detect` (default precision and fp32) against SAHI with the same weights (fp32, dense,
     its greedy IoS merge), rounds interleaved, median wall seconds, reading included."""
+    import rasterio
     import torch
 
     from .detect import DetectOptions, run_detect
     from .engine import load_model
     from .peer import sahi_detect
+    from .tiling import make_tiles
     from .writers import read_records
 
     model, cfg = load_model(weights, device)
     dev = torch.device(device)
     names = cfg.names()
+    with rasterio.open(raster) as src:
+        width, height = src.width, src.height
     rows: dict[str, dict[str, Any]] = {}
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,8 +298,11 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
                                   "profile": s.profile}
                     if truth is not None:
                         rows[name] |= coco_ap(truth, dets, cfg.category_ids())
-                        rows[name]["duplicates"] = duplicate_count(truth, dets,
-                                                                   cfg.category_ids())
+                        tiles = make_tiles(width, height, tile_size, overlap,
+                                           align=model.size_divisibility)
+                        rows[name] |= duplicate_count(
+                            truth, dets, cfg.category_ids(),
+                            [(t.x, t.y, t.x + t.width, t.y + t.height) for t in tiles])
             model.set_precision("fp32")
             t0 = time.perf_counter()
             dets, _ = sahi_detect(raster, model, names, dev, tile_size=tile_size, overlap=overlap,
@@ -297,8 +313,11 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
                 rows["sahi_fp32"] = {"precision": "fp32", "detections": len(dets)}
                 if truth is not None:
                     rows["sahi_fp32"] |= coco_ap(truth, dets, cfg.category_ids())
-                    rows["sahi_fp32"]["duplicates"] = duplicate_count(truth, dets,
-                                                                      cfg.category_ids())
+                    from sahi.slicing import get_slice_bboxes
+
+                    slices = get_slice_bboxes(height, width, tile_size, tile_size, False,
+                                              overlap / tile_size, overlap / tile_size)
+                    rows["sahi_fp32"] |= duplicate_count(truth, dets, cfg.category_ids(), slices)
     for name, ts in times.items():
         rows[name]["wall_s"] = statistics.median(ts)
         rows[name]["wall_s_all"] = [round(t, 2) for t in ts]
@@ -377,7 +396,8 @@ def format_report(report: dict[str, Any]) -> str:
         p = report["peer"]
         lines.append(f"querydet vs SAHI (same weights) on {p['raster']}, median of rounds:")
         for name, row in p["rows"].items():
-            ap = (f", AP {row['AP']:.3f} AP50 {row['AP50']:.3f}, {row['duplicates']} duplicates"
+            ap = (f", AP {row['AP']:.3f} AP50 {row['AP50']:.3f}, duplicates {row['duplicates']}"
+                  f" ({row['seam_duplicates']} of {row['seam_objects']} objects on seams)"
                   if "AP" in row else "")
             lines.append(f"  {name:<14} {row['precision']:<5} {row['wall_s']:8.2f} s "
                          f"({row['detections']} detections{ap})")

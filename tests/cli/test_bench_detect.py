@@ -75,6 +75,7 @@ def test_peer_bench_runs_sahi_with_the_same_weights(tmp_path):
     assert set(rows) == {"querydet", "querydet_fp32", "sahi_fp32"}
     for row in rows.values():
         assert row["wall_s"] > 0 and 0 <= row["AP"] <= 1
+        assert 0 <= row["seam_duplicates"] <= row["duplicates"] and row["seam_objects"] > 0
     assert report["speedup_fp32_vs_sahi"] > 0
 
 
@@ -90,9 +91,14 @@ def test_duplicate_count_counts_extra_matches_of_one_object(tmp_path):
         return {"bbox": box, "class_id": cls, "score": 0.9}
 
     ids = [7, 9]
-    assert duplicate_count(truth, [det([0, 0, 10, 10]), det([100, 100, 110, 110])], ids) == 0
+    none = duplicate_count(truth, [det([0, 0, 10, 10]), det([100, 100, 110, 110])], ids)
+    assert none == {"duplicates": 0, "seam_objects": 0, "seam_duplicates": 0}
     # a second view of the first object (IoU 0.81), a fragment (IoU 0.3: not a duplicate), and
     # another class's box over it (not a duplicate)
     dets = [det([0, 0, 10, 10]), det([1, 1, 10, 10]), det([0, 0, 3, 10]), det([0, 0, 10, 10], 1),
             det([100, 100, 110, 110]), det([100, 100, 110, 110]), det([101, 100, 110, 110])]
-    assert duplicate_count(truth, dets, ids) == 3
+    assert duplicate_count(truth, dets, ids)["duplicates"] == 3
+    # two tiles meeting at x = 104..105: the object at 100..110 is cut by both, the first not
+    tiles = [(0, 0, 105, 300), (104, 0, 300, 300)]
+    assert duplicate_count(truth, dets, ids, tiles) == {"duplicates": 3, "seam_objects": 1,
+                                                        "seam_duplicates": 2}

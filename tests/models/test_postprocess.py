@@ -1,0 +1,51 @@
+"""Post-processing: the per-level candidate budget grows with the level map."""
+
+import dataclasses
+
+import torch
+
+from querydet_models.postprocess import BUDGET_POSITIONS, level_budget
+from querydet_models.query_infer import LevelOutput
+from tests.conftest import tiny_model
+
+
+def test_level_budget_is_topk_up_to_the_reference_map_and_proportional_beyond():
+    assert level_budget(1000, (1, 64, 64)) == 1000
+    assert level_budget(1000, (1, 128, 128)) == 1000
+    assert level_budget(1000, (1, 256, 256)) == 4000  # P2 of a 1024 px tile
+    assert level_budget(1000, (1, 232, 232)) == -(-1000 * 232 * 232 // BUDGET_POSITIONS)
+
+
+def _level(model, height, width, hot):
+    """A P2 output where each position in `hot` has every anchor of class 0 at logit 3 (score
+    0.95), each decoding to the same 20 px box around the position: many strong candidates per
+    object, as a real head gives, that NMS reduces to one."""
+    A, K = model.anchors.num_anchors, model.num_classes
+    n = height * width
+    cls = torch.full((n, A * K), -10.0)
+    cls.view(n, A, K)[hot, :, 0] = 3.0
+    box = torch.zeros(n, A, 4)
+    ys, xs = hot // width, hot % width
+    anchors = model.anchors.anchors_at(2, ys, xs)  # (h, A, 4)
+    cx, cy = (anchors[:, :, 0] + anchors[:, :, 2]) / 2, (anchors[:, :, 1] + anchors[:, :, 3]) / 2
+    target = torch.stack([cx - 10, cy - 10, cx + 10, cy + 10], -1)
+    box[hot] = model.box_coder.encode(anchors.reshape(-1, 4), target.reshape(-1, 4)).view(-1, A, 4)
+    return LevelOutput(2, (1, height, width), torch.arange(n), cls, box.view(n, A * 4), None,
+                       0.0, 0.0)
+
+
+def test_many_objects_on_a_big_map_are_not_cut_by_the_candidate_cap():
+    """40 far-apart objects on a 256 x 256 P2 map, each with one candidate per anchor: with a
+    fixed cap of 100 candidates at most 12 objects would survive; the map-sized budget (400)
+    keeps all 40."""
+    model = tiny_model()
+    model.inference = dataclasses.replace(model.inference, topk_per_level=100,
+                                          max_detections=1000, score_threshold=0.3)
+    hot = torch.tensor([y * 256 + x for y in range(8, 256, 32) for x in range(8, 256, 52)])[:40]
+    assert len(hot) == 40
+    det = model.detections([_level(model, 256, 256, hot)], [(1024, 1024)])[0]
+    assert len(det["scores"]) == 40
+    # on a map no larger than the reference, the budget is topk_per_level as before
+    small = torch.tensor([y * 128 + x for y in range(8, 128, 20) for x in range(8, 128, 24)])
+    det = model.detections([_level(model, 128, 128, small)], [(512, 512)])[0]
+    assert len(det["scores"]) <= -(-100 // model.anchors.num_anchors) < len(small)
