@@ -31,7 +31,7 @@ from .config import Config
 from .errors import QueryDetError
 
 from .locking import OutputLock, journal_dir
-from .merge import Detections, TileMerger
+from .merge import Detections, TileMerger, suppress_nested
 from .profile import Profile
 from .raster import RasterSource
 from .tiling import TILING_VERSION, Tile, make_tiles, row_starts
@@ -53,7 +53,7 @@ class DetectOptions:
     start_level: int | None = None
     score_threshold: float | None = None
     bands: tuple[int, ...] | None = None
-    merge_metric: str = "iou"
+    merge_metric: str = "ios"  # IoS: SAHI's greedy-merge measure, nested duplicates too
     merge_threshold: float = 0.5
     rfc7946: bool = False
     resume: bool = False
@@ -415,6 +415,9 @@ class RasterDetector:
             cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(int), 0, tile.width - 1)
             cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(int), 0, tile.height - 1)
             keep = valid[cy, cx]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if self.opts.merge_metric == "ios" and len(boxes):
+            keep = suppress_nested(boxes, scores, labels, self.opts.merge_threshold)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         left, top, right, bottom = tile.inner_edges(info.width, info.height)
         cut = ((left & (boxes[:, 0] <= EDGE_TOLERANCE))

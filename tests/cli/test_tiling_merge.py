@@ -180,3 +180,20 @@ def test_a_nodata_collar_is_not_computed_and_boxes_stay_in_place(tmp_path):
     found = sorted(tuple(r["bbox"]) for r in read_ndjson(out))
     assert found == sorted(tuple(float(v) for v in o) for o in objects)
     assert summary.profile["computed_pixel_share"] < 0.8
+
+
+def test_nested_duplicates_in_a_tile_are_dropped_by_ios():
+    from querydet_cli.merge import suppress_nested
+
+    boxes = np.array([[0, 0, 80, 110], [5, 0, 70, 70],  # a building and a partial box inside it
+                      [200, 200, 205, 205], [201, 201, 206, 206],  # a 5 px object seen twice
+                      [300, 300, 305, 305], [303, 300, 308, 305],  # two 5 px objects side by side
+                      [10, 10, 60, 60]], float)  # inside the building, but another class
+    scores = np.array([0.9, 0.5, 0.45, 0.4, 0.8, 0.7, 0.3])
+    labels = np.array([1, 1, 0, 0, 0, 0, 2])
+    keep = suppress_nested(boxes, scores, labels, 0.5)
+    assert keep.tolist() == [True, False, True, False, True, True, True]
+    # the better box stays whichever comes first
+    order = np.arange(7)[::-1]
+    assert suppress_nested(boxes[order], scores[order], labels[order], 0.5).tolist() == \
+        keep[order].tolist()
