@@ -197,3 +197,14 @@ def test_nested_duplicates_in_a_tile_are_dropped_by_ios():
     order = np.arange(7)[::-1]
     assert suppress_nested(boxes[order], scores[order], labels[order], 0.5).tolist() == \
         keep[order].tolist()
+
+
+def test_a_cropped_tiles_heatmap_lands_where_its_pixels_are():
+    from querydet_cli.detect import _heat_in_tile
+
+    heat = np.ones((6, 6), np.float32)  # stride 16 over a 96 x 96 crop
+    out = _heat_in_tile(heat, (96, 96), (64, 32, 160, 128), 256, 256)
+    assert out.shape == (16, 16)
+    expected = np.zeros((16, 16), np.float32)
+    expected[2:8, 4:10] = 1
+    assert (out == expected).all()
