@@ -5,9 +5,10 @@ axis the fewest tiles that can do so are spread evenly, all of one extent, the s
 of `align` (the model's size divisibility) that covers the axis: no tile reaches past the edge
 and none is shifted back over its neighbour, so no pixel is computed more often than the overlap
 asks. (Fixed-size tiles with the last one moved back to the edge, as SAHI slices, compute a
-4096-pixel axis as 5 x 1024 = 5120 pixels; these tiles compute it as 5 x 928 = 4640.) A tile's core is its area minus
-half the overlap on each inner side, so the cores partition the raster: every pixel lies in
-exactly one core. An object no larger than half the overlap whose centre lies in a tile's core
+4096-pixel axis as 5 x 1024 = 5120 pixels; these tiles compute it as 5 x 928 = 4640.)
+
+A tile's core is its area minus half the overlap on each inner side, so the cores partition the
+raster: every pixel lies in exactly one core. An object no larger than half the overlap whose centre lies in a tile's core
 is seen whole by that tile. Larger objects are cut and repaired by the cross-tile merge.
 """
 
@@ -50,14 +51,13 @@ def _axis(length: int, size: int, overlap: int, align: int = 1
     # even spacing; each step <= extent - overlap, since count * extent - (count - 1) * overlap
     # >= length, and the step is an integer
     starts = [i * (length - extent) // (count - 1) for i in range(count)]
-    size = extent
     out = []
     for i, s in enumerate(starts):
-        core_start = 0 if i == 0 else (s + starts[i - 1] + size) // 2  # middle of the overlap
-        core_end = length if i == len(starts) - 1 else (starts[i + 1] + s + size) // 2
-        excl_start = 0 if i == 0 else starts[i - 1] + size
+        core_start = 0 if i == 0 else (s + starts[i - 1] + extent) // 2  # middle of the overlap
+        core_end = length if i == len(starts) - 1 else (starts[i + 1] + s + extent) // 2
+        excl_start = 0 if i == 0 else starts[i - 1] + extent
         excl_end = length if i == len(starts) - 1 else starts[i + 1]
-        out.append((s, size, core_start, core_end, excl_start, excl_end))
+        out.append((s, extent, core_start, core_end, excl_start, excl_end))
     return out
 
 
