@@ -21,6 +21,7 @@ import numpy as np
 
 from .detect import DetectOptions, RasterDetector
 from .errors import QueryDetError
+from .gsd import check_input_gsd, parse_gsd_option
 from .raster import RasterSource
 
 if TYPE_CHECKING:
@@ -126,6 +127,10 @@ def _options(base: DetectOptions, changes: dict[str, Any]) -> DetectOptions:
         raise QueryDetError(f"unknown option {bad[0]!r} (allowed: {', '.join(sorted(known))})")
     if "bands" in changes and changes["bands"] is not None:
         changes = changes | {"bands": tuple(changes["bands"])}
+    if "gsd" in changes:
+        changes = changes | {"gsd": parse_gsd_option(changes["gsd"])}
+    if "input_gsd" in changes:
+        changes = changes | {"input_gsd": check_input_gsd(changes["input_gsd"], "input_gsd")}
     return replace(base, **changes)
 
 

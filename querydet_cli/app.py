@@ -109,6 +109,42 @@ def configs() -> None:
         print(f"{name:40s} {m.detector:12s} {m.backbone:14s} {cfg.data.dataset:10s} {levels:7s} {csq}")
 
 
+@app.command(name="bench-gsd")
+def bench_gsd(
+    *,
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the bundled sample model)")] = None,
+    size: Annotated[int, typer.Option(min=256, max=8192, help="Side of the native 0.3 m scene in pixels")] = 2048,
+    seed: Annotated[int, typer.Option(help="Generator seed of the scene")] = 11,
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="Timings per row (median)")] = 1,
+    workdir: Annotated[Optional[Path], typer.Option(help="Folder for the rasters (default: a temporary one)")] = None,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
+    json_out: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout")] = False,
+) -> None:
+    """One scene at 0.15, 0.3 and 0.6 m: AP and time read at the model's GSD against the raster's own pixels."""
+    import tempfile
+
+    from .bench_gsd import format_report, run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run(str(weights) if weights else None, workdir or Path(tmp), size, seed, rounds,
+                     device.value)
+    print(json.dumps(report) if json_out else format_report(report))
+
+
+@app.command()
+def info(
+    weights: Annotated[Optional[Path], typer.Argument(help="Checkpoint (default: the bundled sample model)")] = None,
+    *,
+    json_out: Annotated[bool, typer.Option("--json", help="Everything as JSON, the full config included")] = False,
+) -> None:
+    """What a model is: its classes, the ground resolution (GSD) it was trained at, its config and training data."""
+    from .engine import format_model_info, model_info
+    from .resources import sample_model
+
+    found = model_info(weights or sample_model())
+    print(json.dumps(found) if json_out else format_model_info(found))
+
+
 @app.command()
 def bench(
     *,
@@ -278,6 +314,8 @@ def detect(
     gpus_per_worker: Annotated[float, typer.Option(min=0.0, max=16.0, help="GPUs per Ray actor (0: CPU actors)")] = 0.0,
     threads_per_worker: Annotated[int, typer.Option(min=1, max=256, help="torch threads (and Ray CPUs) per actor")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (not with -o -)")] = False,
+    gsd: Annotated[str, typer.Option("--gsd", help="Ground resolution to read rasters at: auto (the model's training GSD), native (the raster's own pixels) or metres per pixel")] = "auto",
+    input_gsd: Annotated[Optional[float], typer.Option("--input-gsd", help="Metres per pixel of inputs without a georeference (drone frames, plain images); overrides a georeference")] = None,
 ) -> None:
     """Detect small objects in huge GeoTIFFs and drone frames, tile by tile, with CSQ.
 
@@ -313,6 +351,10 @@ def detect(
                                 f"got {bands!r}")
     if resume and output == "-":
         raise QueryDetError("--resume needs an output file, not stdout")
+    from .gsd import check_input_gsd, parse_gsd_option
+
+    gsd_option = parse_gsd_option(gsd)
+    input_gsd = check_input_gsd(input_gsd)
     import contextlib
 
     from .locking import claim_output
@@ -346,7 +388,8 @@ def detect(
                              rfc7946=rfc7946, resume=resume,
                              save_vis=str(save_vis) if save_vis else None,
                              precision=precision.value if precision else None,
-                             image_ids=image_ids, profile=profile)
+                             image_ids=image_ids, profile=profile, gsd=gsd_option,
+                             input_gsd=input_gsd)
         try:
             settings = None
             if ray is not None:
@@ -413,6 +456,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Override train.base_lr")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Override train.workers")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override train.seed")] = None,
+    gsd: Annotated[Optional[float], typer.Option("--gsd", help="Metres per pixel of the training images when they carry no georeference (GeoTIFF chips from `querydet tile` record their own)")] = None,
 ) -> None:
     """Train QueryDet (RetinaNet, FCOS or Faster R-CNN host, from the config) or a baseline (multi-GPU: torchrun --nproc_per_node N -m querydet_cli train ...)."""
     from .config import config_from_dict, load_config, with_changes
@@ -425,8 +469,16 @@ def train(
         cfg = load_config(config or "querydet_mobilenet_synthetic")
     if freeze_backbone:
         cfg = with_changes(cfg, "train", freeze_backbone=True)
+    from .gsd import check_input_gsd
+
+    check_input_gsd(gsd, "--gsd")
+    if dataset is not None or train_root is not None or train_annotations is not None:
+        # other training data: the GSD comes from it (or --gsd), not from --init's checkpoint
+        from dataclasses import replace
+
+        cfg = replace(cfg, data=replace(cfg.data, gsd=None))
     cfg = with_changes(cfg, "data", dataset=dataset.value if dataset else None,
-                       train_root=train_root, train_annotations=train_annotations)
+                       train_root=train_root, train_annotations=train_annotations, gsd=gsd)
     cfg = with_changes(cfg, "train", max_iter=max_iter, batch_size=batch_size, base_lr=lr,
                        workers=workers, seed=seed)
     from .engine import resolve_device

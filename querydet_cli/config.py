@@ -29,8 +29,14 @@ class DataConfig:
     synthetic_val_scenes: int = 16
     synthetic_size: int = 384
     synthetic_seed: int = 0
+    # ground sample distance of the training data, metres per pixel; `detect` reads rasters at
+    # it. None: unknown (plain images, older checkpoints), inputs are read at their own pixels
+    gsd: float | None = None
 
     def __post_init__(self) -> None:
+        if self.gsd is not None and not 0 < self.gsd <= 10000:
+            raise ConfigError(f"data.gsd: {self.gsd} is not allowed (allowed: metres per pixel, "
+                              "> 0 and at most 10000, or null)")
         if self.synthetic_size < 64 or self.synthetic_size > 8192:
             raise ConfigError(f"data.synthetic_size: {self.synthetic_size} is not allowed "
                               "(allowed: 64..8192)")

@@ -18,6 +18,7 @@ import queue
 import shutil
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -33,6 +34,7 @@ from .errors import QueryDetError
 from .locking import OutputLock, journal_dir
 from .merge import Detections, TileMerger, suppress_nested
 from .profile import Profile
+from .gsd import Resolution
 from .raster import RasterSource
 from .tiling import TILING_VERSION, Tile, make_tiles, row_starts
 from .writers import GEO_FORMATS, OutputWriter, pixel_box_ring, read_records, to_lonlat
@@ -63,6 +65,9 @@ class DetectOptions:
     # COCO image id per input (from --coco-gt); None: the input's position, from 1
     image_ids: tuple[int, ...] | None = None
     profile: bool = False  # synchronise CUDA at stage edges, for exact per-stage times
+    # ground resolution: "auto" (the model's GSD), "native" (source pixels) or metres per pixel
+    gsd: str | float = "auto"
+    input_gsd: float | None = None  # metres per pixel of inputs without a georeference
 
 
 @dataclass
@@ -205,12 +210,15 @@ def read_failure(src: RasterSource, err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _reader(src: RasterSource, tiles: list[Tile], out: queue.Queue, stop: threading.Event) -> None:
+def _reader(src: RasterSource, tiles: list[Tile], out: queue.Queue, stop: threading.Event,
+            profile: Profile) -> None:
     try:
         for t in tiles:
             if stop.is_set():
                 return
+            started = time.perf_counter()
             pixels, valid = src.read(t.x, t.y, t.width, t.height)
+            profile.reader_seconds += time.perf_counter() - started
             out.put((t, pixels if valid.any() else None, valid))
         out.put(None)
     except Exception as err:  # handed to the consumer, which raises it in the main thread
@@ -247,6 +255,32 @@ class RasterDetector:
         self.profile = Profile()
         if options.profile and device.type == "cuda":
             self.profile.sync = lambda: torch.cuda.synchronize(device)
+        self.model_gsd = cfg.data.gsd
+        self._said: set[str] = set()  # GSD notices already given in this run
+
+    def attach(self, src: RasterSource) -> Resolution:
+        """Set `src` to be read at the run's ground resolution (`--gsd`): the model's GSD unless
+        told otherwise; native pixels when either side's GSD is unknown (said once per run)."""
+        from .gsd import resolve
+
+        source_gsd = src.gsd() if self.opts.input_gsd is None else \
+            (self.opts.input_gsd, self.opts.input_gsd)
+        res = resolve(self.opts.gsd, self.model_gsd, source_gsd, str(src.path))
+        src.resample(res.scale)
+        if res.reason == "the input's GSD is unknown" and res.reason not in self._said:
+            self._said.add(res.reason)
+            log.warning("%s has no georeference and no --input-gsd: read at its own pixels, not "
+                        "at the model's %.3g m (give --input-gsd METRES, or --gsd native to "
+                        "silence this)", src.path, self.model_gsd if self.opts.gsd == "auto"
+                        else float(self.opts.gsd))
+        elif res.reason == "the model records no GSD" and source_gsd is not None \
+                and res.reason not in self._said:
+            self._said.add(res.reason)
+            log.info("the model records no training GSD: inputs are read at their own pixels")
+        if res.resampled:
+            log.info("%s: %.4g m pixels read at %.4g m (%.3g x %.3g source pixels per model "
+                     "pixel)", src.path, source_gsd[0], res.target_gsd, *src.scale)
+        return res
 
     def infer(self, batch: list[tuple[Tile, np.ndarray, np.ndarray]]
               ) -> list[tuple[dict[str, torch.Tensor], np.ndarray | None]]:
@@ -294,7 +328,8 @@ class RasterDetector:
         info = info or src.info()
         q: queue.Queue = queue.Queue(maxsize=max(1, self.opts.prefetch * self.opts.batch_size))
         stop = threading.Event()
-        reader = threading.Thread(target=_reader, args=(src, tiles, q, stop), daemon=True)
+        reader = threading.Thread(target=_reader, args=(src, tiles, q, stop, self.profile),
+                                  daemon=True)
         reader.start()
         batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
         # a batch never spans two tile rows, nor two groups of batch_size tiles of a row: the
@@ -352,6 +387,8 @@ class RasterDetector:
         """The consumer: merge each tile's detections across tiles, emit final ones and
         checkpoint per finished tile row; returns the number emitted. `results` (tile,
         detections, heatmap) come from `produce` here, or from elsewhere (Ray workers)."""
+        self.attach(src)
+        self.profile.scales.append(src.scale)
         info = self._info = src.info()  # read once: _emit runs for every released tile row
         # a second handle, for this thread only: the reader thread owns `src` while it runs
         self._probe = src.reopen()
@@ -445,7 +482,8 @@ class RasterDetector:
             return 0
         info = self._info
         records = []
-        for box, score, label in zip(dets.boxes, dets.scores, dets.labels):
+        # boxes found on the model's grid, mapped back to the source's pixels and CRS
+        for box, score, label in zip(info.to_source(dets.boxes), dets.scores, dets.labels):
             ring = None
             if info.georeferenced:
                 ring = pixel_box_ring(box, info.transform)
@@ -638,6 +676,7 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
         def tile_rows(path: str) -> int | None:
             try:  # only the size is needed: no percentile stretch
                 with RasterSource(path, options.bands, stretch_known=True) as src:
+                    detector.attach(src)
                     return max(t.row for t in detector.plan(src.info())) + 1
             except QueryDetError:
                 return None
@@ -667,6 +706,7 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
             try:
                 setup = time.perf_counter()
                 with RasterSource(path, options.bands) as src:
+                    detector.attach(src)
                     info = src.info()
                     if fmt in GEO_FORMATS and not info.georeferenced:
                         raise QueryDetError(
@@ -713,7 +753,7 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
                                  cfg.names())
                     summary.done += 1
                     summary.new_detections += n
-                    summary.megapixels += info.width * info.height / 1e6
+                    summary.megapixels += info.source_width * info.source_height / 1e6
             except QueryDetError as err:
                 summary.failed.append((path, str(err)))
                 print(f"querydet: error: {err}", file=sys.stderr)

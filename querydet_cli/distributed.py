@@ -92,6 +92,7 @@ class DetectWorkerImpl:
             self._load(checkpoint)
         try:
             with RasterSource(path, tuple(bands) if bands else None) as src:
+                self.detector.attach(src)
                 info = src.info()
                 tiles = [t for t in self.detector.plan(info) if first_row <= t.row < last_row]
                 return [(t.index, found) for t, found, _ in

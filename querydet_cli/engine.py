@@ -62,6 +62,52 @@ def load_model(weights: str | Path, device: str | torch.device = "cpu"
     return model, cfg
 
 
+def model_info(weights: str | Path) -> dict:
+    """What a checkpoint says about itself: classes, training GSD, model, training data."""
+    try:
+        payload = load_checkpoint(weights)
+    except CheckpointError as err:
+        raise QueryDetError(str(err)) from None
+    if not isinstance(payload.get("config"), dict):
+        raise QueryDetError(f"checkpoint {weights} has no config: not written by querydet train "
+                            "(or damaged)")
+    cfg = config_from_dict(payload["config"])
+    m, d = cfg.model, cfg.data
+    extra = payload.get("extra") or {}
+    return {"weights": str(weights), "classes": cfg.names(), "category_ids": cfg.category_ids(),
+            "gsd_m": d.gsd, "detector": m.detector, "backbone": m.backbone,
+            "levels": list(m.levels), "query_levels": list(m.query_levels),
+            "inference": {"mode": cfg.inference.mode, "start_level": cfg.inference.start_level,
+                          "precision": cfg.inference.precision},
+            "data": {"dataset": d.dataset, "train_root": d.train_root,
+                     "train_annotations": d.train_annotations},
+            "iteration": extra.get("iteration"),
+            "parameters": sum(v.numel() for v in payload.get("model", {}).values()
+                              if hasattr(v, "numel")),
+            "config": cfg.to_dict()}
+
+
+def format_model_info(info: dict) -> str:
+    """`querydet info` as lines for a person."""
+    gsd = f"{info['gsd_m']:g} m per pixel" if info["gsd_m"] else \
+        "not recorded (inputs are read at their own pixels)"
+    data = info["data"]
+    where = data["train_annotations"] or data["train_root"] or "generated scenes" \
+        if data["dataset"] == "synthetic" else data["train_annotations"] or data["train_root"]
+    lines = [f"weights     {info['weights']}",
+             f"classes     {', '.join(info['classes'])}",
+             f"GSD         {gsd}",
+             f"model       {info['detector']} on {info['backbone']}, levels "
+             f"P{min(info['levels'])}-P{max(info['levels'])}, "
+             + (f"query head on P{', P'.join(map(str, info['query_levels']))}"
+                if info["query_levels"] else "no query head"),
+             f"inference   mode {info['inference']['mode']}, CSQ from "
+             f"P{info['inference']['start_level']}, precision {info['inference']['precision']}",
+             f"trained on  {data['dataset']}" + (f": {where}" if where else ""),
+             f"parameters  {info['parameters']:,}"]
+    return "\n".join(lines)
+
+
 def progress_bar(name: str, total_tiles: int):
     """A tqdm bar on stderr counting the tiles of one raster (each advances it by one)."""
     import sys

@@ -26,6 +26,8 @@ class Profile:
         self.tiles_dense_by_decision = 0
         self.pixels = 0  # pixels through the network (tiles cropped to their data)
         self.tile_pixels = 0  # pixels of those tiles
+        self.reader_seconds = 0.0  # the reader thread's time in reads (overlaps compute)
+        self.scales: list[tuple[float, float]] = []  # source pixels per model pixel, per input
         self.sync = None  # a callable that waits for the device (CUDA), set by the caller
 
     @contextmanager
@@ -58,7 +60,9 @@ class Profile:
                            for k, v in self.seconds.items()},
                 "tiles": self.tiles, "tiles_dense_by_decision": self.tiles_dense_by_decision,
                 "computed_pixel_share": round(self.pixels / self.tile_pixels, 4)
-                if self.tile_pixels else 1.0}
+                if self.tile_pixels else 1.0,
+                "reader_s": round(self.reader_seconds, 4),
+                "resampling": [[round(sx, 6), round(sy, 6)] for sx, sy in self.scales]}
 
 
 def format_profile(report: dict[str, object]) -> str:
@@ -68,4 +72,10 @@ def format_profile(report: dict[str, object]) -> str:
              f"nodata), wall {report['wall_s']:.2f} s:"]
     for name, entry in report["stages"].items():
         lines.append(f"querydet:   {name:<13} {entry['s']:8.3f} s  {entry['share']:6.1%}")
+    scales = report.get("resampling") or []
+    if any(s != [1.0, 1.0] for s in scales):
+        factors = ", ".join(f"{sx:.3g} x {sy:.3g}" for sx, sy in scales)
+        lines.append(f"querydet: read at the model's GSD: {factors} source pixels per model pixel; "
+                     f"the reader thread spent {report.get('reader_s', 0.0):.2f} s reading and "
+                     "resampling (beside compute; `read` above is the wait for it)")
     return "\n".join(lines)

@@ -45,12 +45,32 @@ class RasterInfo:
     count: int
     dtype: str
     crs: str | None  # WKT or authority string; None when not georeferenced
-    transform: tuple[float, ...]  # affine a, b, c, d, e, f (pixel -> CRS)
+    transform: tuple[float, ...]  # affine a, b, c, d, e, f (source pixel -> CRS)
     georeferenced: bool
+    # width and height above are of the grid the model sees: the source's pixels, or model
+    # pixels at another GSD (`RasterSource.resample`), each `scale` source pixels (x, y)
+    scale: tuple[float, float] = (1.0, 1.0)
+    source_width: int = 0
+    source_height: int = 0
+
+    def to_source(self, boxes: np.ndarray) -> np.ndarray:
+        """(M, 4) xyxy boxes in the model's grid -> source pixels."""
+        if self.scale == (1.0, 1.0):
+            return boxes
+        sx, sy = self.scale
+        return boxes * np.array([sx, sy, sx, sy], boxes.dtype)
 
 
 class RasterSource:
-    """One open raster: `read(x, y, w, h)` gives (3, h, w) float32 in [0, 1] and a valid mask."""
+    """One open raster: `read(x, y, w, h)` gives (3, h, w) float32 in [0, 1] and a valid mask.
+
+    After `resample(scale)`, windows, sizes and `read` are in model pixels of `scale` source
+    pixels each: windowed reads with an output shape (average when shrinking, bilinear when
+    enlarging, nearest for colour-table indices; GDAL takes overviews when they match), the
+    valid mask resampled alike and kept where at least half of a model pixel is valid.
+    """
+
+    scale: tuple[float, float] = (1.0, 1.0)
 
     def __init__(self, path: "str | Path | rasterio.io.DatasetReader",
                  bands: tuple[int, ...] | None = None,
@@ -81,6 +101,7 @@ class RasterSource:
                 msg = str(err).split("\n")[0]
                 raise QueryDetError(f"{self.name}: not a readable raster or image ({msg})") from None
         src = self.src
+        self.width, self.height = src.width, src.height
         if src.width < 1 or src.height < 1 or src.count < 1:
             raise QueryDetError(f"{self.path}: raster has no pixels")
         if src.width * src.height > 10 ** 12:
@@ -161,20 +182,62 @@ class RasterSource:
     def info(self) -> RasterInfo:
         src = self.src
         crs = src.crs.to_string() if src.crs is not None else None
-        return RasterInfo(self.path, src.width, src.height, src.count, src.dtypes[0], crs,
-                          tuple(src.transform)[:6], self.georeferenced)
+        return RasterInfo(self.path, self.width, self.height, src.count, src.dtypes[0], crs,
+                          tuple(src.transform)[:6], self.georeferenced, self.scale,
+                          src.width, src.height)
 
-    def read(self, x: int, y: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pixels (3, h, w) float32 in [0, 1] and a valid mask (h, w) bool for one window."""
+    def gsd(self) -> tuple[float, float] | None:
+        """Metres per source pixel (x, y) from the georeference; None when not georeferenced."""
+        from .gsd import raster_gsd
+
+        if not self.georeferenced:
+            return None
+        return raster_gsd(self.src.crs, self.src.transform, self.src.width, self.src.height,
+                          str(self.path))
+
+    def resample(self, scale: tuple[float, float]) -> None:
+        """Read from now on in model pixels of `scale` source pixels (x, y) each."""
+        from .gsd import model_grid
+
+        if tuple(scale) == (1.0, 1.0):
+            self.scale = (1.0, 1.0)
+            self.width, self.height = self.src.width, self.src.height
+            return
+        self.width, self.height, sx, sy = model_grid(self.src.width, self.src.height, scale)
+        self.scale = (sx, sy)
+
+    def _read_window(self, indexes, x: int, y: int, width: int, height: int, masks: bool = False,
+                     nearest: bool = False) -> np.ndarray:
+        """Bands (or their masks) of one model-pixel window, resampled from the source."""
+        from rasterio.enums import Resampling
         from rasterio.windows import Window
 
-        win = Window(x, y, width, height)
-        data = self.src.read(list(self.bands), window=win, masked=True)  # nodata -> masked
-        valid = ~np.ma.getmaskarray(data).any(axis=0)
-        if self.alpha is not None:
-            valid &= self.src.read(self.alpha, window=win) > 0
+        read = self.src.read_masks if masks else self.src.read
+        sx, sy = self.scale
+        col, row = x * sx, y * sy  # fractional windows: GDAL resamples from the exact area
+        win = Window(col, row, min(width * sx, self.src.width - col),
+                     min(height * sy, self.src.height - row))
+        shrink = sx * sy >= 1
+        method = Resampling.nearest if nearest else \
+            Resampling.average if shrink else Resampling.bilinear
+        shape = (len(indexes), height, width) if isinstance(indexes, list) else (height, width)
+        return read(indexes, window=win, out_shape=shape, resampling=method)
+
+    def read(self, x: int, y: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels (3, h, w) float32 in [0, 1] and a valid mask (h, w) bool for one window of
+        the grid (source pixels, or model pixels after `resample`)."""
+        from rasterio.windows import Window
+
+        if self.scale == (1.0, 1.0):
+            win = Window(x, y, width, height)
+            data = self.src.read(list(self.bands), window=win, masked=True)  # nodata -> masked
+            valid = ~np.ma.getmaskarray(data).any(axis=0)
+            if self.alpha is not None:
+                valid &= self.src.read(self.alpha, window=win) > 0
+            else:
+                valid &= self.src.read_masks(self.bands[0], window=win) > 0
         else:
-            valid &= self.src.read_masks(self.bands[0], window=win) > 0
+            data, valid = self._read_resampled(x, y, width, height)
         if self.palette is not None:  # colour-table indices -> RGB; never infer on indices
             index = np.clip(np.ma.getdata(data)[0].astype(np.int64), 0, len(self.palette) - 1)
             rgba = self.palette[index]  # (h, w, 4)
@@ -196,10 +259,23 @@ class RasterSource:
         pixels[:, ~valid] = 0.0
         return pixels, valid
 
+    def _read_resampled(self, x: int, y: int, width: int, height: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Bands and valid mask of one model-pixel window: a model pixel is valid where at least
+        half of the source pixels it covers are (GDAL leaves nodata out of the averages)."""
+        palette = self.palette is not None
+        data = self._read_window(list(self.bands), x, y, width, height, nearest=palette)
+        masks = self._read_window(list(self.bands), x, y, width, height, masks=True)
+        valid = (masks >= 128).all(axis=0)
+        if self.alpha is not None:
+            valid &= self._read_window(self.alpha, x, y, width, height) > 0
+        return data, valid
+
     def overview(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
-        """An RGB uint8 overview (H', W', 3) of the whole raster and its downscale factor."""
-        scale = max(1.0, max(self.src.width, self.src.height) / max_side)
-        shape = (max(1, int(self.src.height / scale)), max(1, int(self.src.width / scale)))
+        """An RGB uint8 overview (H', W', 3) of the whole raster and its downscale factor (grid
+        pixels per overview pixel)."""
+        scale = max(1.0, max(self.width, self.height) / max_side)
+        shape = (max(1, int(self.height / scale)), max(1, int(self.width / scale)))
         data = self.src.read(list(self.bands), out_shape=(len(self.bands), *shape)).astype(np.float32)
         if self.palette is not None:
             index = np.clip(data[0].astype(np.int64), 0, len(self.palette) - 1)

@@ -26,7 +26,8 @@ from .datasets import (DetectionDataset, Problem, Sample, coco_category_ids, col
                        load_visdrone)
 from .errors import QueryDetError
 from .locking import OutputLock
-from .synthetic import write_dataset
+from .gsd import training_gsd
+from .synthetic import PIXEL_SIZE, write_dataset
 
 
 def category_ids_of(cfg: Config, split: str = "train") -> list[int] | None:
@@ -136,6 +137,9 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
             or tuple(cfg.class_ids) != ids):
         cfg = replace(cfg, model=replace(cfg.model, num_classes=len(names)),
                       class_names=tuple(names), class_ids=ids)
+    gsd = training_gsd(cfg.data.dataset, cfg.data.gsd, [s.image for s in samples], PIXEL_SIZE)
+    if gsd != cfg.data.gsd:
+        cfg = replace(cfg, data=replace(cfg.data, gsd=gsd))
 
     start_iter = 0
     payload = None
