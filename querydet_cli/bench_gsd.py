@@ -36,7 +36,7 @@ def write_resampled(source: Path, truth: Path, factor: float, out: Path, out_tru
         method = Resampling.average if factor > 1 else Resampling.bilinear
         data = src.read(out_shape=(src.count, height, width), resampling=method)
         profile = src.profile | {"width": width, "height": height,
-                                 "transform": src.transform * src.transform.scale(
+                                 "transform": src.transform @ src.transform.scale(
                                      src.width / width, src.height / height)}
     with rasterio.open(out, "w", **profile) as dst:
         dst.write(data)
