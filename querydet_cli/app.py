@@ -569,6 +569,7 @@ def tile(
     quadrants: Annotated[bool, typer.Option(help="The paper's VisDrone split: four equal quadrants")] = False,
     min_visible: Annotated[float, typer.Option(min=0.0, max=1.0, help="Keep a clipped box if at least this fraction is visible")] = 0.5,
     keep_empty: Annotated[bool, typer.Option(help="Also write chips without objects")] = False,
+    gsd: Annotated[Optional[float], typer.Option("--gsd", help="Cut chips at this ground resolution, metres per pixel (georeferenced rasters are resampled; default: their own)")] = None,
 ) -> None:
     """Cut large images or GeoTIFFs and their labels (COCO, VisDrone or a GIS layer) into training chips."""
     sources = sum(x is not None for x in (annotations, visdrone, labels))
@@ -586,6 +587,9 @@ def tile(
         if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
             raise QueryDetError(f"--bounds: expected XMIN,YMIN,XMAX,YMAX with XMIN < XMAX and "
                                 f"YMIN < YMAX, got {bounds!r}")
+    from .gsd import check_input_gsd
+
+    check_input_gsd(gsd, "--gsd")
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     if classes is not None and not class_list:
         raise QueryDetError("--classes: give class names separated by commas")
@@ -618,7 +622,7 @@ def tile(
     with OutputLock(out / ".querydet.lock", str(out)):  # one run per folder
         path = cut_chips(samples, names, out, size=size, overlap=overlap, quadrants=quadrants,
                          min_visible=min_visible, keep_empty=keep_empty, class_ids=ids,
-                         bounds=box)
+                         bounds=box, gsd=gsd)
     data = json.loads(path.read_text())
     print(f"{len(data['images'])} chips, {sum(1 for a in data['annotations'] if not a['iscrowd'])} "
           f"boxes -> {path}")

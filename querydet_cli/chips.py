@@ -78,17 +78,19 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
               size: int = 512, overlap: float = 0.2, quadrants: bool = False,
               min_visible: float = 0.5, keep_empty: bool = False,
               class_ids: list[int] | None = None,
-              bounds: tuple[float, float, float, float] | None = None) -> Path:
+              bounds: tuple[float, float, float, float] | None = None,
+              gsd: float | None = None) -> Path:
     """Write chips and `annotations.json` (COCO) under out_dir; returns the JSON path.
 
     `class_ids` are the category ids written for the classes (default 1..K); `bounds`
-    (xmin, ymin, xmax, ymax in each raster's CRS) limits the chips to that part of each raster.
+    (xmin, ymin, xmax, ymax in each raster's CRS) limits the chips to that part of each raster;
+    `gsd` (metres per pixel) resamples georeferenced sources to that ground resolution first
+    (average when shrinking, bilinear when enlarging), chips and boxes alike.
     Chip names carry the source's image id, so two sources of one file name never collide.
     """
     class_ids = list(class_ids) if class_ids else list(range(1, len(class_names) + 1))
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-    from rasterio.windows import Window as RioWindow
 
     if not 0 < min_visible <= 1:
         raise QueryDetError(f"--min-visible must be in (0, 1], got {min_visible}")
@@ -104,51 +106,24 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
             print(f"querydet: warning: {sample.image}: cannot read ({err}); skipped", file=sys.stderr)
             continue
         with src:
-            georef = src.crs is not None and not src.transform.is_identity
-            region = Window(0, 0, src.width, src.height)
-            if bounds is not None:
-                region = _region(src, bounds, sample.image)
-                if region is None:
-                    continue
-            windows = (quadrant_windows(region.width, region.height) if quadrants
-                       else sliding_windows(region.width, region.height, size, overlap))
-            windows = [Window(w.x + region.x, w.y + region.y, w.width, w.height)
-                       for w in windows]
-            bands = list(range(1, min(src.count, 3) + 1))
+            grid = _ChipGrid(src, sample.image, bounds, gsd)
+            if grid.region is None:
+                continue
+            windows = (quadrant_windows(grid.width, grid.height) if quadrants
+                       else sliding_windows(grid.width, grid.height, size, overlap))
+            sample_boxes, sample_ignore = grid.to_grid(sample.boxes), grid.to_grid(sample.ignore)
             for k, win in enumerate(windows):
-                boxes, idx, partial = clip_boxes(sample.boxes, win, min_visible)
-                ignore, _, _ = clip_boxes(sample.ignore, win, 1e-9)
+                boxes, idx, partial = clip_boxes(sample_boxes, win, min_visible)
+                ignore, _, _ = clip_boxes(sample_ignore, win, 1e-9)
                 if len(boxes) == 0 and not keep_empty:
                     continue
-                rio_win = RioWindow(win.x, win.y, win.width, win.height)
-                data = src.read(bands, window=rio_win)  # (B, h, w): this window only
-                stem = f"{sample.image.stem}_{sample.image_id}_{k:04d}"
-                if georef or data.dtype != np.uint8:
-                    # GeoTIFF chips keep the window's georeference; 16-bit and float images
-                    # (which PNG cannot hold in colour) become plain TIFFs
-                    name = f"{stem}.tif"
-                    profile = {"driver": "GTiff", "width": win.width, "height": win.height,
-                               "count": data.shape[0], "dtype": data.dtype, "compress": "deflate"}
-                    if georef:
-                        profile |= {"crs": src.crs, "transform": src.window_transform(rio_win)}
-                    tmp = out / "images" / f".{name}.tmp"
-                    with rasterio.open(tmp, "w", **profile) as dst:
-                        dst.write(data)
-                    tmp.replace(out / "images" / name)
-                else:
-                    from PIL import Image
-
-                    name = f"{stem}.png"
-                    pixels = data.transpose(1, 2, 0)
-                    if pixels.shape[2] == 1:
-                        pixels = pixels[:, :, 0]
-                    tmp = out / "images" / f".{name}.tmp.png"
-                    Image.fromarray(np.ascontiguousarray(pixels)).save(tmp)
-                    tmp.replace(out / "images" / name)
+                data, transform = grid.read(win)
+                name = _write_chip(out, f"{sample.image.stem}_{sample.image_id}_{k:04d}", data,
+                                   src.crs if grid.georef else None, transform)
                 image_id = len(images) + 1
                 images.append({"id": image_id, "file_name": name, "width": win.width,
                                "height": win.height, "source": str(sample.image),
-                               "window": [win.x, win.y, win.width, win.height]})
+                               "window": grid.source_window(win)})
                 for box, label in zip(boxes, sample.labels[idx]):
                     annotations.append(_ann(len(annotations) + 1, image_id,
                                             class_ids[int(label)], box, 0))
@@ -163,6 +138,100 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
     tmp.write_text(json.dumps(coco))
     tmp.replace(path)
     return path
+
+
+class _ChipGrid:
+    """The pixel grid chips are cut from: a raster's region (--bounds), at its own pixels or
+    resampled to a ground resolution (--gsd), `scale` source pixels per grid pixel."""
+
+    def __init__(self, src, path: Path, bounds, gsd: float | None) -> None:
+        self.src = src
+        self.georef = src.crs is not None and not src.transform.is_identity
+        self.region = Window(0, 0, src.width, src.height)
+        if bounds is not None:
+            self.region = _region(src, bounds, path)
+        self.scale = (1.0, 1.0)
+        if self.region is None:
+            return
+        self.width, self.height = self.region.width, self.region.height
+        if gsd is not None:
+            from .gsd import model_grid, raster_gsd, resolve
+
+            if not self.georef:
+                raise QueryDetError(f"--gsd needs georeferenced rasters (their pixel size); "
+                                    f"{path} is not")
+            found = resolve(gsd, None, raster_gsd(src.crs, src.transform, src.width,
+                                                  src.height, str(path)), str(path))
+            if found.resampled:
+                self.width, self.height, sx, sy = model_grid(self.width, self.height, found.scale)
+                self.scale = (sx, sy)
+
+    def to_grid(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, 4) source-pixel boxes -> grid pixels."""
+        r = self.region
+        sx, sy = self.scale
+        return ((boxes - np.array([r.x, r.y, r.x, r.y], np.float32))
+                / np.array([sx, sy, sx, sy], np.float32)).astype(np.float32)
+
+    def _rio_window(self, win: Window):
+        from rasterio.windows import Window as RioWindow
+
+        sx, sy = self.scale
+        r = self.region
+        return RioWindow(r.x + win.x * sx, r.y + win.y * sy, win.width * sx, win.height * sy)
+
+    def source_window(self, win: Window) -> list[float]:
+        """A chip's window in source pixels (x, y, width, height); fractional when resampled."""
+        w = self._rio_window(win)
+        values = [w.col_off, w.row_off, w.width, w.height]
+        return [int(v) if self.scale == (1.0, 1.0) else round(float(v), 4) for v in values]
+
+    def read(self, win: Window) -> tuple[np.ndarray, object]:
+        """The bands (B, h, w) of one chip window and the chip's own transform."""
+        from rasterio.enums import Resampling
+
+        bands = list(range(1, min(self.src.count, 3) + 1))
+        rio_win = self._rio_window(win)
+        if self.scale == (1.0, 1.0):
+            data = self.src.read(bands, window=rio_win)  # (B, h, w): this window only
+        else:
+            method = Resampling.average if self.scale[0] * self.scale[1] >= 1 \
+                else Resampling.bilinear
+            data = self.src.read(bands, window=rio_win, resampling=method,
+                                 out_shape=(len(bands), win.height, win.width))
+        transform = self.src.window_transform(rio_win)
+        if self.scale != (1.0, 1.0):
+            transform = transform @ transform.scale(*self.scale)
+        return data, transform
+
+
+def _write_chip(out: Path, stem: str, data: np.ndarray, crs, transform) -> str:
+    """One chip under out/images, written through a temporary file; returns its file name.
+
+    GeoTIFF chips keep the window's georeference; 16-bit and float images (which PNG cannot
+    hold in colour) become plain TIFFs; the rest PNG."""
+    import rasterio
+
+    if crs is not None or data.dtype != np.uint8:
+        name = f"{stem}.tif"
+        profile = {"driver": "GTiff", "width": data.shape[2], "height": data.shape[1],
+                   "count": data.shape[0], "dtype": data.dtype, "compress": "deflate"}
+        if crs is not None:
+            profile |= {"crs": crs, "transform": transform}
+        tmp = out / "images" / f".{name}.tmp"
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
+    else:
+        from PIL import Image
+
+        name = f"{stem}.png"
+        pixels = data.transpose(1, 2, 0)
+        if pixels.shape[2] == 1:
+            pixels = pixels[:, :, 0]
+        tmp = out / "images" / f".{name}.tmp.png"
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp)
+    tmp.replace(out / "images" / name)
+    return name
 
 
 def _region(src, bounds: tuple[float, float, float, float], path: Path) -> Window | None:

@@ -267,3 +267,35 @@ def test_training_gsd_from_generator_chips_or_flag(tmp_path):
     assert training_gsd("coco", None, [tmp_path / "chip.png"], 0.3) is None
     assert training_gsd("coco", 0.5, [geo], 0.3) == pytest.approx(0.1)  # the georeference wins
     assert math.isfinite(training_gsd("coco", None, [geo, geo], 0.3))
+
+
+def test_tile_cuts_chips_at_a_chosen_gsd(tmp_path):
+    from querydet_cli.chips import cut_chips
+    from querydet_cli.datasets import Sample
+
+    data = np.full((3, 400, 400), 30, np.uint8)
+    data[:, 100:140, 200:260] = 240  # an object at x 200..260, y 100..140 (0.1 m pixels)
+    path = _write(tmp_path / "src.tif", data, from_origin(1000, 2000, 0.1, 0.1))
+    sample = Sample(path, np.array([[200, 100, 260, 140]], np.float32), np.array([0]),
+                    image_id=1, width=400, height=400)
+    gt = cut_chips([sample], ["tree"], tmp_path / "chips", size=100, overlap=0.0, gsd=0.2)
+    coco = json.loads(gt.read_text())
+    image = next(im for im in coco["images"]
+                 if any(a["image_id"] == im["id"] and not a["iscrowd"] for a in coco["annotations"]))
+    ann = next(a for a in coco["annotations"] if a["image_id"] == image["id"])
+    assert (image["width"], image["height"]) == (100, 100)
+    x, y, w, h = ann["bbox"]
+    assert (w, h) == (30, 20)  # half the pixels at twice the pixel size
+    with rasterio.open(tmp_path / "chips" / "images" / image["file_name"]) as chip:
+        assert chip.transform.a == pytest.approx(0.2) and chip.transform.e == pytest.approx(-0.2)
+        pixels = chip.read(1)
+        # the object lies where its box says, in the chip and on the map
+        assert pixels[int(y) + 1:int(y + h) - 1, int(x) + 1:int(x + w) - 1].min() == 240
+        left, top = chip.transform * (x, y)
+    assert (left, top) == pytest.approx((1000 + 200 * 0.1, 2000 - 100 * 0.1))
+    from PIL import Image
+
+    Image.fromarray(data.transpose(1, 2, 0)).save(tmp_path / "plain.png")
+    plain = Sample(tmp_path / "plain.png", sample.boxes, sample.labels, image_id=2)
+    with pytest.raises(QueryDetError, match="--gsd needs georeferenced"):
+        cut_chips([plain], ["tree"], tmp_path / "chips2", size=100, gsd=0.2)
