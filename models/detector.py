@@ -84,6 +84,30 @@ class FPNDetector(nn.Module):
         last = len(self.head.cls.convs) - 1
         return {f"head.cls.convs.{last}.weight", f"head.cls.convs.{last}.bias"}
 
+    def copy_class_rows(self, state: dict[str, torch.Tensor], rows: list[int | None]) -> int:
+        """Start new class j's predictor from old class rows[j] of another checkpoint's `state`
+        (same anchors; None leaves class j as initialised). Returns how many classes were copied.
+
+        The predictor's output channels are (A, K): channel a * K + k is class k of anchor a.
+        """
+        last = len(self.head.cls.convs) - 1
+        conv = self.head.cls.convs[last]
+        old_w, old_b = state[f"head.cls.convs.{last}.weight"], state[f"head.cls.convs.{last}.bias"]
+        anchors, new_k = self.head.num_anchors, self.num_classes
+        old_k = old_w.shape[0] // anchors
+        if old_w.shape[1:] != conv.weight.shape[1:] or old_k * anchors != old_w.shape[0]:
+            return 0
+        copied = 0
+        with torch.no_grad():
+            for j, r in enumerate(rows):
+                if r is None or not 0 <= r < old_k:
+                    continue
+                for a in range(anchors):
+                    conv.weight[a * new_k + j] = old_w[a * old_k + r]
+                    conv.bias[a * new_k + j] = old_b[a * old_k + r]
+                copied += 1
+        return copied
+
     # -- shared -----------------------------------------------------------------------------------
     @property
     def has_query(self) -> bool:

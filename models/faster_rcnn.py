@@ -236,6 +236,10 @@ class QueryFasterRCNN(FPNDetector):
         """The second stage's predictor: class scores and per-class box deltas."""
         return {k for k in self.state_dict() if k.startswith("roi_heads.box_predictor.")}
 
+    def copy_class_rows(self, state: dict[str, torch.Tensor], rows: list[int | None]) -> int:
+        """Not carried over for the second stage's predictor (its classes start afresh)."""
+        return 0
+
     def detections(self, outputs: list[LevelOutput], image_sizes: list[tuple[int, int]],
                    features: Pyramid | None = None) -> list[dict[str, torch.Tensor]]:
         """Second stage on the RPN's proposals: boxes (M, 4), scores, labels (0-based), levels

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -27,6 +28,11 @@ log = logging.getLogger("querydet")
 def _choices(name: str, values) -> type[Enum]:
     """A str Enum of `values`, so help and shell completion list them (Typer choice option)."""
     return Enum(name, {v: v for v in values}, type=str)
+
+
+class Recipe(str, Enum):
+    finetune = "finetune"
+    config = "config"
 
 
 def _literal(cls: type, field: str) -> tuple[str, ...]:
@@ -315,6 +321,7 @@ def detect(
     threads_per_worker: Annotated[int, typer.Option(min=1, max=256, help="torch threads (and Ray CPUs) per actor")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (not with -o -)")] = False,
     gsd: Annotated[str, typer.Option("--gsd", help="Ground resolution to read rasters at: auto (the model's training GSD), native (the raster's own pixels) or metres per pixel")] = "auto",
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: each tile in its eight dihedral views (8x the compute), the answers voted into one")] = False,
     input_gsd: Annotated[Optional[float], typer.Option("--input-gsd", help="Metres per pixel of inputs without a georeference (drone frames, plain images); overrides a georeference")] = None,
 ) -> None:
     """Detect small objects in huge GeoTIFFs and drone frames, tile by tile, with CSQ.
@@ -389,7 +396,7 @@ def detect(
                              save_vis=str(save_vis) if save_vis else None,
                              precision=precision.value if precision else None,
                              image_ids=image_ids, profile=profile, gsd=gsd_option,
-                             input_gsd=input_gsd)
+                             input_gsd=input_gsd, tta=tta)
         try:
             settings = None
             if ray is not None:
@@ -457,6 +464,12 @@ def train(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Override train.workers")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override train.seed")] = None,
     gsd: Annotated[Optional[float], typer.Option("--gsd", help="Metres per pixel of the training images when they carry no georeference (GeoTIFF chips from `querydet tile` record their own)")] = None,
+    recipe: Annotated[Optional[Recipe], typer.Option(help="finetune (the default with --init): epochs, warm-up, backbone at 0.1x, frozen BN, native scale, augmentation; config: the config's own schedule")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, max=100000, help="Override train.epochs (passes over the training set)")] = None,
+    val_annotations: Annotated[Optional[str], typer.Option(help="COCO JSON of validation chips (e.g. tile's val.json): AP every --eval-period iterations, model_best.pt")] = None,
+    val_root: Annotated[Optional[str], typer.Option(help="Image folder of --val-annotations (default: images/ beside it)")] = None,
+    eval_period: Annotated[Optional[int], typer.Option(min=0, help="Override train.eval_period (iterations between validations; 0: none)")] = None,
+    early_stop: Annotated[Optional[int], typer.Option(min=0, help="Override train.early_stop (validations without a better AP before stopping; 0: never)")] = None,
 ) -> None:
     """Train QueryDet (RetinaNet, FCOS or Faster R-CNN host, from the config) or a baseline (multi-GPU: torchrun --nproc_per_node N -m querydet_cli train ...)."""
     from .config import config_from_dict, load_config, with_changes
@@ -479,8 +492,17 @@ def train(
         cfg = replace(cfg, data=replace(cfg.data, gsd=None))
     cfg = with_changes(cfg, "data", dataset=dataset.value if dataset else None,
                        train_root=train_root, train_annotations=train_annotations, gsd=gsd)
+    if val_annotations is not None:
+        cfg = with_changes(cfg, "data", val_annotations=val_annotations, val_root=val_root)
+    if (recipe or (Recipe.finetune if init is not None else Recipe.config)) == Recipe.finetune:
+        from .training import finetune_recipe
+
+        cfg = finetune_recipe(cfg, validation=val_annotations is not None)
+    if max_iter is not None and epochs is None:  # a count of iterations replaces the epochs
+        cfg = with_changes(cfg, "train", epochs=0)
     cfg = with_changes(cfg, "train", max_iter=max_iter, batch_size=batch_size, base_lr=lr,
-                       workers=workers, seed=seed)
+                       workers=workers, seed=seed, epochs=epochs, eval_period=eval_period,
+                       early_stop=early_stop)
     from .engine import resolve_device
     from .training import train as run_training
 
@@ -570,6 +592,8 @@ def tile(
     min_visible: Annotated[float, typer.Option(min=0.0, max=1.0, help="Keep a clipped box if at least this fraction is visible")] = 0.5,
     keep_empty: Annotated[bool, typer.Option(help="Also write chips without objects")] = False,
     gsd: Annotated[Optional[float], typer.Option("--gsd", help="Cut chips at this ground resolution, metres per pixel (georeferenced rasters are resampled; default: their own)")] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Set this share of each raster apart for validation, as one block at its east (or south) end: chips there go to val.json, none overlaps a training chip")] = 0.0,
+    val_bounds: Annotated[Optional[str], typer.Option(help="Validation block XMIN,YMIN,XMAX,YMAX in the raster CRS (instead of --val-fraction)")] = None,
 ) -> None:
     """Cut large images or GeoTIFFs and their labels (COCO, VisDrone or a GIS layer) into training chips."""
     sources = sum(x is not None for x in (annotations, visdrone, labels))
@@ -578,18 +602,13 @@ def tile(
                             "--annotations (COCO JSON) or --visdrone (folder)")
     if bool(rasters) != (labels is not None):
         raise QueryDetError("rasters are given with --labels, and only with it")
-    box = None
-    if bounds is not None:
-        try:
-            box = tuple(float(v) for v in bounds.split(","))
-        except ValueError:
-            box = ()
-        if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
-            raise QueryDetError(f"--bounds: expected XMIN,YMIN,XMAX,YMAX with XMIN < XMAX and "
-                                f"YMIN < YMAX, got {bounds!r}")
+    box = _parse_bounds(bounds, "--bounds") if bounds is not None else None
     from .gsd import check_input_gsd
 
     check_input_gsd(gsd, "--gsd")
+    if val_fraction and val_bounds:
+        raise QueryDetError("give --val-fraction or --val-bounds, not both")
+    val_box = _parse_bounds(val_bounds, "--val-bounds") if val_bounds else None
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     if classes is not None and not class_list:
         raise QueryDetError("--classes: give class names separated by commas")
@@ -622,10 +641,24 @@ def tile(
     with OutputLock(out / ".querydet.lock", str(out)):  # one run per folder
         path = cut_chips(samples, names, out, size=size, overlap=overlap, quadrants=quadrants,
                          min_visible=min_visible, keep_empty=keep_empty, class_ids=ids,
-                         bounds=box, gsd=gsd)
-    data = json.loads(path.read_text())
-    print(f"{len(data['images'])} chips, {sum(1 for a in data['annotations'] if not a['iscrowd'])} "
-          f"boxes -> {path}")
+                         bounds=box, gsd=gsd, val_fraction=val_fraction, val_bounds=val_box)
+    for name in ("annotations.json", "val.json") if (val_fraction or val_box) else ("annotations.json",):
+        data = json.loads((out / name).read_text())
+        print(f"{len(data['images'])} chips, "
+              f"{sum(1 for a in data['annotations'] if not a['iscrowd'])} boxes -> {out / name}")
+
+
+def _parse_bounds(text: str, option: str) -> tuple[float, float, float, float]:
+    """XMIN,YMIN,XMAX,YMAX with XMIN < XMAX and YMIN < YMAX."""
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not all(math.isfinite(v) for v in box) or \
+            not (box[0] < box[2] and box[1] < box[3]):
+        raise QueryDetError(f"{option}: expected XMIN,YMIN,XMAX,YMAX with XMIN < XMAX and "
+                            f"YMIN < YMAX, got {text!r}")
+    return box
 
 
 def _refuse_out_holding_sources(out: Path, sources: list[Optional[Path]]) -> None:

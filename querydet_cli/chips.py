@@ -79,13 +79,17 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
               min_visible: float = 0.5, keep_empty: bool = False,
               class_ids: list[int] | None = None,
               bounds: tuple[float, float, float, float] | None = None,
-              gsd: float | None = None) -> Path:
+              gsd: float | None = None, val_fraction: float = 0.0,
+              val_bounds: tuple[float, float, float, float] | None = None) -> Path:
     """Write chips and `annotations.json` (COCO) under out_dir; returns the JSON path.
 
     `class_ids` are the category ids written for the classes (default 1..K); `bounds`
     (xmin, ymin, xmax, ymax in each raster's CRS) limits the chips to that part of each raster;
     `gsd` (metres per pixel) resamples georeferenced sources to that ground resolution first
     (average when shrinking, bilinear when enlarging), chips and boxes alike.
+    `val_fraction` or `val_bounds` set a validation block apart in each raster (see
+    `split_windows`): its chips go to `val.json`, the rest to `annotations.json`, and no pixel
+    of a validation chip is in a training chip.
     Chip names carry the source's image id, so two sources of one file name never collide.
     """
     class_ids = list(class_ids) if class_ids else list(range(1, len(class_names) + 1))
@@ -96,7 +100,7 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
         raise QueryDetError(f"--min-visible must be in (0, 1], got {min_visible}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    split = {"train": ([], []), "val": ([], [])}  # images, annotations
     for sample in samples:
         try:
             with warnings.catch_warnings():
@@ -109,10 +113,11 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
             grid = _ChipGrid(src, sample.image, bounds, gsd)
             if grid.region is None:
                 continue
-            windows = (quadrant_windows(grid.width, grid.height) if quadrants
-                       else sliding_windows(grid.width, grid.height, size, overlap))
+            windows = split_windows(grid, size, overlap, quadrants, val_fraction,
+                                    grid.val_rect(val_bounds))
             sample_boxes, sample_ignore = grid.to_grid(sample.boxes), grid.to_grid(sample.ignore)
-            for k, win in enumerate(windows):
+            for k, (win, part) in enumerate(windows):
+                images, annotations = split[part]
                 boxes, idx, partial = clip_boxes(sample_boxes, win, min_visible)
                 ignore, _, _ = clip_boxes(sample_ignore, win, 1e-9)
                 if len(boxes) == 0 and not keep_empty:
@@ -131,13 +136,52 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
                     if box[2] - box[0] > 0 and box[3] - box[1] > 0:
                         annotations.append(_ann(len(annotations) + 1, image_id, class_ids[0],
                                                 box, 1))
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": i, "name": n} for i, n in zip(class_ids, class_names)]}
+    categories = [{"id": i, "name": n} for i, n in zip(class_ids, class_names)]
+    if val_fraction or val_bounds:
+        _write_json(out / "val.json", {"images": split["val"][0],
+                                       "annotations": split["val"][1], "categories": categories})
     path = out / "annotations.json"
-    tmp = out / ".annotations.json.tmp"
-    tmp.write_text(json.dumps(coco))
-    tmp.replace(path)
+    _write_json(path, {"images": split["train"][0], "annotations": split["train"][1],
+                       "categories": categories})
     return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def split_windows(grid: "_ChipGrid", size: int, overlap: float, quadrants: bool,
+                  val_fraction: float, val_rect: tuple[int, int, int, int] | None
+                  ) -> list[tuple[Window, str]]:
+    """Chip windows of a grid, each marked "train" or "val".
+
+    The validation block is `val_rect` (x1, y1, x2, y2 in grid pixels, from --val-bounds), or
+    with `val_fraction` a strip of that share of the grid along its longer side (the east or
+    the south end). Validation chips are cut inside the block, training chips outside it, so
+    no pixel is in both; a training window that would reach into the block is dropped.
+    """
+    def cut(width: int, height: int, x0: int = 0, y0: int = 0) -> list[Window]:
+        wins = (quadrant_windows(width, height) if quadrants
+                else sliding_windows(width, height, size, overlap))
+        return [Window(w.x + x0, w.y + y0, w.width, w.height) for w in wins]
+
+    width, height = grid.width, grid.height
+    if val_rect is None and val_fraction > 0:
+        if width >= height:
+            x = max(1, min(width - 1, round(width * (1 - val_fraction))))
+            return ([(w, "train") for w in cut(x, height)]
+                    + [(w, "val") for w in cut(width - x, height, x, 0)])
+        y = max(1, min(height - 1, round(height * (1 - val_fraction))))
+        return ([(w, "train") for w in cut(width, y)]
+                + [(w, "val") for w in cut(width, height - y, 0, y)])
+    if val_rect is None:
+        return [(w, "train") for w in cut(width, height)]
+    x1, y1, x2, y2 = val_rect
+    train = [w for w in cut(width, height)
+             if w.x >= x2 or w.x + w.width <= x1 or w.y >= y2 or w.y + w.height <= y1]
+    return [(w, "train") for w in train] + [(w, "val") for w in cut(x2 - x1, y2 - y1, x1, y1)]
 
 
 class _ChipGrid:
@@ -165,6 +209,23 @@ class _ChipGrid:
             if found.resampled:
                 self.width, self.height, sx, sy = model_grid(self.width, self.height, found.scale)
                 self.scale = (sx, sy)
+
+    def val_rect(self, bounds) -> tuple[int, int, int, int] | None:
+        """Map `bounds` (xmin, ymin, xmax, ymax) as a window of this grid; None without."""
+        if bounds is None:
+            return None
+        if not self.georef:
+            raise QueryDetError("--val-bounds needs georeferenced rasters (use --val-fraction)")
+        from rasterio.windows import from_bounds
+
+        win = from_bounds(*bounds, transform=self.src.transform)
+        box = self.to_grid(np.array([[win.col_off, win.row_off, win.col_off + win.width,
+                                      win.row_off + win.height]], np.float32))[0]
+        x1, y1 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+        x2, y2 = min(self.width, int(np.ceil(box[2]))), min(self.height, int(np.ceil(box[3])))
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            return None
+        return x1, y1, x2, y2
 
     def to_grid(self, boxes: np.ndarray) -> np.ndarray:
         """(N, 4) source-pixel boxes -> grid pixels."""

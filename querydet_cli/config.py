@@ -45,6 +45,39 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (augment.py); each part off at 0 or false."""
+
+    dihedral: bool = True  # the eight 90-degree rotations and flips (nadir imagery has no up)
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02
+    gamma: float = 0.2  # gamma drawn from [1 - g, 1 + g]
+    blur_prob: float = 0.1  # share of images blurred (Gaussian, sigma 0.1..1 px)
+    noise_std: float = 0.02  # Gaussian noise on half the images, pixel values in [0, 1]
+    scale_jitter: float = 0.2  # scale drawn log-uniformly from [1/(1+j), 1+j]
+    crop: int = 0  # random crop of this side in pixels after scaling; 0: none
+    min_visible: float = 0.5  # a box cut by the crop below this share becomes an ignore region
+
+    def __post_init__(self) -> None:
+        checks = [(0 <= self.brightness <= 1, "brightness", "0..1"),
+                  (0 <= self.contrast <= 1, "contrast", "0..1"),
+                  (0 <= self.saturation <= 1, "saturation", "0..1"),
+                  (0 <= self.hue <= 0.5, "hue", "0..0.5"),
+                  (0 <= self.gamma < 1, "gamma", "0 up to 1"),
+                  (0 <= self.blur_prob <= 1, "blur_prob", "0..1"),
+                  (0 <= self.noise_std <= 0.5, "noise_std", "0..0.5"),
+                  (0 <= self.scale_jitter <= 3, "scale_jitter", "0..3"),
+                  (self.crop == 0 or 32 <= self.crop <= 8192, "crop", "0 or 32..8192"),
+                  (0 < self.min_visible <= 1, "min_visible", "(0, 1]")]
+        for ok, key, allowed in checks:
+            if not ok:
+                raise ConfigError(f"train.augment.{key}: {getattr(self, key)!r} is not allowed "
+                                  f"(allowed: {allowed})")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The schedule: SGD with linear warm-up and step decay (paper 4.1)."""
 
@@ -68,9 +101,23 @@ class TrainConfig:
     log_period: int = 20
     seed: int = 0
     workers: int = 2
+    augment: AugmentConfig = AugmentConfig()
+    # short_side: resize to train.short_sides (photographs); native: the chips' own pixel scale
+    # (their GSD against the model's, when both are known), as aerial chips want
+    resize: Literal["short_side", "native"] = "short_side"
+    epochs: int = 0  # > 0: max_iter and steps from epochs over the training set (small sets)
+    backbone_lr_factor: float = 1.0  # the backbone's learning rate, as a share of base_lr
+    freeze_bn: bool = False  # batch-norm statistics and affine kept as loaded (fine-tuning)
+    eval_period: int = 0  # iterations between validation AP runs (0: none)
+    early_stop: int = 0  # stop after this many validations without a better one (0: never)
+    best_metric: Literal["AP50", "AP"] = "AP50"  # what model_best.pt is the best of
 
     def __post_init__(self) -> None:
         checks = [
+            (self.epochs >= 0, "train.epochs", ">= 0"),
+            (0 <= self.backbone_lr_factor <= 10, "train.backbone_lr_factor", "0..10"),
+            (self.eval_period >= 0, "train.eval_period", ">= 0"),
+            (self.early_stop >= 0, "train.early_stop", ">= 0"),
             (self.batch_size >= 1, "train.batch_size", ">= 1"),
             (self.base_lr > 0, "train.base_lr", "> 0"),
             (self.max_iter >= 1, "train.max_iter", ">= 1"),

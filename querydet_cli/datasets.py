@@ -12,12 +12,16 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from .errors import QueryDetError
+
+if TYPE_CHECKING:
+    from .config import AugmentConfig
 
 VISDRONE_CLASSES = ("pedestrian", "people", "bicycle", "car", "van", "truck", "tricycle",
                     "awning-tricycle", "bus", "motor")
@@ -237,10 +241,9 @@ def load_visdrone(root: str | Path) -> tuple[list[Sample], list[str], list[Probl
     return samples, list(VISDRONE_CLASSES), problems
 
 
-def resize_for_model(image: torch.Tensor, short_side: int, max_size: int) -> tuple[torch.Tensor, float]:
-    """Resize (3, H, W) so its short side is `short_side` and long side at most `max_size`."""
+def resize_by(image: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """Resize (3, H, W) by `scale` (bilinear); returns the image and the scale."""
     h, w = image.shape[1:]
-    scale = min(short_side / min(h, w), max_size / max(h, w))
     if abs(scale - 1.0) < 1e-6:
         return image, 1.0
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
@@ -249,37 +252,58 @@ def resize_for_model(image: torch.Tensor, short_side: int, max_size: int) -> tup
 
 
 class DetectionDataset(torch.utils.data.Dataset):
-    """Images as (3, H, W) floats in [0, 1] with targets; multi-scale resize and flips if training."""
+    """Images as (3, H, W) floats in [0, 1] with targets, resized to a short side or kept at
+    their own pixel scale (`resize="native"`); in training, augmented (augment.py) or, with
+    `augment=None`, horizontally flipped as before."""
 
     def __init__(self, samples: list[Sample], short_sides: tuple[int, ...], max_size: int,
-                 train: bool = False, hflip: bool = True, seed: int = 0) -> None:
+                 train: bool = False, hflip: bool = True, seed: int = 0,
+                 augment: "AugmentConfig | None" = None, resize: str = "short_side") -> None:
         self.samples = samples
         self.short_sides = tuple(short_sides)
         self.max_size = max_size
         self.train = train
         self.hflip = hflip
         self.seed = seed
+        self.augment = augment
+        self.resize = resize
         self.epoch = 0  # set by the training loop; augmentation is a function of (seed, epoch, i)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _base_scale(self, rng: random.Random, h: int, w: int) -> float:
+        """The resize before augmentation: to a short side, or 1 (capped by max_size)."""
+        if self.resize == "native":
+            return min(1.0, self.max_size / max(h, w))
+        side = rng.choice(self.short_sides) if self.train else self.short_sides[-1]
+        return min(side / min(h, w), self.max_size / max(h, w))
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = self.samples[i]
-        rng = random.Random(self.seed * 1_000_003 + self.epoch * 100_003 + i)
+        seed = self.seed * 1_000_003 + self.epoch * 100_003 + i
+        rng = random.Random(seed)
         pixels = read_image(s.image)
         image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0  # (3, H, W)
-        side = rng.choice(self.short_sides) if self.train else self.short_sides[-1]
-        image, scale = resize_for_model(image, side, self.max_size)
-        boxes = torch.from_numpy(s.boxes) * scale
-        ignore = torch.from_numpy(s.ignore) * scale
-        if self.train and self.hflip and rng.random() < 0.5:
-            image = image.flip(-1)
-            w = image.shape[-1]
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
-            ignore = torch.stack([w - ignore[:, 2], ignore[:, 1], w - ignore[:, 0], ignore[:, 3]], 1)
-        target = {"boxes": boxes.reshape(-1, 4), "labels": torch.from_numpy(s.labels),
-                  "ignore": ignore.reshape(-1, 4), "scale": torch.tensor(scale),
+        boxes, ignore = torch.from_numpy(s.boxes), torch.from_numpy(s.ignore)
+        labels = torch.from_numpy(s.labels)
+        scale = self._base_scale(rng, *image.shape[1:])
+        if self.train and self.augment is not None:
+            from .augment import augment
+
+            image, boxes, labels, ignore, scale = augment(image, boxes, labels, ignore,
+                                                          self.augment, seed, scale)
+        else:
+            image, scale = resize_by(image, scale)
+            boxes, ignore = boxes * scale, ignore * scale
+            if self.train and self.hflip and rng.random() < 0.5:
+                image = image.flip(-1)
+                w = image.shape[-1]
+                boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+                ignore = torch.stack([w - ignore[:, 2], ignore[:, 1], w - ignore[:, 0],
+                                      ignore[:, 3]], 1)
+        target = {"boxes": boxes.reshape(-1, 4).float(), "labels": labels,
+                  "ignore": ignore.reshape(-1, 4).float(), "scale": torch.tensor(scale),
                   "index": torch.tensor(i)}
         return image, target
 

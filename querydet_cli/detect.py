@@ -34,6 +34,7 @@ from .errors import QueryDetError
 from .locking import OutputLock, journal_dir
 from .merge import Detections, TileMerger, suppress_nested
 from .profile import Profile
+from .augment import TTA_VIEWS, dihedral, undo_dihedral, vote
 from .gsd import Resolution
 from .raster import RasterSource
 from .tiling import TILING_VERSION, Tile, make_tiles, row_starts
@@ -68,6 +69,7 @@ class DetectOptions:
     # ground resolution: "auto" (the model's GSD), "native" (source pixels) or metres per pixel
     gsd: str | float = "auto"
     input_gsd: float | None = None  # metres per pixel of inputs without a georeference
+    tta: bool = False  # each tile seen in its eight dihedral views, the answers voted into one
 
 
 @dataclass
@@ -293,31 +295,54 @@ class RasterDetector:
             with prof.stage("preprocess"):
                 images = [torch.from_numpy(p[:, y0:y1, x0:x1]).to(self.device)
                           for (_, p, _), (x0, y0, x1, y1) in zip(batch, crops)]
-                tensor, sizes = self.model.preprocess(images)
-                prof.pixels += sum(h * w for h, w in sizes)
-                prof.tile_pixels += sum(t.width * t.height for t, _, _ in batch)
-            with prof.stage("backbone"):
-                features = self.model.extract_features(tensor)
-            with prof.stage("coarse_heads"):
-                levels = self.model.predict_levels(features, **self.mode)
-            # split the heads' time by level kind, FPN time apart (measured inside the levels)
-            for lv in levels:
-                prof.move("coarse_heads", "fpn", lv.fpn_seconds)
-                if not lv.is_dense or lv.decided_dense:
-                    prof.move("coarse_heads", "sparse_heads", lv.seconds)
+            dets, levels, padded = self._forward(images)
             prof.tiles += len(batch)
-            if any(lv.decided_dense for lv in levels):
-                prof.tiles_dense_by_decision += len(batch)
+            prof.tile_pixels += sum(t.width * t.height for t, _, _ in batch)
+            if self.opts.tta:  # the seven other dihedral views, each mapped back and voted
+                views = [dets]
+                for k, flip in TTA_VIEWS[1:]:
+                    turned = [dihedral(im, im.new_zeros(0, 4), k, flip)[0] for im in images]
+                    found, _, _ = self._forward(turned, count=False)
+                    for det, im in zip(found, images):
+                        det["boxes"] = undo_dihedral(det["boxes"], k, flip, *im.shape[-2:])
+                    views.append(found)
+                with prof.stage("postprocess"):
+                    floor = self.model.inference.score_threshold  # on the voted score
+                    dets = [vote([v[i] for v in views], self.opts.merge_threshold, floor)
+                            for i in range(len(images))]
             with prof.stage("postprocess"):
-                dets = self.model.detections(levels, sizes, features)
                 for det, (x0, y0, _, _) in zip(dets, crops):
                     if x0 or y0:  # back to tile pixels
                         det["boxes"] = det["boxes"] + det["boxes"].new_tensor([x0, y0, x0, y0])
         # the query heatmap is only drawn with --save-vis: no per-tile work nobody asked for
         heats = _query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
-        heats = [None if h is None else _heat_in_tile(h, tensor.shape[-2:], c, t.height, t.width)
+        heats = [None if h is None else _heat_in_tile(h, padded, c, t.height, t.width)
                  for h, c, (t, _, _) in zip(heats, crops, batch)]
         return list(zip(dets, heats))
+
+    def _forward(self, images: list[torch.Tensor], count: bool = True):
+        """The model's stages on a list of (3, h, w) images, timed per stage: detections per
+        image (tile pixels of the crop), the levels, and the padded batch size. `count`: add
+        the pixels and CSQ's decisions to the profile (not for the extra views of --tta)."""
+        prof = self.profile
+        with prof.stage("preprocess"):
+            tensor, sizes = self.model.preprocess(images)
+            if count:
+                prof.pixels += sum(h * w for h, w in sizes)
+        with prof.stage("backbone"):
+            features = self.model.extract_features(tensor)
+        with prof.stage("coarse_heads"):
+            levels = self.model.predict_levels(features, **self.mode)
+        # split the heads' time by level kind, FPN time apart (measured inside the levels)
+        for lv in levels:
+            prof.move("coarse_heads", "fpn", lv.fpn_seconds)
+            if not lv.is_dense or lv.decided_dense:
+                prof.move("coarse_heads", "sparse_heads", lv.seconds)
+        if count and any(lv.decided_dense for lv in levels):
+            prof.tiles_dense_by_decision += len(images)
+        with prof.stage("postprocess"):
+            dets = self.model.detections(levels, sizes, features)
+        return dets, levels, tuple(tensor.shape[-2:])
 
     def produce(self, src: RasterSource, tiles: list[Tile], info=None
                 ) -> Iterator[tuple[Tile, tuple[np.ndarray, ...] | None, np.ndarray | None]]:

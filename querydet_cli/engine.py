@@ -109,10 +109,7 @@ def format_model_info(info: dict) -> str:
 
 
 def progress_bar(name: str, total_tiles: int):
-    """A tqdm bar on stderr counting the tiles of one raster (each advances it by one)."""
-    import sys
+    """Tiles of one raster on stderr: a bar on a terminal, plain lines into a log file."""
+    from .progress import progress
 
-    from tqdm import tqdm
-
-    return tqdm(total=total_tiles, unit="tile", desc=name, file=sys.stderr, leave=False,
-                dynamic_ncols=True)
+    return progress(total_tiles, name, unit="tile", leave=False)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from .progress import progress
 
 from querydet_models.detector import FPNDetector as QueryDet
 
@@ -24,18 +23,22 @@ def truths_of(samples: list[Sample]) -> list[ImageTruth]:
 
 @torch.no_grad()
 def predict(model: QueryDet, samples: list[Sample], short_side: int, max_size: int,
-            device: torch.device, quiet: bool = False, keep_query: bool = False, **mode: Any
+            device: torch.device, quiet: bool = False, keep_query: bool = False,
+            resize: str = "short_side", **mode: Any
             ) -> tuple[list[ImageDetections], float, list[np.ndarray | None]]:
     """Detections per sample in original pixel coordinates, and seconds spent in the model.
 
-    With `keep_query`, also each image's query heatmap on the start level (sigmoid scores).
+    `resize` is the training config's: images resized to `short_side`, or at their own pixel
+    scale ("native"). With `keep_query`, also each image's query heatmap on the start level.
     """
-    ds = DetectionDataset(samples, (short_side,), max_size, train=False)
+    ds = DetectionDataset(samples, (short_side,), max_size, train=False, resize=resize)
     out, heatmaps = [], []
     seconds = 0.0
     if len(ds):  # one untimed pass, so images/s does not include first-call set-up
         model.forward_inference([ds[0][0].to(device)], **mode)
-    for i in tqdm(range(len(ds)), file=sys.stderr, disable=quiet, desc="eval", leave=False):
+    bar = progress(len(ds), "eval", unit="image", disable=quiet, leave=False)
+    for i in range(len(ds)):
+        bar.update(1)
         image, target = ds[i]
         image = image.to(device)
         if device.type == "cuda":
@@ -57,6 +60,7 @@ def predict(model: QueryDet, samples: list[Sample], short_side: int, max_size: i
         if keep_query:
             heat = query_heatmap(levels)
         heatmaps.append(heat)
+    bar.close()
     return out, seconds, heatmaps
 
 
@@ -82,7 +86,7 @@ def evaluate(model: QueryDet, cfg: Config, samples: list[Sample], *, protocol: s
         runs += [(f"csq sigma={s:g}", {"mode": "csq", "sigma": s}) for s in sigmas]
     for name, mode in runs:
         dets, seconds, _ = predict(model, samples, t.test_short_side, t.max_size, device, quiet,
-                                   **mode)
+                                   resize=t.resize, **mode)
         if protocol == "visdrone":
             metrics = visdrone_metrics(truths, dets, len(names))
         else:
@@ -155,7 +159,8 @@ def save_visualisations(model: QueryDet, cfg: Config, samples: list[Sample], out
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = samples[:count]
     dets, _, heats = predict(model, chosen, cfg.train.test_short_side, cfg.train.max_size, device,
-                             quiet=True, keep_query=True, mode="csq", sigma=sigma)
+                             quiet=True, keep_query=True, resize=cfg.train.resize, mode="csq",
+                             sigma=sigma)
     paths = []
     for s, d, heat in zip(chosen, dets, heats):
         pixels = read_image(s.image)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from querydet_models.checkpoint import (CheckpointError, copy_matching_weights, load_checkpoint,
                                         save_checkpoint)
@@ -26,6 +25,7 @@ from .datasets import (DetectionDataset, Problem, Sample, coco_category_ids, col
                        load_visdrone)
 from .errors import QueryDetError
 from .locking import OutputLock
+from .progress import progress
 from .gsd import training_gsd
 from .synthetic import PIXEL_SIZE, write_dataset
 
@@ -128,19 +128,7 @@ def train(cfg: Config, out_dir: str | Path, device: str = "cpu", resume: bool = 
 def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool, rank: int,
            world: int, last: Path, init: str | Path | None = None,
            init_payload: dict[str, Any] | None = None) -> dict[str, Any]:
-    samples, names, problems = load_split(cfg, "train", out)
-    report_problems(problems)
-    if not samples:
-        raise QueryDetError("no usable training images (see the warnings above)")
-    ids = tuple(category_ids_of(cfg) or ())
-    if (cfg.model.num_classes != len(names) or tuple(cfg.class_names) != tuple(names)
-            or tuple(cfg.class_ids) != ids):
-        cfg = replace(cfg, model=replace(cfg.model, num_classes=len(names)),
-                      class_names=tuple(names), class_ids=ids)
-    gsd = training_gsd(cfg.data.dataset, cfg.data.gsd, [s.image for s in samples], PIXEL_SIZE)
-    if gsd != cfg.data.gsd:
-        cfg = replace(cfg, data=replace(cfg.data, gsd=gsd))
-
+    samples, cfg = _training_data(cfg, out)
     start_iter = 0
     payload = None
     if resume:
@@ -151,41 +139,25 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
         # the run's own config, except how far to go: a resumed run may be extended
         cfg = replace(config_from_dict(payload["config"]),
                       train=replace(config_from_dict(payload["config"]).train,
-                                    max_iter=cfg.train.max_iter))
+                                    max_iter=cfg.train.max_iter, epochs=cfg.train.epochs))
         start_iter = int(payload["extra"].get("iteration", 0))
         if "optimizer" not in payload["extra"]:
             raise QueryDetError(f"--resume: {last} has no optimizer state (it is not a training "
                                 "checkpoint of querydet train); start from it with --init")
+    t = cfg.train
+    dataset = DetectionDataset(samples, t.short_sides, t.max_size, train=True, hflip=t.hflip,
+                               seed=t.seed + rank, augment=t.augment, resize=t.resize)
+    per_epoch = -(-len(dataset) // (t.batch_size * world))
+    cfg = schedule_in_epochs(cfg, per_epoch)
+    t = cfg.train
+    validator = Validator(cfg, out, dev) if t.eval_period and rank == 0 else None
 
-    torch.manual_seed(cfg.train.seed + rank)
-    # a resumed or initialised run gets every weight from its checkpoint: no backbone file
-    weights_file = cfg.model.backbone_weights if payload is None and init_payload is None else None
-    model = build_querydet(replace(cfg.model, backbone_weights=weights_file), cfg.inference)
-    model = model.to(dev)
-    if init_payload is not None:
-        _initialise_from(model, cfg, init, init_payload, rank)
-    if cfg.train.freeze_backbone:
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.train.base_lr, momentum=cfg.train.momentum,
-                                weight_decay=cfg.train.weight_decay)
-    use_amp = cfg.train.amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    if payload is not None:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["extra"]["optimizer"])
-        if "scaler" in payload["extra"]:
-            scaler.load_state_dict(payload["extra"]["scaler"])
+    torch.manual_seed(t.seed + rank)
+    model, optimizer, scaler, use_amp = _build(cfg, dev, payload, init, init_payload, rank)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-    t = cfg.train
-    dataset = DetectionDataset(samples, t.short_sides, t.max_size, train=True, hflip=t.hflip,
-                               seed=t.seed + rank)
-    per_epoch = -(-len(dataset) // (t.batch_size * world))
 
     def batches():
         """The same batches, in the same order, whether or not the run was resumed."""
@@ -209,57 +181,221 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
     if rank == 0:
         _remove_stale_temporaries(out)
         _truncate_metrics(log_path, start_iter)
-    model.train()
-    bar = tqdm(total=t.max_iter, initial=start_iter, file=sys.stderr, disable=quiet or rank != 0,
-               desc="train", dynamic_ncols=True)
+    train_mode(model, t.freeze_bn)
+    bar = progress(t.max_iter, "train", initial=start_iter, disable=quiet or rank != 0,
+                   every=t.log_period)
     losses: dict[str, float] = {}
     started = time.time()
     it = start_iter
     for images, targets in batches():
-        if it >= t.max_iter:
+        if it >= t.max_iter or (validator is not None and validator.should_stop()):
             break
-        lr = lr_at(cfg, it)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images = [im.to(dev) for im in images]
-        targets = [{k: v.to(dev) for k, v in tg.items()} for tg in targets]
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-            try:
-                loss_dict = net(images, targets)
-            except ModelInputError as err:
-                raise QueryDetError(f"bad training sample at iteration {it}: {err}") from None
-        total = sum(loss_dict.values())
-        if not torch.isfinite(total):
-            raise QueryDetError(f"loss became {float(total)} at iteration {it}; lower "
-                                "train.base_lr or check the annotations")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if t.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        losses = _step(cfg, net, optimizer, scaler, use_amp, images, targets, it, dev)
         it += 1
-        losses = {k: float(v.detach()) for k, v in loss_dict.items()}
-        losses["loss"] = float(total.detach())
-        if rank == 0:
-            bar.update(1)
-            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()},
-                            refresh=False)
-            if it % t.log_period == 0 or it == t.max_iter:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"iter": it, "lr": lr, **losses,
-                                        "elapsed_s": round(time.time() - started, 2)}) + "\n")
-            if it % t.checkpoint_period == 0 or it == t.max_iter:
-                _save(last, model, cfg, optimizer, scaler, it)
+        if rank != 0:
+            continue
+        bar.update(1)
+        row = {"iter": it, "lr": lr_at(cfg, it - 1), **losses,
+               "elapsed_s": round(time.time() - started, 2)}
+        if validator is not None and (it % t.eval_period == 0 or it == t.max_iter):
+            row |= validator.run(model, it)
+            train_mode(model, t.freeze_bn)
+        bar.set_postfix(_postfix(losses, validator), refresh=False)
+        if it % t.log_period == 0 or it == t.max_iter or "val_AP" in row:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if it % t.checkpoint_period == 0 or it == t.max_iter:
+            _save(last, model, cfg, optimizer, scaler, it)
     bar.close()
     if rank == 0:
-        final = out / "model_final.pt"
-        save_checkpoint(final, model, cfg.to_dict(), list(cfg.class_names))
+        save_checkpoint(out / "model_final.pt", model, cfg.to_dict(), list(cfg.class_names))
+        if it % t.checkpoint_period and it < t.max_iter:  # stopped early: last.pt is this one
+            _save(last, model, cfg, optimizer, scaler, it)
     if world > 1:
         torch.distributed.barrier()
-    return {"iterations": it, "final_losses": losses, "out_dir": str(out),
-            "class_names": list(cfg.class_names)}
+    summary = {"iterations": it, "final_losses": losses, "out_dir": str(out),
+               "class_names": list(cfg.class_names), "gsd": cfg.data.gsd}
+    if validator is not None:
+        summary |= validator.summary()
+    return summary
+
+
+def _training_data(cfg: Config, out: Path) -> tuple[list[Sample], Config]:
+    """The training samples, and the config with their classes, category ids and GSD."""
+    samples, names, problems = load_split(cfg, "train", out)
+    report_problems(problems)
+    if not samples:
+        raise QueryDetError("no usable training images (see the warnings above)")
+    ids = tuple(category_ids_of(cfg) or ())
+    if (cfg.model.num_classes != len(names) or tuple(cfg.class_names) != tuple(names)
+            or tuple(cfg.class_ids) != ids):
+        cfg = replace(cfg, model=replace(cfg.model, num_classes=len(names)),
+                      class_names=tuple(names), class_ids=ids)
+    gsd = training_gsd(cfg.data.dataset, cfg.data.gsd, [s.image for s in samples], PIXEL_SIZE)
+    if gsd != cfg.data.gsd:
+        cfg = replace(cfg, data=replace(cfg.data, gsd=gsd))
+    return samples, cfg
+
+
+def finetune_recipe(cfg: Config, validation: bool) -> Config:
+    """The schedule `train --init` uses unless told otherwise, made for a few hundred labels:
+    counted in epochs, a short warm-up, the pretrained backbone at a tenth of the heads' rate,
+    batch-norm statistics frozen, chips at their own pixel scale (the config's augmentation,
+    on by default), and with
+    validation data an evaluation every 25 iterations and a stop after 8 without a better one."""
+    t = replace(cfg.train, epochs=40, batch_size=4, base_lr=0.01, momentum=0.9,
+                weight_decay=0.0001, warmup_iters=50, warmup_factor=0.01, lr_gamma=0.1,
+                backbone_lr_factor=0.1, freeze_bn=True, freeze_backbone=False, resize="native",
+                clip_grad_norm=35.0, checkpoint_period=100,
+                log_period=10, eval_period=25 if validation else 0,
+                early_stop=8 if validation else 0)
+    return replace(cfg, train=t)
+
+
+def schedule_in_epochs(cfg: Config, per_epoch: int) -> Config:
+    """With train.epochs > 0: max_iter = epochs x iterations per epoch, the steps at 2/3 and
+    8/9 of it, warm-up at most a fifth of it. The config records what ran."""
+    t = cfg.train
+    if t.epochs <= 0:
+        return cfg
+    total = max(1, t.epochs * per_epoch)
+    steps = tuple(sorted({max(1, total * 2 // 3), max(2, total * 8 // 9)}))
+    return replace(cfg, train=replace(t, max_iter=total, steps=steps,
+                                      warmup_iters=max(1, min(t.warmup_iters, total // 5))))
+
+
+def _build(cfg: Config, dev: torch.device, payload, init, init_payload, rank: int):
+    """Model, optimizer (the backbone at backbone_lr_factor of the rate) and AMP scaler, from a
+    --resume payload, an --init checkpoint or the config's start weights."""
+    # a resumed or initialised run gets every weight from its checkpoint: no backbone file
+    weights_file = cfg.model.backbone_weights if payload is None and init_payload is None else None
+    model = build_querydet(replace(cfg.model, backbone_weights=weights_file), cfg.inference)
+    model = model.to(dev)
+    if init_payload is not None:
+        _initialise_from(model, cfg, init, init_payload, rank)
+    t = cfg.train
+    if t.freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    if t.freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                for p in m.parameters():
+                    p.requires_grad_(False)
+    backbone = {id(p) for p in model.backbone.parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) in backbone],
+               "lr_factor": t.backbone_lr_factor},
+              {"params": [p for p in model.parameters()
+                          if p.requires_grad and id(p) not in backbone], "lr_factor": 1.0}]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.SGD(groups, lr=t.base_lr, momentum=t.momentum,
+                                weight_decay=t.weight_decay)
+    use_amp = t.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["extra"]["optimizer"])
+        if "scaler" in payload["extra"]:
+            scaler.load_state_dict(payload["extra"]["scaler"])
+    return model, optimizer, scaler, use_amp
+
+
+def train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
+    """Training mode; with `freeze_bn`, batch-norm layers keep their loaded statistics."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _step(cfg: Config, net, optimizer, scaler, use_amp: bool, images, targets, it: int,
+          dev: torch.device) -> dict[str, float]:
+    """One SGD step at iteration `it`; returns the losses."""
+    t = cfg.train
+    lr = lr_at(cfg, it)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_factor", 1.0)
+    images = [im.to(dev) for im in images]
+    targets = [{k: v.to(dev) for k, v in tg.items()} for tg in targets]
+    with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+        try:
+            loss_dict = net(images, targets)
+        except ModelInputError as err:
+            raise QueryDetError(f"bad training sample at iteration {it}: {err}") from None
+    total = sum(loss_dict.values())
+    if not torch.isfinite(total):
+        raise QueryDetError(f"loss became {float(total)} at iteration {it}; lower "
+                            "train.base_lr or check the annotations")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if t.clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    losses = {k: float(v.detach()) for k, v in loss_dict.items()}
+    losses["loss"] = float(total.detach())
+    return losses
+
+
+def _postfix(losses: dict[str, float], validator: "Validator | None") -> dict[str, str]:
+    shown = {k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()}
+    if validator is not None and validator.history:
+        shown |= {f"val_{validator.metric}": f"{validator.history[-1][1]:.3f}",
+                  "best": f"{validator.best:.3f}"}
+    return shown
+
+
+class Validator:
+    """Validation AP every train.eval_period iterations: `model_best.pt` keeps the best (by
+    train.best_metric), and after train.early_stop evaluations without a better one, the run
+    stops."""
+
+    def __init__(self, cfg: Config, out: Path, dev: torch.device) -> None:
+        d = cfg.data
+        if d.dataset != "synthetic" and not (d.val_annotations or d.val_root):
+            raise QueryDetError("train.eval_period needs validation data: --val-annotations "
+                                "(e.g. the val.json of `querydet tile --val-fraction`)")
+        samples, _, problems = load_split(cfg, "val", out)
+        report_problems(problems)
+        if not samples:
+            raise QueryDetError("no usable validation images (see the warnings above)")
+        self.samples, self.cfg, self.out, self.dev = samples, cfg, out, dev
+        self.metric = cfg.train.best_metric
+        self.best = -1.0
+        self.best_iter = 0
+        self.history: list[tuple[int, float]] = []
+
+    def run(self, model, iteration: int) -> dict[str, float]:
+        """Evaluate (CSQ, the model's own inference settings) and keep the best checkpoint."""
+        from .evaluation import predict, truths_of
+        from .metrics import coco_metrics
+
+        t = self.cfg.train
+        model.eval()
+        dets, _, _ = predict(model, self.samples, t.test_short_side, t.max_size, self.dev,
+                             quiet=True, resize=t.resize)
+        metrics = coco_metrics(truths_of(self.samples), dets, list(self.cfg.names()), 100)
+        value = max(0.0, metrics[self.metric] if metrics[self.metric] is not None else 0.0)
+        self.history.append((iteration, value))
+        if value > self.best:
+            self.best, self.best_iter = value, iteration
+            save_checkpoint(self.out / "model_best.pt", model, self.cfg.to_dict(),
+                            list(self.cfg.class_names), {"iteration": iteration,
+                                                         f"val_{self.metric}": value})
+        return {"val_AP": metrics["AP"], "val_AP50": metrics["AP50"]}
+
+    def should_stop(self) -> bool:
+        patience = self.cfg.train.early_stop
+        since_best = sum(1 for i, _ in self.history if i > self.best_iter)
+        return bool(patience) and bool(self.history) and since_best >= patience
+
+    def summary(self) -> dict[str, Any]:
+        return {f"best_val_{self.metric}": self.best, "best_iteration": self.best_iter,
+                "validations": len(self.history),
+                "stopped_early": self.should_stop()}
 
 
 def _remove_stale_temporaries(out: Path) -> None:
@@ -292,6 +428,8 @@ def _initialise_from(model, cfg: Config, init, payload: dict[str, Any], rank: in
     new_names, old_names = list(cfg.names()), list(old.names())
     skip = set() if new_names == old_names else model.class_parameter_names()
     copied, fresh = copy_matching_weights(model, payload["model"], skip)
+    shared = [old_names.index(n) if n in old_names else None for n in new_names]
+    carried = model.copy_class_rows(payload["model"], shared) if skip else 0
     if rank != 0:
         return
     print(f"querydet: --init {init}: copied {len(copied)} of {len(copied) + len(fresh)} tensors",
@@ -299,7 +437,9 @@ def _initialise_from(model, cfg: Config, init, payload: dict[str, Any], rank: in
     if skip:
         print(f"querydet: --init: classes differ ({', '.join(old_names)} -> "
               f"{', '.join(new_names)}): classification predictor re-initialised "
-              f"({', '.join(sorted(skip))})", file=sys.stderr)
+              f"({', '.join(sorted(skip))})" + (f"; {carried} class(es) of the same name start "
+                                                 "from their old predictor" if carried else ""),
+              file=sys.stderr)
     other = [k for k in fresh if k not in skip]
     if other:
         print(f"querydet: --init: {len(other)} tensors did not match by name and shape and start "
