@@ -358,6 +358,8 @@ def detect(
                                 f"got {bands!r}")
     if resume and output == "-":
         raise QueryDetError("--resume needs an output file, not stdout")
+    if save_vis is not None:
+        _folder_option(save_vis, "--save-vis")
     from .gsd import check_input_gsd, parse_gsd_option
 
     gsd_option = parse_gsd_option(gsd)
@@ -443,7 +445,8 @@ def detect(
                           "profile": summary.profile}))
     if summary.failed:  # each error was printed once, when it happened
         print(f"querydet: {len(summary.failed)} input(s) failed (errors above)", file=sys.stderr)
-        raise typer.Exit(1)
+        # no input succeeded: an input error, nothing written (exit 2); else a partial run (1)
+        raise typer.Exit(2 if summary.done == 0 else 1)
 
 
 @app.command()
@@ -474,6 +477,7 @@ def train(
     """Train QueryDet (RetinaNet, FCOS or Faster R-CNN host, from the config) or a baseline (multi-GPU: torchrun --nproc_per_node N -m querydet_cli train ...)."""
     from .config import config_from_dict, load_config, with_changes
 
+    _folder_option(out, "--out")
     if config is None and init is not None:  # fine-tune: the checkpoint's model and schedule
         from querydet_models.checkpoint import load_checkpoint
 
@@ -535,6 +539,7 @@ def evaluate(
         raise QueryDetError(f"--sigma: expected numbers separated by commas, got {sigma!r}") from None
     if not sigmas or any(not 0 <= s <= 1 or s != s for s in sigmas):
         raise QueryDetError(f"--sigma: every value must be in [0, 1], got {sigma!r}")
+    _folder_option(out, "--out")
     from .config import load_config, with_changes
     from .engine import load_model, resolve_device
     from .evaluation import evaluate as run_eval
@@ -606,6 +611,7 @@ def tile(
     from .gsd import check_input_gsd
 
     check_input_gsd(gsd, "--gsd")
+    _folder_option(out, "--out")
     if val_fraction and val_bounds:
         raise QueryDetError("give --val-fraction or --val-bounds, not both")
     val_box = _parse_bounds(val_bounds, "--val-bounds") if val_bounds else None
@@ -646,6 +652,12 @@ def tile(
         data = json.loads((out / name).read_text())
         print(f"{len(data['images'])} chips, "
               f"{sum(1 for a in data['annotations'] if not a['iscrowd'])} boxes -> {out / name}")
+
+
+def _folder_option(path: Path, option: str) -> None:
+    """An output folder option that names an existing file is a usage error, found first."""
+    if path.exists() and not path.is_dir():
+        raise QueryDetError(f"{option} {path} is a file, not a folder")
 
 
 def _parse_bounds(text: str, option: str) -> tuple[float, float, float, float]:

@@ -115,12 +115,19 @@ def train(cfg: Config, out_dir: str | Path, device: str = "cpu", resume: bool = 
             init_payload = load_checkpoint(init)
         except CheckpointError as err:
             raise QueryDetError(f"--init: {err}") from None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = OutputLock(out / ".querydet.lock", str(out))
     if rank == 0:  # one run per folder (the ranks of one torchrun job share it)
         lock.acquire()
     try:
         return _train(cfg, out, dev, resume, quiet, rank, world, last, init, init_payload)
+    except QueryDetError:  # a user's mistake found late leaves nothing behind
+        if rank == 0 and not any(p.name != ".querydet.lock" for p in out.iterdir()):
+            lock.release(remove=True)
+            if created:
+                out.rmdir()
+        raise
     finally:
         lock.release()
 
