@@ -456,6 +456,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Output folder: last.pt, model_final.pt, metrics.jsonl")] = Path("runs/train"),
     init: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's weights (copied by name and shape; a new class list gets a fresh classifier)")] = None,
     freeze_backbone: Annotated[bool, typer.Option("--freeze-backbone", help="Train FPN and heads only")] = False,
+    freeze_bn: Annotated[bool, typer.Option("--freeze-bn", help="Keep batch-norm statistics as loaded (backbones pretrained on ImageNet)")] = False,
     dataset: Annotated[Optional[Dataset], typer.Option(help="Overrides data.dataset")] = None,
     train_root: Annotated[Optional[str], typer.Option(help="VisDrone folder, or COCO image folder")] = None,
     train_annotations: Annotated[Optional[str], typer.Option(help="COCO JSON of the training set")] = None,
@@ -486,6 +487,8 @@ def train(
         cfg = load_config(config or "querydet_mobilenet_synthetic")
     if freeze_backbone:
         cfg = with_changes(cfg, "train", freeze_backbone=True)
+    if freeze_bn:
+        cfg = with_changes(cfg, "train", freeze_bn=True)
     from .gsd import check_input_gsd
 
     check_input_gsd(gsd, "--gsd")

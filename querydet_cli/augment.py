@@ -94,6 +94,8 @@ def _photometric(image: torch.Tensor, s: AugmentConfig, rng: random.Random) -> t
         image = v2.ColorJitter(s.brightness, s.contrast, s.saturation, s.hue)(image)
     if s.gamma:
         image = TF.adjust_gamma(image, rng.uniform(1 - s.gamma, 1 + s.gamma))
+    if s.grayscale_prob and rng.random() < s.grayscale_prob:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
     if s.blur_prob and rng.random() < s.blur_prob:
         image = v2.GaussianBlur(5, sigma=(0.1, 1.0))(image)
     if s.noise_std and rng.random() < 0.5:

@@ -56,6 +56,7 @@ class AugmentConfig:
     gamma: float = 0.2  # gamma drawn from [1 - g, 1 + g]
     blur_prob: float = 0.1  # share of images blurred (Gaussian, sigma 0.1..1 px)
     noise_std: float = 0.02  # Gaussian noise on half the images, pixel values in [0, 1]
+    grayscale_prob: float = 0.0  # share of images turned grey (colour is not what a class is)
     scale_jitter: float = 0.2  # scale drawn log-uniformly from [1/(1+j), 1+j]
     crop: int = 0  # random crop of this side in pixels after scaling; 0: none
     min_visible: float = 0.5  # a box cut by the crop below this share becomes an ignore region
@@ -68,6 +69,7 @@ class AugmentConfig:
                   (0 <= self.gamma < 1, "gamma", "0 up to 1"),
                   (0 <= self.blur_prob <= 1, "blur_prob", "0..1"),
                   (0 <= self.noise_std <= 0.5, "noise_std", "0..0.5"),
+                  (0 <= self.grayscale_prob <= 1, "grayscale_prob", "0..1"),
                   (0 <= self.scale_jitter <= 3, "scale_jitter", "0..3"),
                   (self.crop == 0 or 32 <= self.crop <= 8192, "crop", "0 or 32..8192"),
                   (0 < self.min_visible <= 1, "min_visible", "(0, 1]")]

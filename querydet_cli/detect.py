@@ -295,7 +295,7 @@ class RasterDetector:
             with prof.stage("preprocess"):
                 images = [torch.from_numpy(p[:, y0:y1, x0:x1]).to(self.device)
                           for (_, p, _), (x0, y0, x1, y1) in zip(batch, crops)]
-            dets, levels, padded = self._forward(images)
+            dets, levels, tensor = self._forward(images)
             prof.tiles += len(batch)
             prof.tile_pixels += sum(t.width * t.height for t, _, _ in batch)
             if self.opts.tta:  # the seven other dihedral views, each mapped back and voted
@@ -316,13 +316,13 @@ class RasterDetector:
                         det["boxes"] = det["boxes"] + det["boxes"].new_tensor([x0, y0, x0, y0])
         # the query heatmap is only drawn with --save-vis: no per-tile work nobody asked for
         heats = _query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
-        heats = [None if h is None else _heat_in_tile(h, padded, c, t.height, t.width)
+        heats = [None if h is None else _heat_in_tile(h, tensor.shape[-2:], c, t.height, t.width)
                  for h, c, (t, _, _) in zip(heats, crops, batch)]
         return list(zip(dets, heats))
 
     def _forward(self, images: list[torch.Tensor], count: bool = True):
         """The model's stages on a list of (3, h, w) images, timed per stage: detections per
-        image (tile pixels of the crop), the levels, and the padded batch size. `count`: add
+        image (tile pixels of the crop), the levels, and the padded batch. `count`: add
         the pixels and CSQ's decisions to the profile (not for the extra views of --tta)."""
         prof = self.profile
         with prof.stage("preprocess"):
@@ -342,7 +342,7 @@ class RasterDetector:
             prof.tiles_dense_by_decision += len(images)
         with prof.stage("postprocess"):
             dets = self.model.detections(levels, sizes, features)
-        return dets, levels, tuple(tensor.shape[-2:])
+        return dets, levels, tensor
 
     def produce(self, src: RasterSource, tiles: list[Tile], info=None
                 ) -> Iterator[tuple[Tile, tuple[np.ndarray, ...] | None, np.ndarray | None]]:

@@ -166,24 +166,6 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    def batches():
-        """The same batches, in the same order, whether or not the run was resumed."""
-        epoch, skip = divmod(start_iter, per_epoch)
-        while True:
-            dataset.epoch = epoch
-            if world > 1:
-                sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=t.seed)
-                sampler.set_epoch(epoch)
-            else:
-                gen = torch.Generator().manual_seed(t.seed * 1000 + epoch)
-                sampler = torch.utils.data.RandomSampler(dataset, generator=gen)
-            order = list(sampler)[skip * t.batch_size:]
-            loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=order,
-                                                 collate_fn=collate, num_workers=t.workers)
-            yield from loader
-            skip = 0
-            epoch += 1
-
     log_path = out / "metrics.jsonl"
     if rank == 0:
         _remove_stale_temporaries(out)
@@ -194,7 +176,7 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
     losses: dict[str, float] = {}
     started = time.time()
     it = start_iter
-    for images, targets in batches():
+    for images, targets in batches(dataset, t, world, rank, start_iter, per_epoch):
         if it >= t.max_iter or (validator is not None and validator.should_stop()):
             break
         losses = _step(cfg, net, optimizer, scaler, use_amp, images, targets, it, dev)
@@ -227,6 +209,26 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
     return summary
 
 
+def batches(dataset: DetectionDataset, t, world: int, rank: int, start_iter: int,
+            per_epoch: int):
+    """The same batches, in the same order, whether or not the run was resumed."""
+    epoch, skip = divmod(start_iter, per_epoch)
+    while True:
+        dataset.epoch = epoch
+        if world > 1:
+            sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=t.seed)
+            sampler.set_epoch(epoch)
+        else:
+            gen = torch.Generator().manual_seed(t.seed * 1000 + epoch)
+            sampler = torch.utils.data.RandomSampler(dataset, generator=gen)
+        order = list(sampler)[skip * t.batch_size:]
+        loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=order,
+                                             collate_fn=collate, num_workers=t.workers)
+        yield from loader
+        skip = 0
+        epoch += 1
+
+
 def _training_data(cfg: Config, out: Path) -> tuple[list[Sample], Config]:
     """The training samples, and the config with their classes, category ids and GSD."""
     samples, names, problems = load_split(cfg, "train", out)
@@ -252,7 +254,7 @@ def finetune_recipe(cfg: Config, validation: bool) -> Config:
     validation data an evaluation every 25 iterations and a stop after 8 without a better one."""
     t = replace(cfg.train, epochs=40, batch_size=4, base_lr=0.01, momentum=0.9,
                 weight_decay=0.0001, warmup_iters=50, warmup_factor=0.01, lr_gamma=0.1,
-                backbone_lr_factor=0.1, freeze_bn=True, freeze_backbone=False, resize="native",
+                backbone_lr_factor=0.1, freeze_backbone=False, resize="native",
                 clip_grad_norm=35.0, checkpoint_period=100,
                 log_period=10, eval_period=25 if validation else 0,
                 early_stop=8 if validation else 0)

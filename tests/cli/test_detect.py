@@ -226,7 +226,7 @@ def test_cli_pipeline_stdin_to_stdout(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "querydet_cli", "detect", str(tmp_path / "nope.tif"),
                            "-o", str(tmp_path / "o.ndjson"), "--weights", str(weights), "--quiet"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # no input succeeded: an input error, nothing written
     assert "querydet: error:" in proc.stderr and "file not found" in proc.stderr
     assert not (tmp_path / "o.ndjson").exists() or (tmp_path / "o.ndjson").read_text() == ""
 

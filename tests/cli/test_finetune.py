@@ -144,7 +144,7 @@ def test_train_init_uses_the_finetune_recipe_and_logs_lines_to_a_file(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "querydet_cli", "train", "--init", str(sample_model()),
              "--dataset", "coco", "--train-annotations", str(tmp_path / "chips/annotations.json"),
-             "--val-annotations", str(tmp_path / "chips/val.json"), "--epochs", "2",
+             "--val-annotations", str(tmp_path / "chips/val.json"), "--epochs", "2", "--freeze-bn",
              "--out", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=err, text=True,
             cwd=tmp_path)
     text = log.read_text()

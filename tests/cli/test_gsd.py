@@ -235,7 +235,7 @@ def test_a_factor_past_sixteen_is_one_line_and_writes_nothing(tmp_path):
     import sys
 
     out = tmp_path / "x.geojson"
-    for args, code, text in (([ "--gsd", "6"], 1, "past the 16x"),  # the input fails
+    for args, code, text in ((["--gsd", "6"], 2, "past the 16x"),  # the input fails
                              (["--gsd", "fast"], 2, "--gsd: expected auto"),  # a usage error
                              (["--input-gsd", "-1"], 2, "--input-gsd")):
         proc = subprocess.run([sys.executable, "-m", "querydet_cli", "detect", str(sample_scene()),
