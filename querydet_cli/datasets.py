@@ -258,7 +258,8 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: list[Sample], short_sides: tuple[int, ...], max_size: int,
                  train: bool = False, hflip: bool = True, seed: int = 0,
-                 augment: "AugmentConfig | None" = None, resize: str = "short_side") -> None:
+                 augment: "AugmentConfig | None" = None, resize: str = "short_side",
+                 target_gsd: float | None = None) -> None:
         self.samples = samples
         self.short_sides = tuple(short_sides)
         self.max_size = max_size
@@ -267,15 +268,20 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.augment = augment
         self.resize = resize
+        # native scale at a model GSD: each georeferenced image brought to it (its own GSD
+        # over the model's), the rest at their own pixels
+        self.gsd_scales = _gsd_scales(samples, target_gsd) if resize == "native" and target_gsd \
+            else [1.0] * len(samples)
         self.epoch = 0  # set by the training loop; augmentation is a function of (seed, epoch, i)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _base_scale(self, rng: random.Random, h: int, w: int) -> float:
-        """The resize before augmentation: to a short side, or 1 (capped by max_size)."""
+    def _base_scale(self, rng: random.Random, h: int, w: int, i: int) -> float:
+        """The resize before augmentation: to a short side, or to the model's GSD (capped by
+        max_size)."""
         if self.resize == "native":
-            return min(1.0, self.max_size / max(h, w))
+            return min(self.gsd_scales[i], self.max_size / max(h, w))
         side = rng.choice(self.short_sides) if self.train else self.short_sides[-1]
         return min(side / min(h, w), self.max_size / max(h, w))
 
@@ -287,7 +293,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0  # (3, H, W)
         boxes, ignore = torch.from_numpy(s.boxes), torch.from_numpy(s.ignore)
         labels = torch.from_numpy(s.labels)
-        scale = self._base_scale(rng, *image.shape[1:])
+        scale = self._base_scale(rng, *image.shape[1:], i)
         if self.train and self.augment is not None:
             from .augment import augment
 
@@ -306,6 +312,18 @@ class DetectionDataset(torch.utils.data.Dataset):
                   "ignore": ignore.reshape(-1, 4).float(), "scale": torch.tensor(scale),
                   "index": torch.tensor(i)}
         return image, target
+
+
+def _gsd_scales(samples: list[Sample], target: float) -> list[float]:
+    """Per sample: its GSD over `target` (how much to enlarge it), 1 when it has none."""
+    from .gsd import MAX_RATIO, images_gsd
+
+    scales = []
+    for s in samples:
+        gsd = images_gsd([s.image], limit=1)
+        scale = gsd / target if gsd else 1.0
+        scales.append(min(MAX_RATIO, max(1 / MAX_RATIO, scale)) if abs(scale - 1) > 1e-3 else 1.0)
+    return scales
 
 
 def collate(batch):

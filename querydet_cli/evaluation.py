@@ -24,14 +24,16 @@ def truths_of(samples: list[Sample]) -> list[ImageTruth]:
 @torch.no_grad()
 def predict(model: QueryDet, samples: list[Sample], short_side: int, max_size: int,
             device: torch.device, quiet: bool = False, keep_query: bool = False,
-            resize: str = "short_side", **mode: Any
+            resize: str = "short_side", target_gsd: float | None = None, **mode: Any
             ) -> tuple[list[ImageDetections], float, list[np.ndarray | None]]:
     """Detections per sample in original pixel coordinates, and seconds spent in the model.
 
     `resize` is the training config's: images resized to `short_side`, or at their own pixel
-    scale ("native"). With `keep_query`, also each image's query heatmap on the start level.
+    scale ("native"; georeferenced images at the model's GSD `target_gsd` when given). With
+    `keep_query`, also each image's query heatmap on the start level.
     """
-    ds = DetectionDataset(samples, (short_side,), max_size, train=False, resize=resize)
+    ds = DetectionDataset(samples, (short_side,), max_size, train=False, resize=resize,
+                          target_gsd=target_gsd)
     out, heatmaps = [], []
     seconds = 0.0
     if len(ds):  # one untimed pass, so images/s does not include first-call set-up
@@ -86,7 +88,7 @@ def evaluate(model: QueryDet, cfg: Config, samples: list[Sample], *, protocol: s
         runs += [(f"csq sigma={s:g}", {"mode": "csq", "sigma": s}) for s in sigmas]
     for name, mode in runs:
         dets, seconds, _ = predict(model, samples, t.test_short_side, t.max_size, device, quiet,
-                                   resize=t.resize, **mode)
+                                   resize=t.resize, target_gsd=cfg.data.gsd, **mode)
         if protocol == "visdrone":
             metrics = visdrone_metrics(truths, dets, len(names))
         else:
@@ -159,7 +161,8 @@ def save_visualisations(model: QueryDet, cfg: Config, samples: list[Sample], out
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = samples[:count]
     dets, _, heats = predict(model, chosen, cfg.train.test_short_side, cfg.train.max_size, device,
-                             quiet=True, keep_query=True, resize=cfg.train.resize, mode="csq",
+                             quiet=True, keep_query=True, resize=cfg.train.resize,
+                             target_gsd=cfg.data.gsd, mode="csq",
                              sigma=sigma)
     paths = []
     for s, d, heat in zip(chosen, dets, heats):

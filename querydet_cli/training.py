@@ -153,7 +153,8 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
                                 "checkpoint of querydet train); start from it with --init")
     t = cfg.train
     dataset = DetectionDataset(samples, t.short_sides, t.max_size, train=True, hflip=t.hflip,
-                               seed=t.seed + rank, augment=t.augment, resize=t.resize)
+                               seed=t.seed + rank, augment=t.augment, resize=t.resize,
+                               target_gsd=cfg.data.gsd)
     per_epoch = -(-len(dataset) // (t.batch_size * world))
     cfg = schedule_in_epochs(cfg, per_epoch)
     t = cfg.train
@@ -385,7 +386,7 @@ class Validator:
         t = self.cfg.train
         model.eval()
         dets, _, _ = predict(model, self.samples, t.test_short_side, t.max_size, self.dev,
-                             quiet=True, resize=t.resize)
+                             quiet=True, resize=t.resize, target_gsd=self.cfg.data.gsd)
         metrics = coco_metrics(truths_of(self.samples), dets, list(self.cfg.names()), 100)
         value = max(0.0, metrics[self.metric] if metrics[self.metric] is not None else 0.0)
         self.history.append((iteration, value))

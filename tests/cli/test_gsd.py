@@ -299,3 +299,22 @@ def test_tile_cuts_chips_at_a_chosen_gsd(tmp_path):
     plain = Sample(tmp_path / "plain.png", sample.boxes, sample.labels, image_id=2)
     with pytest.raises(QueryDetError, match="--gsd needs georeferenced"):
         cut_chips([plain], ["tree"], tmp_path / "chips2", size=100, gsd=0.2)
+
+
+def test_native_scale_training_and_eval_bring_chips_to_the_model_gsd(tmp_path):
+    from querydet_cli.datasets import DetectionDataset, Sample
+    from PIL import Image
+
+    geo = _write(tmp_path / "fine.tif", np.full((3, 64, 96), 90, np.uint8),
+                 from_origin(0, 0, 0.15, 0.15))
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(tmp_path / "plain.png")
+    box = np.array([[10, 20, 30, 40]], np.float32)
+    samples = [Sample(geo, box, np.array([0])), Sample(tmp_path / "plain.png", box, np.array([0]))]
+    ds = DetectionDataset(samples, (800,), 4096, train=False, resize="native", target_gsd=0.3)
+    image, target = ds[0]
+    assert image.shape == (3, 32, 48) and float(target["scale"]) == pytest.approx(0.5)
+    assert target["boxes"][0].tolist() == pytest.approx([5, 10, 15, 20])
+    image, target = ds[1]  # no georeference: its own pixels
+    assert image.shape == (3, 64, 96) and float(target["scale"]) == 1.0
+    same = DetectionDataset(samples, (800,), 4096, train=False, resize="native")
+    assert same[0][0].shape == (3, 64, 96)  # no model GSD: as before
