@@ -383,7 +383,7 @@ def detect(
 
         image_ids = None
         if coco_gt is not None:
-            from .detect import coco_image_ids
+            from .identity import coco_image_ids
 
             image_ids = coco_image_ids(coco_gt, paths)
         dev = resolve_device(device.value)
@@ -648,7 +648,7 @@ def tile(
 
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out / ".querydet.lock", str(out)):  # one run per folder
-        path = cut_chips(samples, names, out, size=size, overlap=overlap, quadrants=quadrants,
+        cut_chips(samples, names, out, size=size, overlap=overlap, quadrants=quadrants,
                          min_visible=min_visible, keep_empty=keep_empty, class_ids=ids,
                          bounds=box, gsd=gsd, val_fraction=val_fraction, val_bounds=val_box)
     for name in ("annotations.json", "val.json") if (val_fraction or val_box) else ("annotations.json",):

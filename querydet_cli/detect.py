@@ -10,16 +10,13 @@ journal, and `--resume` picks up from the last finished tile row.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import queue
-import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -28,16 +25,18 @@ import torch
 
 from querydet_models.detector import FPNDetector as QueryDet
 
+from .augment import TTA_VIEWS, dihedral, undo_dihedral, vote
 from .config import Config
 from .errors import QueryDetError
-
-from .locking import OutputLock, journal_dir
-from .merge import Detections, TileMerger, suppress_nested
-from .profile import Profile
-from .augment import TTA_VIEWS, dihedral, undo_dihedral, vote
 from .gsd import Resolution
+from .identity import run_key
+from .journal import Journal
+from .locking import OutputLock
+from .merge import Detections, TileMerger, suppress_nested
+from .overview import Overview, heat_in_tile, query_heatmaps
+from .profile import Profile
 from .raster import RasterSource
-from .tiling import TILING_VERSION, Tile, make_tiles, row_starts
+from .tiling import Tile, make_tiles, row_starts
 from .writers import GEO_FORMATS, OutputWriter, pixel_box_ring, read_records, to_lonlat
 
 log = logging.getLogger("querydet")
@@ -97,107 +96,6 @@ class DetectInterrupted(QueryDetError):
     def __init__(self, message: str, resumable: bool) -> None:
         super().__init__(message)
         self.resumable = resumable
-
-
-class Journal:
-    """Final detections and progress of a run, beside the output, for atomic writes and --resume.
-
-    The folder holds a lock (`locking.OutputLock`): one run writes an output at a time.
-    """
-
-    def __init__(self, output: str, key: str, resume: bool,
-                 lock: OutputLock | None = None) -> None:
-        self.dir = journal_dir(output)
-        self.records = self.dir / "detections.ndjson"
-        self.state_path = self.dir / "state.json"
-        self.state: dict[str, Any] = {"key": key, "inputs": {}}
-        self._fh = None
-        created = not self.dir.exists()
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise QueryDetError(f"cannot create the journal folder {self.dir}: "
-                                f"{err.strerror or err}") from None
-        if lock is not None and lock.held:  # claimed by the caller (claim_output)
-            self.lock = lock
-        else:
-            self.lock = OutputLock(self.dir / "lock", output)
-            try:
-                self.lock.acquire()
-            except QueryDetError:
-                if created:
-                    shutil.rmtree(self.dir, ignore_errors=True)
-                raise
-        if resume and self.state_path.is_file():
-            state = json.loads(self.state_path.read_text())
-            if state.get("key") != key:
-                self.lock.release()
-                raise QueryDetError("--resume: the interrupted run used other inputs (or they "
-                                    "changed since), options or weights; run again without "
-                                    "--resume")
-            self.state = state
-            self._truncate_records(state.get("records_bytes", 0))
-        else:
-            self._clear()
-            self.records.touch()
-        self.resumed_records = self.state.get("records_count", 0)
-        self._count = self.resumed_records
-        self._fh = open(self.records, "a")
-
-    def _clear(self) -> None:
-        """Empty the folder of an earlier run, keeping our lock file."""
-        for p in self.dir.iterdir():
-            if p.name == "lock":
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-
-    def _truncate_records(self, size: int) -> None:
-        with open(self.records, "r+") as fh:  # drop records written after the last saved state
-            fh.truncate(size)
-
-    def input_state(self, index: int) -> dict[str, Any]:
-        return self.state["inputs"].get(str(index), {})
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        for r in records:
-            self._fh.write(json.dumps(r) + "\n")
-        self._count += len(records)
-
-    def checkpoint(self, index: int, state: dict[str, Any]) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self.state["inputs"][str(index)] = state
-        self.state["records_bytes"] = self.records.stat().st_size
-        self.state["records_count"] = self._count
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.state_path)
-
-    def close_records(self) -> None:
-        if self._fh is not None:
-            fh, self._fh = self._fh, None
-            try:
-                fh.close()
-            except OSError:  # the disk is full: records after the last checkpoint are
-                pass  # dropped anyway (--resume truncates to the checkpoint)
-
-    def close(self) -> None:
-        """Close the records and release the lock; the folder stays for --resume."""
-        self.close_records()
-        self.lock.release()
-
-    def remove(self) -> None:
-        """Delete the journal (the run is complete), then release the lock."""
-        self.close_records()
-        self._clear()
-        self.lock.release(remove=True)
-        try:
-            self.dir.rmdir()
-        except OSError:  # another run created its lock here meanwhile: its folder now
-            pass
 
 
 def read_failure(src: RasterSource, err: Exception) -> str:
@@ -315,8 +213,8 @@ class RasterDetector:
                     if x0 or y0:  # back to tile pixels
                         det["boxes"] = det["boxes"] + det["boxes"].new_tensor([x0, y0, x0, y0])
         # the query heatmap is only drawn with --save-vis: no per-tile work nobody asked for
-        heats = _query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
-        heats = [None if h is None else _heat_in_tile(h, tensor.shape[-2:], c, t.height, t.width)
+        heats = query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
+        heats = [None if h is None else heat_in_tile(h, tensor.shape[-2:], c, t.height, t.width)
                  for h, c, (t, _, _) in zip(heats, crops, batch)]
         return list(zip(dets, heats))
 
@@ -545,130 +443,6 @@ def data_window(valid: np.ndarray, align: int = 1) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
-def _heat_in_tile(heat: np.ndarray, padded: tuple[int, int], crop: tuple[int, int, int, int],
-                  height: int, width: int) -> np.ndarray:
-    """A heatmap of a (cropped, padded) network input placed in a map of the whole tile at the
-    same stride; the rest of the tile is 0 (not looked at)."""
-    stride = max(1, round(padded[0] / heat.shape[0]))
-    x0, y0, x1, y1 = crop
-    out = np.zeros((-(-height // stride), -(-width // stride)), np.float32)
-    h = min(heat.shape[0], -(-(y1 - y0) // stride), out.shape[0] - y0 // stride)
-    w = min(heat.shape[1], -(-(x1 - x0) // stride), out.shape[1] - x0 // stride)
-    out[y0 // stride:y0 // stride + h, x0 // stride:x0 // stride + w] = heat[:h, :w]
-    return out
-
-
-def _query_heatmaps(levels, n: int) -> list[np.ndarray | None]:
-    """Per image: sigmoid query scores on the densely computed query level, if there is one."""
-    for lv in sorted(levels, key=lambda o: o.level):
-        if lv.query is not None and lv.is_dense:
-            _, h, w = lv.shape
-            q = torch.sigmoid(lv.query.float()).view(n, h, w).cpu().numpy()
-            return list(q)
-    return [None] * n
-
-
-class Overview:
-    """A downsampled picture of a raster with its detections and query heatmap (--save-vis)."""
-
-    MAX_BOXES = 200_000
-
-    def __init__(self, src: RasterSource, max_side: int = 2048) -> None:
-        self.pixels, self.scale = src.overview(max_side)
-        self.heat = np.zeros(self.pixels.shape[:2], np.float32)
-        self.boxes: list[np.ndarray] = []
-        self.count = 0
-
-    def add_heat(self, tile: Tile, heat: np.ndarray | None) -> None:
-        if heat is None:
-            return
-        from PIL import Image
-
-        x1, y1 = int(tile.x / self.scale), int(tile.y / self.scale)
-        w = max(1, int(tile.width / self.scale))
-        h = max(1, int(tile.height / self.scale))
-        img = Image.fromarray((heat * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
-        patch = np.asarray(img, np.float32) / 255
-        region = self.heat[y1:y1 + h, x1:x1 + w]
-        region[...] = np.maximum(region, patch[:region.shape[0], :region.shape[1]])
-
-    def add_boxes(self, dets: Detections) -> None:
-        if self.count < self.MAX_BOXES:
-            self.boxes.append(np.column_stack([dets.boxes / self.scale, dets.labels]))
-            self.count += len(dets)
-
-    def save(self, path: Path, names: list[str]) -> None:
-        from PIL import Image, ImageDraw
-
-        from .visual import PALETTE
-
-        base = self.pixels.astype(np.float32)
-        red = np.zeros_like(base)
-        red[..., 0] = 255
-        alpha = (self.heat * 0.5)[..., None]
-        img = Image.fromarray((base * (1 - alpha) + red * alpha).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for part in self.boxes:
-            for x1, y1, x2, y2, label in part:
-                draw.rectangle([x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)],
-                               outline=PALETTE[int(label) % len(PALETTE)])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        img.save(tmp)
-        os.replace(tmp, path)
-
-
-def run_key(inputs: list[str], options: DetectOptions, cfg: Config, model: Any = None) -> str:
-    """What a journal belongs to: inputs (and their size and mtime), options, config, weights.
-
-    `--resume` refuses a journal whose key differs: other weights or a changed input would
-    mix two runs' detections in one output."""
-    data = json.dumps({"inputs": inputs, "identity": [input_identity(p) for p in inputs],
-                       "options": asdict(options) | {"resume": None},
-                       "config": cfg.to_dict(), "weights": weights_digest(model),
-                       "tiling": TILING_VERSION},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(data.encode()).hexdigest()
-
-
-def input_identity(path: str) -> list[int] | None:
-    """(size, mtime in ns) of an input file; None for what is not a local file."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def weights_digest(model: Any) -> str:
-    """SHA-256 of every tensor of the model's state (its weights as they run)."""
-    state = getattr(model, "state_dict", None)
-    if state is None:
-        return ""
-    h = hashlib.sha256()
-    for key, value in state().items():
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def coco_image_ids(gt_path: str | Path, inputs: list[str]) -> tuple[int, ...]:
-    """Each input's image id in a COCO ground-truth JSON, matched by file name."""
-    try:
-        data = json.loads(Path(gt_path).read_text())
-        by_name = {Path(im["file_name"]).name: int(im["id"]) for im in data["images"]}
-    except FileNotFoundError:
-        raise QueryDetError(f"--coco-gt: file not found: {gt_path}") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise QueryDetError(f"--coco-gt: {gt_path} is not a COCO JSON with images "
-                            f"(id, file_name): {err}") from None
-    missing = [p for p in inputs if Path(p).name not in by_name]
-    if missing:
-        raise QueryDetError(f"--coco-gt: {Path(missing[0]).name} is not an image of {gt_path} "
-                            f"({len(missing)} inputs are not)")
-    return tuple(by_name[Path(p).name] for p in inputs)
-
-
 def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt: str,
                options: DetectOptions, device: torch.device,
                progress_factory: Callable[[str, int], Any] | None = None,
@@ -678,131 +452,18 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
 
     With `ray` (`distributed.RaySettings`) and the checkpoint path `weights`, the producer runs
     on Ray actors and this process merges and writes, exactly as without Ray."""
-    import time
-
-    summary = DetectSummary(inputs=len(inputs), failed=[])
-    to_stdout = output == "-"
-    if to_stdout and options.resume:
+    if output == "-" and options.resume:
         raise QueryDetError("--resume needs an output file, not stdout")
     detector = RasterDetector(model, cfg, options, device)
-    summary.precision = detector.precision
-    journal = None if to_stdout else Journal(output, run_key(inputs, options, cfg, model),
-                                             options.resume, lock)
-    crs_seen: str | None = None
-    started = time.perf_counter()
-    producer = None
-    if ray is not None:
-        from .distributed import RayProducer
-
-        if weights is None:
-            raise QueryDetError("--ray needs the checkpoint file the workers load")
-        producer = RayProducer(ray, weights, options, str(device))
-
-        def tile_rows(path: str) -> int | None:
-            try:  # only the size is needed: no percentile stretch
-                with RasterSource(path, options.bands, stretch_known=True) as src:
-                    detector.attach(src)
-                    return max(t.row for t in detector.plan(src.info())) + 1
-            except QueryDetError:
-                return None
-
-        states = {i: journal.input_state(i) if journal else {} for i in range(1, len(inputs) + 1)}
-        producer.start(producer.plan(inputs, states, tile_rows))
-    # stdout is written as detections come; it opens once the first input's CRS is known
-    writer_ctx = OutputWriter(output, fmt, None, options.rfc7946) if to_stdout else None
-    opened = False
-    current = ""
-
-    def open_stdout(crs: str | None) -> None:
-        nonlocal opened
-        if writer_ctx is not None and not opened:
-            writer_ctx.crs = "EPSG:4326" if options.rfc7946 else crs
-            writer_ctx.__enter__()
-            opened = True
-
+    journal = None if output == "-" else Journal(output, run_key(inputs, options, cfg, model),
+                                                 options.resume, lock)
+    run = _Run(detector, cfg, inputs, output, fmt, journal, progress_factory)
     try:
+        if ray is not None:
+            run.producer = _ray_producer(detector, inputs, journal, ray, weights, device)
         for image_id, path in enumerate(inputs, start=1):
-            state = journal.input_state(image_id) if journal else {}
-            if state.get("complete"):
-                summary.done += 1
-                continue
-            current = path
-            detector.rows = (int(state.get("rows_done", 0)), 0)
-            try:
-                setup = time.perf_counter()
-                with RasterSource(path, options.bands) as src:
-                    detector.attach(src)
-                    info = src.info()
-                    if fmt in GEO_FORMATS and not info.georeferenced:
-                        raise QueryDetError(
-                            f"{path} is not georeferenced, so it has no map coordinates for "
-                            f"{fmt}: use -o with .json (COCO), .csv or .ndjson")
-                    if fmt in GEO_FORMATS and not options.rfc7946:
-                        crs_seen = crs_seen or info.crs
-                        if info.crs != crs_seen:
-                            raise QueryDetError(f"{path} is in {info.crs}, earlier inputs in "
-                                                f"{crs_seen}; one {fmt} file holds one CRS: use "
-                                                "--rfc7946 (EPSG:4326) or separate runs")
-                    open_stdout(info.crs)
-                    vis = Overview(src) if options.save_vis else None
-                    done_rows = int(state.get("rows_done", 0))
-                    remaining = sum(1 for t in detector.plan(info) if t.row >= done_rows)
-                    bar = progress_factory(Path(path).name, remaining) \
-                        if progress_factory else None
-
-                    def emit(records: list[dict]) -> None:
-                        if journal is not None:
-                            journal.append(records)
-                        else:
-                            writer_ctx.write(records)
-
-                    def checkpoint(st: dict[str, Any], _id: int = image_id) -> None:
-                        if journal is not None:
-                            journal.checkpoint(_id, st | {"crs": info.crs})
-
-                    record_id = options.image_ids[image_id - 1] if options.image_ids else image_id
-                    detector.profile.add("setup", time.perf_counter() - setup)
-                    results = None
-                    if producer is not None:
-                        results = producer.results_for(
-                            image_id, {t.index: t for t in detector.plan(info)})
-                    n = detector.run(src, record_id, emit, checkpoint, state,
-                                     progress=(lambda n: bar.update(n)) if bar else None,
-                                     vis=vis, results=results)
-                    if bar:
-                        bar.close()
-                    if journal is not None:
-                        journal.checkpoint(image_id, {"complete": True, "crs": info.crs})
-                    if vis is not None:
-                        vis.save(Path(options.save_vis) / f"{Path(path).stem}_detections.png",
-                                 cfg.names())
-                    summary.done += 1
-                    summary.new_detections += n
-                    summary.megapixels += info.source_width * info.source_height / 1e6
-            except QueryDetError as err:
-                summary.failed.append((path, str(err)))
-                print(f"querydet: error: {err}", file=sys.stderr)
-                if producer is not None:
-                    producer.skip(image_id)
-        summary.seconds = time.perf_counter() - started
-        summary.detections = summary.new_detections
-        if journal is not None:
-            journal.close_records()
-            summary.resumed_detections = journal.resumed_records
-            if summary.done == 0:  # nothing succeeded: an old output stays as it was
-                if not options.resume:  # a resumed journal keeps its finished rows
-                    journal.remove()
-                return summary
-            crs = next((s.get("crs") for s in journal.state["inputs"].values() if s.get("crs")),
-                       None)
-            with detector.profile.stage("write"), \
-                    OutputWriter(output, fmt, crs, options.rfc7946) as writer:
-                writer.write(read_records(journal.records))
-            summary.detections = writer.count
-            summary.output_written = True
-            if not summary.failed:
-                journal.remove()
-        summary.profile = detector.profile.close(time.perf_counter() - started)
+            run.detect_input(image_id, path)
+        run.finish()
     except OSError as err:  # no space left, a file-size limit, a vanished disk: one line
         what = err.filename or (journal.dir if journal is not None else output)
         kept = (f"; the journal {journal.dir} is kept: make room and run again with --resume"
@@ -810,21 +471,174 @@ def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt
         raise QueryDetError(f"cannot write {what}: {err.strerror or err}{kept}",
                             exit_code=1) from None
     except KeyboardInterrupt:
-        done, total = detector.rows
+        raise run.interrupted() from None
+    finally:
+        run.close()
+    return run.summary
+
+
+def _ray_producer(detector: RasterDetector, inputs: list[str], journal: Journal | None,
+                  settings: Any, weights: str | Path | None, device: torch.device):
+    """The producer on Ray actors (distributed.py), started on every input's unfinished rows."""
+    from .distributed import RayProducer
+
+    if weights is None:
+        raise QueryDetError("--ray needs the checkpoint file the workers load")
+    options = detector.opts
+    producer = RayProducer(settings, weights, options, str(device))
+
+    def tile_rows(path: str) -> int | None:
+        try:  # only the size is needed: no percentile stretch
+            with RasterSource(path, options.bands, stretch_known=True) as src:
+                detector.attach(src)
+                return max(t.row for t in detector.plan(src.info())) + 1
+        except QueryDetError:
+            return None
+
+    states = {i: journal.input_state(i) if journal else {} for i in range(1, len(inputs) + 1)}
+    producer.start(producer.plan(inputs, states, tile_rows))
+    return producer
+
+
+class _Run:
+    """One `run_detect` call: its inputs one after the other, then the output; the state they
+    share (summary, journal, the stdout writer, the CRS of the output) in one place."""
+
+    def __init__(self, detector: RasterDetector, cfg: Config, inputs: list[str], output: str,
+                 fmt: str, journal: Journal | None,
+                 progress_factory: Callable[[str, int], Any] | None) -> None:
+        self.detector, self.cfg, self.output, self.fmt = detector, cfg, output, fmt
+        self.options = detector.opts
+        self.journal = journal
+        self.progress_factory = progress_factory
+        self.summary = DetectSummary(inputs=len(inputs), failed=[],
+                                     precision=detector.precision)
+        self.producer = None
+        self.crs_seen: str | None = None
+        self.current = ""
+        self.started = time.perf_counter()
+        # stdout is written as detections come; it opens once the first input's CRS is known
+        self.stdout = OutputWriter(output, fmt, None, self.options.rfc7946) \
+            if output == "-" else None
+        self.stdout_open = False
+
+    def open_stdout(self, crs: str | None) -> None:
+        if self.stdout is not None and not self.stdout_open:
+            self.stdout.crs = "EPSG:4326" if self.options.rfc7946 else crs
+            self.stdout.__enter__()
+            self.stdout_open = True
+
+    def emit(self, records: list[dict]) -> None:
+        if self.journal is not None:
+            self.journal.append(records)
+        else:
+            self.stdout.write(records)
+
+    def check_crs(self, path: str, info) -> None:
+        """Refuse what one output cannot hold: map formats of a plain image, two CRSs."""
+        fmt = self.fmt
+        if fmt in GEO_FORMATS and not info.georeferenced:
+            raise QueryDetError(f"{path} is not georeferenced, so it has no map coordinates for "
+                                f"{fmt}: use -o with .json (COCO), .csv or .ndjson")
+        if fmt in GEO_FORMATS and not self.options.rfc7946:
+            self.crs_seen = self.crs_seen or info.crs
+            if info.crs != self.crs_seen:
+                raise QueryDetError(f"{path} is in {info.crs}, earlier inputs in "
+                                    f"{self.crs_seen}; one {fmt} file holds one CRS: use "
+                                    "--rfc7946 (EPSG:4326) or separate runs")
+
+    def detect_input(self, image_id: int, path: str) -> None:
+        """One input into the journal (or stdout); a bad input is reported and skipped."""
+        journal, detector, options = self.journal, self.detector, self.options
+        state = journal.input_state(image_id) if journal else {}
+        if state.get("complete"):
+            self.summary.done += 1
+            return
+        self.current = path
+        detector.rows = (int(state.get("rows_done", 0)), 0)
+        try:
+            setup = time.perf_counter()
+            with RasterSource(path, options.bands) as src:
+                detector.attach(src)
+                info = src.info()
+                self.check_crs(path, info)
+                self.open_stdout(info.crs)
+                vis = Overview(src) if options.save_vis else None
+                done_rows = int(state.get("rows_done", 0))
+                remaining = sum(1 for t in detector.plan(info) if t.row >= done_rows)
+                bar = self.progress_factory(Path(path).name, remaining) \
+                    if self.progress_factory else None
+
+                def checkpoint(st: dict[str, Any]) -> None:
+                    if journal is not None:
+                        journal.checkpoint(image_id, st | {"crs": info.crs})
+
+                record_id = options.image_ids[image_id - 1] if options.image_ids else image_id
+                detector.profile.add("setup", time.perf_counter() - setup)
+                results = None
+                if self.producer is not None:
+                    results = self.producer.results_for(
+                        image_id, {t.index: t for t in detector.plan(info)})
+                n = detector.run(src, record_id, self.emit, checkpoint, state,
+                                 progress=(lambda k: bar.update(k)) if bar else None,
+                                 vis=vis, results=results)
+                if bar:
+                    bar.close()
+                if journal is not None:
+                    journal.checkpoint(image_id, {"complete": True, "crs": info.crs})
+                if vis is not None:
+                    vis.save(Path(options.save_vis) / f"{Path(path).stem}_detections.png",
+                             self.cfg.names())
+                self.summary.done += 1
+                self.summary.new_detections += n
+                self.summary.megapixels += info.source_width * info.source_height / 1e6
+        except QueryDetError as err:
+            self.summary.failed.append((path, str(err)))
+            print(f"querydet: error: {err}", file=sys.stderr)
+            if self.producer is not None:
+                self.producer.skip(image_id)
+
+    def finish(self) -> None:
+        """The output from the journal, through a temporary file; the journal then removed."""
+        summary, journal = self.summary, self.journal
+        summary.seconds = time.perf_counter() - self.started
+        summary.detections = summary.new_detections
+        if journal is not None:
+            journal.close_records()
+            summary.resumed_detections = journal.resumed_records
+            if summary.done == 0:  # nothing succeeded: an old output stays as it was
+                if not self.options.resume:  # a resumed journal keeps its finished rows
+                    journal.remove()
+                return
+            crs = next((s.get("crs") for s in journal.state["inputs"].values() if s.get("crs")),
+                       None)
+            with self.detector.profile.stage("write"), \
+                    OutputWriter(self.output, self.fmt, crs, self.options.rfc7946) as writer:
+                writer.write(read_records(journal.records))
+            summary.detections = writer.count
+            summary.output_written = True
+            if not summary.failed:
+                journal.remove()
+        summary.profile = self.detector.profile.close(time.perf_counter() - self.started)
+
+    def interrupted(self) -> DetectInterrupted:
+        """Ctrl-C: where it stopped, and whether the journal is kept for --resume."""
+        done, total = self.detector.rows
+        current, summary = self.current, self.summary
         where = (f"in {current} after {done}/{total} tile rows" if total else f"in {current}") \
             if current else "before the first input"
-        if journal is not None:
-            raise DetectInterrupted(f"interrupted {where} ({summary.done}/{summary.inputs} "
-                                    f"inputs complete); the journal {journal.dir} is kept",
-                                    resumable=True) from None
-        raise DetectInterrupted(f"interrupted {where}; stdout output is incomplete",
-                                resumable=False) from None
-    finally:
-        if producer is not None:
-            producer.close()
-        if journal is not None:
-            journal.close()
-        if writer_ctx is not None:
-            open_stdout(None)
-            writer_ctx.__exit__(*sys.exc_info())
-    return summary
+        if self.journal is not None:
+            return DetectInterrupted(f"interrupted {where} ({summary.done}/{summary.inputs} "
+                                     f"inputs complete); the journal {self.journal.dir} is kept",
+                                     resumable=True)
+        return DetectInterrupted(f"interrupted {where}; stdout output is incomplete",
+                                 resumable=False)
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.close()
+        if self.journal is not None:
+            self.journal.close()
+        if self.stdout is not None:
+            self.open_stdout(None)
+            self.stdout.__exit__(*sys.exc_info())

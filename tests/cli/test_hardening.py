@@ -65,7 +65,7 @@ def test_resume_refuses_other_weights_and_changed_inputs(tmp_path):
 
 
 def test_resume_refuses_other_weights(tmp_path):
-    from querydet_cli.detect import weights_digest
+    from querydet_cli.identity import weights_digest
     from tests.conftest import tiny_model
 
     a, b = tiny_model(seed=0), tiny_model(seed=1)

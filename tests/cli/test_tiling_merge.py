@@ -200,7 +200,7 @@ def test_nested_duplicates_in_a_tile_are_dropped_by_ios():
 
 
 def test_a_cropped_tiles_heatmap_lands_where_its_pixels_are():
-    from querydet_cli.detect import _heat_in_tile
+    from querydet_cli.overview import heat_in_tile as _heat_in_tile
 
     heat = np.ones((6, 6), np.float32)  # stride 16 over a 96 x 96 crop
     out = _heat_in_tile(heat, (96, 96), (64, 32, 160, 128), 256, 256)

@@ -15,7 +15,8 @@ from shapely.geometry import Point, box
 from querydet_cli.chips import cut_chips
 from querydet_cli.config import load_config
 from querydet_cli.datasets import load_coco
-from querydet_cli.detect import DetectOptions, coco_image_ids, run_detect
+from querydet_cli.detect import DetectOptions, run_detect
+from querydet_cli.identity import coco_image_ids
 from querydet_cli.engine import load_model
 from querydet_cli.errors import QueryDetError
 from querydet_cli.training import train
