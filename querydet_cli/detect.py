@@ -1,8 +1,7 @@
 """`querydet detect`: stream rasters through tiling, batched CSQ inference and cross-tile merging.
 
-A reader thread prefetches windows so disk and compute overlap. Tiles are batched through the
-model, and per-tile detections go to global pixel coordinates. The merger releases them once no
-later tile can overlap them. Final detections are appended to a journal (NDJSON, flushed per
+The producer (producer.py: pixels in, per-tile detections out) runs here or on Ray actors; this
+module is the consumer. The merger releases detections once no later tile can overlap them. Final detections are appended to a journal (NDJSON, flushed per
 tile row) next to the output. At the end the journal becomes the requested format in a
 temporary file, which is then renamed into place. An interrupted run leaves no output, only the
 journal, and `--resume` picks up from the last finished tile row.
@@ -11,64 +10,30 @@ journal, and `--resume` picks up from the last finished tile row.
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import sys
-import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from querydet_models.detector import FPNDetector as QueryDet
 
-from .augment import TTA_VIEWS, dihedral, undo_dihedral, vote
 from .config import Config
 from .errors import QueryDetError
-from .gsd import Resolution
 from .identity import run_key
 from .journal import Journal
 from .locking import OutputLock
-from .merge import Detections, TileMerger, suppress_nested
-from .overview import Overview, heat_in_tile, query_heatmaps
-from .profile import Profile
+from .merge import Detections, TileMerger
+from .overview import Overview
+from .producer import DetectOptions, TileProducer
 from .raster import RasterSource
-from .tiling import Tile, make_tiles, row_starts
+from .tiling import Tile, row_starts
 from .writers import GEO_FORMATS, OutputWriter, pixel_box_ring, read_records, to_lonlat
 
 log = logging.getLogger("querydet")
-EDGE_TOLERANCE = 2.0  # px: a box this close to an inner tile edge is cut by it
-
-
-@dataclass(frozen=True)
-class DetectOptions:
-    tile_size: int = 1024
-    overlap: int = 128
-    batch_size: int | None = None  # None: by device (see default_batch_size)
-    mode: str | None = None
-    sigma: float | None = None
-    context: str | None = None
-    backend: str | None = None
-    start_level: int | None = None
-    score_threshold: float | None = None
-    bands: tuple[int, ...] | None = None
-    merge_metric: str = "ios"  # IoS: SAHI's greedy-merge measure, nested duplicates too
-    merge_threshold: float = 0.5
-    rfc7946: bool = False
-    resume: bool = False
-    prefetch: int = 2
-    save_vis: str | None = None
-    precision: str | None = None  # None: the checkpoint's inference.precision (auto)
-    # COCO image id per input (from --coco-gt); None: the input's position, from 1
-    image_ids: tuple[int, ...] | None = None
-    profile: bool = False  # synchronise CUDA at stage edges, for exact per-stage times
-    # ground resolution: "auto" (the model's GSD), "native" (source pixels) or metres per pixel
-    gsd: str | float = "auto"
-    input_gsd: float | None = None  # metres per pixel of inputs without a georeference
-    tta: bool = False  # each tile seen in its eight dihedral views, the answers voted into one
 
 
 @dataclass
@@ -98,209 +63,16 @@ class DetectInterrupted(QueryDetError):
         self.resumable = resumable
 
 
-def read_failure(src: RasterSource, err: Exception) -> str:
-    """Why a window read failed, naming a missing source file of a VRT (GDAL only says
-    'Read failed. See previous exception for details.')."""
-    try:
-        missing = [f for f in src.src.files[1:] if not f.startswith("/vsi") and not os.path.exists(f)]
-    except Exception:  # a driver without a file list
-        missing = []
-    if missing:
-        return f"source file missing: {missing[0]}"
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def _reader(src: RasterSource, tiles: list[Tile], out: queue.Queue, stop: threading.Event,
-            profile: Profile) -> None:
-    try:
-        for t in tiles:
-            if stop.is_set():
-                return
-            started = time.perf_counter()
-            pixels, valid = src.read(t.x, t.y, t.width, t.height)
-            profile.reader_seconds += time.perf_counter() - started
-            out.put((t, pixels if valid.any() else None, valid))
-        out.put(None)
-    except Exception as err:  # handed to the consumer, which raises it in the main thread
-        out.put(err)
-
-
-def default_batch_size(device: torch.device) -> int:
-    """Tiles per batch when none is given: 1 on the CPU, where batching costs time (measured:
-    a 4096^2 raster in 1024 px tiles, fp32, 2 cores: 20 s at batch 1, 24 s at 2, 26 s at 4),
-    4 on CUDA (not measured here: no GPU was lent)."""
-    return 4 if device.type == "cuda" else 1
-
-
-class RasterDetector:
-    """Runs one model over the tiles of rasters; options fixed for a run."""
+class RasterDetector(TileProducer):
+    """The consumer of a run over rasters: merges each tile's detections across tiles, emits
+    final ones and checkpoints per finished tile row; the producer's methods are inherited
+    (a local run produces and consumes in one process)."""
 
     def __init__(self, model: QueryDet, cfg: Config, options: DetectOptions,
                  device: torch.device) -> None:
-        self.model = model
-        self.cfg = cfg
-        if options.batch_size is None:
-            options = replace(options, batch_size=default_batch_size(device))
-        self.opts = options
-        self.device = device
+        super().__init__(model, cfg, options, device)
         self.names = cfg.names()
         self.category_ids = cfg.category_ids()
-        self.mode = {k: v for k, v in (("mode", options.mode), ("sigma", options.sigma),
-                                       ("context", options.context), ("backend", options.backend),
-                                       ("start_level", options.start_level)) if v is not None}
-        if options.score_threshold is not None:
-            model.inference = replace(model.inference, score_threshold=options.score_threshold)
-        self.precision = model.set_precision(options.precision or cfg.inference.precision)
-        log.info("precision: %s", self.precision)
-        self.profile = Profile()
-        if options.profile and device.type == "cuda":
-            self.profile.sync = lambda: torch.cuda.synchronize(device)
-        self.model_gsd = cfg.data.gsd
-        self._said: set[str] = set()  # GSD notices already given in this run
-
-    def attach(self, src: RasterSource) -> Resolution:
-        """Set `src` to be read at the run's ground resolution (`--gsd`): the model's GSD unless
-        told otherwise; native pixels when either side's GSD is unknown (said once per run)."""
-        from .gsd import resolve
-
-        source_gsd = src.gsd() if self.opts.input_gsd is None else \
-            (self.opts.input_gsd, self.opts.input_gsd)
-        res = resolve(self.opts.gsd, self.model_gsd, source_gsd, str(src.path))
-        src.resample(res.scale)
-        if res.reason == "the input's GSD is unknown" and res.reason not in self._said:
-            self._said.add(res.reason)
-            log.warning("%s has no georeference and no --input-gsd: read at its own pixels, not "
-                        "at the model's %.3g m (give --input-gsd METRES, or --gsd native to "
-                        "silence this)", src.path, self.model_gsd if self.opts.gsd == "auto"
-                        else float(self.opts.gsd))
-        elif res.reason == "the model records no GSD" and source_gsd is not None \
-                and res.reason not in self._said:
-            self._said.add(res.reason)
-            log.info("the model records no training GSD: inputs are read at their own pixels")
-        if res.resampled:
-            log.info("%s: %.4g m pixels read at %.4g m (%.3g x %.3g source pixels per model "
-                     "pixel)", src.path, source_gsd[0], res.target_gsd, *src.scale)
-        return res
-
-    def infer(self, batch: list[tuple[Tile, np.ndarray, np.ndarray]]
-              ) -> list[tuple[dict[str, torch.Tensor], np.ndarray | None]]:
-        prof = self.profile
-        align = getattr(self.model, "size_divisibility", 1)
-        # only the part of a tile that holds data goes through the network: a nodata collar
-        # (orthomosaic footprints) costs nothing beyond the rectangle around the data
-        crops = [data_window(valid, align) for _, _, valid in batch]
-        with self.model.compute():  # inference_mode + autocast to the run's precision
-            with prof.stage("preprocess"):
-                images = [torch.from_numpy(p[:, y0:y1, x0:x1]).to(self.device)
-                          for (_, p, _), (x0, y0, x1, y1) in zip(batch, crops)]
-            dets, levels, tensor = self._forward(images)
-            prof.tiles += len(batch)
-            prof.tile_pixels += sum(t.width * t.height for t, _, _ in batch)
-            if self.opts.tta:  # the seven other dihedral views, each mapped back and voted
-                views = [dets]
-                for k, flip in TTA_VIEWS[1:]:
-                    turned = [dihedral(im, im.new_zeros(0, 4), k, flip)[0] for im in images]
-                    found, _, _ = self._forward(turned, count=False)
-                    for det, im in zip(found, images):
-                        det["boxes"] = undo_dihedral(det["boxes"], k, flip, *im.shape[-2:])
-                    views.append(found)
-                with prof.stage("postprocess"):
-                    floor = self.model.inference.score_threshold  # on the voted score
-                    dets = [vote([v[i] for v in views], self.opts.merge_threshold, floor)
-                            for i in range(len(images))]
-            with prof.stage("postprocess"):
-                for det, (x0, y0, _, _) in zip(dets, crops):
-                    if x0 or y0:  # back to tile pixels
-                        det["boxes"] = det["boxes"] + det["boxes"].new_tensor([x0, y0, x0, y0])
-        # the query heatmap is only drawn with --save-vis: no per-tile work nobody asked for
-        heats = query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
-        heats = [None if h is None else heat_in_tile(h, tensor.shape[-2:], c, t.height, t.width)
-                 for h, c, (t, _, _) in zip(heats, crops, batch)]
-        return list(zip(dets, heats))
-
-    def _forward(self, images: list[torch.Tensor], count: bool = True):
-        """The model's stages on a list of (3, h, w) images, timed per stage: detections per
-        image (tile pixels of the crop), the levels, and the padded batch. `count`: add
-        the pixels and CSQ's decisions to the profile (not for the extra views of --tta)."""
-        prof = self.profile
-        with prof.stage("preprocess"):
-            tensor, sizes = self.model.preprocess(images)
-            if count:
-                prof.pixels += sum(h * w for h, w in sizes)
-        with prof.stage("backbone"):
-            features = self.model.extract_features(tensor)
-        with prof.stage("coarse_heads"):
-            levels = self.model.predict_levels(features, **self.mode)
-        # split the heads' time by level kind, FPN time apart (measured inside the levels)
-        for lv in levels:
-            prof.move("coarse_heads", "fpn", lv.fpn_seconds)
-            if not lv.is_dense or lv.decided_dense:
-                prof.move("coarse_heads", "sparse_heads", lv.seconds)
-        if count and any(lv.decided_dense for lv in levels):
-            prof.tiles_dense_by_decision += len(images)
-        with prof.stage("postprocess"):
-            dets = self.model.detections(levels, sizes, features)
-        return dets, levels, tensor
-
-    def produce(self, src: RasterSource, tiles: list[Tile], info=None
-                ) -> Iterator[tuple[Tile, tuple[np.ndarray, ...] | None, np.ndarray | None]]:
-        """The producer (pixels in, boxes out): (tile, its detections, query heatmap) in tile
-        order. A reader thread prefetches windows; tiles are batched through the model.
-        Detections are `_tile_detections` arrays in global pixels; None for an all-nodata tile.
-        """
-        info = info or src.info()
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.opts.prefetch * self.opts.batch_size))
-        stop = threading.Event()
-        reader = threading.Thread(target=_reader, args=(src, tiles, q, stop, self.profile),
-                                  daemon=True)
-        reader.start()
-        batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
-        # a batch never spans two tile rows, nor two groups of batch_size tiles of a row: the
-        # batches (and so the sums) are the same whichever row a run starts from (--resume, a
-        # Ray band), so every way of running gives bit-identical detections
-        row_first: dict[int, int] = {}
-        for t in tiles:
-            row_first.setdefault(t.row, t.index)
-
-        def group(t: Tile) -> tuple[int, int]:
-            return t.row, (t.index - row_first[t.row]) // self.opts.batch_size
-
-        def flush() -> Iterator[tuple[Tile, tuple[np.ndarray, ...], np.ndarray | None]]:
-            if not batch:
-                return
-            for (tile, _, valid), (det, heat) in zip(batch, self.infer(batch)):
-                with self.profile.stage("merge"):
-                    found = self._tile_detections(tile, det, valid, info)
-                yield tile, found, heat
-            batch.clear()
-
-        try:
-            while True:
-                with self.profile.stage("read"):
-                    item = q.get()
-                if isinstance(item, Exception):
-                    raise QueryDetError(f"{src.path}: read failed: {read_failure(src, item)}"
-                                        ) from None
-                if item is None:
-                    break
-                tile, pixels, valid = item
-                if pixels is None:  # all nodata: nothing to look at
-                    yield from flush()
-                    yield tile, None, None
-                else:
-                    if batch and group(batch[-1][0]) != group(tile):
-                        yield from flush()
-                    batch.append((tile, pixels, valid))
-                    if len(batch) >= self.opts.batch_size:
-                        yield from flush()
-            yield from flush()
-        finally:
-            stop.set()
-            while reader.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    reader.join(timeout=0.1)
 
     def run(self, src: RasterSource, image_id: int, emit: Callable[[list[dict]], None],
             checkpoint: Callable[[dict[str, Any]], None], state: dict[str, Any],
@@ -361,35 +133,6 @@ class RasterDetector:
             self._probe.close()
         return emitted
 
-    def plan(self, info) -> list[Tile]:
-        """The tiles of a raster, in the order they are produced and merged."""
-        return make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap,
-                          align=getattr(self.model, "size_divisibility", 1))
-
-    def _tile_detections(self, tile: Tile, det: dict[str, torch.Tensor], valid: np.ndarray,
-                         info) -> tuple[np.ndarray, ...]:
-        boxes = det["boxes"].float().cpu().numpy().astype(np.float64)
-        scores = det["scores"].float().cpu().numpy().astype(np.float64)
-        labels = det["labels"].cpu().numpy().astype(np.int64)
-        if len(boxes):  # drop detections centred on nodata
-            cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(int), 0, tile.width - 1)
-            cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(int), 0, tile.height - 1)
-            keep = valid[cy, cx]
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        if self.opts.merge_metric == "ios" and len(boxes):
-            keep = suppress_nested(boxes, scores, labels, self.opts.merge_threshold)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        left, top, right, bottom = tile.inner_edges(info.width, info.height)
-        cut = ((left & (boxes[:, 0] <= EDGE_TOLERANCE))
-               | (top & (boxes[:, 1] <= EDGE_TOLERANCE))
-               | (right & (boxes[:, 2] >= tile.width - EDGE_TOLERANCE))
-               | (bottom & (boxes[:, 3] >= tile.height - EDGE_TOLERANCE)))
-        boxes = boxes + np.array([tile.x, tile.y, tile.x, tile.y], np.float64)
-        ex1, ey1, ex2, ey2 = tile.exclusive
-        exclusive = ((boxes[:, 0] >= ex1) & (boxes[:, 1] >= ey1) & (boxes[:, 2] <= ex2)
-                     & (boxes[:, 3] <= ey2) & ~cut)
-        return boxes, scores, labels, cut, exclusive
-
     def _emit(self, dets: Detections, src: RasterSource, image_id: int,
               emit: Callable[[list[dict]], None], vis: "Overview | None") -> int:
         if dets.fused is not None and dets.fused.any():
@@ -423,24 +166,6 @@ class RasterDetector:
         if vis is not None:
             vis.add_boxes(dets)
         return len(records)
-
-
-def data_window(valid: np.ndarray, align: int = 1) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1): the smallest window of a tile holding all its valid pixels, its start
-    rounded down and its size up to multiples of `align` (within the tile); the whole tile
-    when it has no valid pixel."""
-    height, width = valid.shape
-    rows = np.flatnonzero(valid.any(axis=1))
-    cols = np.flatnonzero(valid.any(axis=0))
-    if not len(rows):
-        return 0, 0, width, height
-
-    def span(first: int, last: int, length: int) -> tuple[int, int]:
-        start = first // align * align
-        return start, min(length, start + -(-(last + 1 - start) // align) * align)
-
-    (y0, y1), (x0, x1) = span(rows[0], rows[-1], height), span(cols[0], cols[-1], width)
-    return x0, y0, x1, y1
 
 
 def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt: str,

@@ -74,15 +74,15 @@ class DetectWorkerImpl:
 
         import torch
 
-        from .detect import DetectOptions, RasterDetector
+        from .producer import DetectOptions, TileProducer
         from .engine import load_model
 
         with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
             tmp.write(checkpoint)
             tmp.flush()
             model, cfg = load_model(tmp.name, self.device)
-        self.detector = RasterDetector(model, cfg, DetectOptions(**self.options),
-                                       torch.device(self.device))
+        self.detector = TileProducer(model, cfg, DetectOptions(**self.options),
+                                     torch.device(self.device))
 
     def detect(self, checkpoint: bytes, path: str, bands, first_row: int, last_row: int
                ) -> list[tuple[int, Any]] | QueryDetError:

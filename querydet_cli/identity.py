@@ -17,7 +17,7 @@ from .errors import QueryDetError
 from .tiling import TILING_VERSION
 
 if TYPE_CHECKING:
-    from .detect import DetectOptions
+    from .producer import DetectOptions
 
 
 def run_key(inputs: list[str], options: "DetectOptions", cfg: Config, model: Any = None) -> str:

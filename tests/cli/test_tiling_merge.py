@@ -145,7 +145,7 @@ def test_no_seam_duplicates_with_objects_across_every_seam(tmp_path):
 
 
 def test_data_window_is_the_aligned_rectangle_around_valid_pixels():
-    from querydet_cli.detect import data_window
+    from querydet_cli.producer import data_window
 
     valid = np.zeros((100, 90), bool)
     valid[37:41, 50:52] = True
