@@ -1,0 +1,174 @@
+"""`querydet bench`, `bench-detect` and `bench-gsd`: measurements printed as ratios of one run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from querydet_models.config import CONTEXTS
+
+from .cli_shared import Backbone, Detector, Device, _precision_list, app
+from .errors import QueryDetError
+
+
+@app.command()
+def bench(
+    *,
+    detector: Annotated[Detector, typer.Option(help="Detector family (ignored with --weights)")] = Detector.retinanet,
+    backbone: Annotated[Backbone, typer.Option(help="Backbone (ignored with --weights)")] = Backbone.resnet50,
+    image_size: Annotated[int, typer.Option(min=32, max=8192, help="Square input side in pixels (long side for --image)")] = 1024,
+    batch: Annotated[int, typer.Option(min=1, max=64, help="Images per batch")] = 1,
+    query_density: Annotated[float, typer.Option(help="Fraction of start-level positions queried (simulated small objects); 0 = use the query head and --sigma")] = 0.03,
+    sigma: Annotated[float, typer.Option(min=0.0, max=1.0, help="Query threshold")] = 0.15,
+    start_level: Annotated[int, typer.Option(min=3, max=6, help="CSQ start level (Table 4)")] = 4,
+    paper_context: Annotated[str, typer.Option(help="Submanifold context of the paper mode: 1x1..11x11")] = "5x5",
+    backends: Annotated[str, typer.Option(help="Sparse backends to time for exact CSQ, comma-separated: torch, spconv")] = "torch,spconv",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per mode (median reported)")] = 3,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint to bench instead of random weights")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Image file to use instead of random pixels")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads")] = None,
+    precision: Annotated[str, typer.Option(help="Precisions to time, comma-separated: auto, fp32, bf16, fp16 (one set of rows each)")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for weights, input and simulated objects")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
+) -> None:
+    """Time dense-HR, CSQ (exact, paper context), CQ, CCQ and the family's baseline on one input."""
+    if paper_context not in CONTEXTS or paper_context == "exact":
+        raise QueryDetError(f"--paper-context must be one of {', '.join(CONTEXTS[1:])}")
+    names = tuple(b.strip() for b in backends.split(",") if b.strip())
+    bad = [b for b in names if b not in ("torch", "spconv")]
+    if bad or not names:
+        raise QueryDetError(f"--backends: unknown backend {bad[0] if bad else '(none)'} (allowed: torch, spconv)")
+    precisions = _precision_list(precision)
+    from .bench import BenchOptions, format_report, run_bench
+    from .engine import load_model, resolve_device
+
+    dev = resolve_device(device.value)
+    model = None
+    detector_name, backbone_name = detector.value, backbone.value
+    if weights is not None:
+        model, ckpt_cfg = load_model(weights, dev)
+        backbone_name = ckpt_cfg.model.backbone  # the baseline gets the checkpoint's backbone
+        detector_name = ckpt_cfg.model.detector
+    opts = BenchOptions(detector=detector_name, backbone=backbone_name, image_size=image_size,
+                        batch=batch, query_density=query_density if query_density > 0 else None,
+                        sigma=sigma, start_level=start_level, paper_context=paper_context,
+                        backends=names, repeats=repeats, device=str(dev), seed=seed,
+                        threads=threads, precisions=precisions)
+
+    def progress(name: str) -> None:
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+
+    report = run_bench(opts, model=model, image=image, progress=progress)
+    if json_out:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+
+
+@app.command(name="bench-detect")
+def bench_detect(
+    *,
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the bundled sample model)")] = None,
+    sizes: Annotated[str, typer.Option(help="Synthetic GeoTIFF sides for the memory test, comma-separated ('' to skip)")] = "4096,16384",
+    raster: Annotated[Optional[str], typer.Option(help="Raster for the CSQ vs dense throughput test (default: the bundled sample scene; '' to skip)")] = None,
+    workdir: Annotated[Path, typer.Option(help="Where the synthetic rasters and outputs go")] = Path("runs/bench-detect"),
+    tile_size: Annotated[int, typer.Option(min=64, max=8192, help="Tile side")] = 1024,
+    overlap: Annotated[int, typer.Option(min=0, help="Tile overlap")] = 128,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, max=256, help="Tiles per batch (default: 1 on the CPU, 4 on CUDA)")] = None,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
+    precision: Annotated[str, typer.Option(help="Precisions for the throughput rows, comma-separated (the first is the reference)")] = "fp32,auto",
+    peer: Annotated[Optional[str], typer.Option(help="sahi: the same raster and weights through SAHI, in the same run (pip install 'querydet[bench]')")] = None,
+    truth: Annotated[Optional[Path], typer.Option(help="COCO ground truth of --raster, for AP in the --peer rows")] = None,
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="Interleaved rounds of the --peer / --ray-rasters comparisons (median)")] = 3,
+    scene: Annotated[Optional[str], typer.Option(help="Instead of --raster: a synthetic busy (objects everywhere) or survey (objects in a tenth, nodata collar) GeoTIFF with its ground truth, written to --workdir")] = None,
+    scene_size: Annotated[int, typer.Option(min=512, max=65536, help="Side of the --scene raster")] = 4096,
+    ray_rasters: Annotated[int, typer.Option(min=0, max=1000, help="Ray scaling: detect on this many synthetic rasters with 1 and 2 single-thread actors")] = 0,
+    ray_size: Annotated[int, typer.Option(min=256, max=16384, help="Side of the --ray-rasters rasters")] = 2048,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
+) -> None:
+    """Peak memory of detect on growing rasters, and CSQ vs dense megapixels per second."""
+    from .resources import sample_model, sample_scene
+
+    try:
+        size_list = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        raise QueryDetError(f"--sizes: expected numbers like 4096,16384, got {sizes!r}") from None
+    if any(not 256 <= s <= 65536 for s in size_list):
+        raise QueryDetError("--sizes: each size must be in 256..65536")
+    if overlap >= tile_size:
+        raise QueryDetError(f"--overlap ({overlap}) must be smaller than --tile-size ({tile_size})")
+    if scene not in (None, "busy", "survey"):
+        raise QueryDetError(f"--scene: {scene!r} is not one of busy, survey")
+    if scene is not None:
+        if raster is not None or truth is not None:
+            raise QueryDetError("--scene makes its own raster and truth: not with --raster/--truth")
+        from .bench_detect import write_big_raster, write_survey_raster
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        raster = str(workdir / f"{scene}_{scene_size}.tif")
+        truth = workdir / f"{scene}_{scene_size}.json"
+        if not (Path(raster).is_file() and truth.is_file()):
+            print(f"bench-detect: writing {raster} ...", file=sys.stderr, flush=True)
+            if scene == "busy":
+                write_big_raster(Path(raster), scene_size, truth=truth)
+            else:
+                write_survey_raster(Path(raster), scene_size, truth)
+    raster_path = str(sample_scene()) if raster is None else raster
+    if raster_path and not Path(raster_path).is_file():
+        raise QueryDetError(f"--raster: file not found: {raster_path}")
+    if not size_list and not raster_path:
+        raise QueryDetError("nothing to measure: --sizes is empty and --raster is ''")
+    precisions = _precision_list(precision)
+    w = str(weights or sample_model())
+    if not Path(w).is_file():
+        raise QueryDetError(f"checkpoint not found: {w}")
+    from .bench_detect import format_report, run
+    from .engine import resolve_device
+
+    dev = str(resolve_device(device.value))
+    if peer not in (None, "sahi"):
+        raise QueryDetError(f"--peer: {peer!r} is not one of sahi")
+    if peer and not raster_path:
+        raise QueryDetError("--peer compares on --raster: give one")
+    if truth is not None and not truth.is_file():
+        raise QueryDetError(f"--truth: file not found: {truth}")
+    if ray_rasters:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise QueryDetError("--ray-rasters needs Ray: pip install 'querydet[ray]'")
+    if peer:
+        from .peer import _sahi_base
+
+        _sahi_base()  # says how to install SAHI when it is missing
+    report = run(size_list, w, workdir, raster_path or None, dev, tile_size, overlap, batch_size,
+                 precisions, peer=peer, truth=truth, rounds=rounds, ray_rasters=ray_rasters,
+                 ray_size=ray_size)
+    print(json.dumps(report) if json_out else format_report(report))
+
+
+@app.command(name="bench-gsd")
+def bench_gsd(
+    *,
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the bundled sample model)")] = None,
+    size: Annotated[int, typer.Option(min=256, max=8192, help="Side of the native 0.3 m scene in pixels")] = 2048,
+    seed: Annotated[int, typer.Option(help="Generator seed of the scene")] = 11,
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="Timings per row (median)")] = 1,
+    workdir: Annotated[Optional[Path], typer.Option(help="Folder for the rasters (default: a temporary one)")] = None,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
+    json_out: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout")] = False,
+) -> None:
+    """One scene at 0.15, 0.3 and 0.6 m: AP and time read at the model's GSD against the raster's own pixels."""
+    import tempfile
+
+    from .bench_gsd import format_report, run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run(str(weights) if weights else None, workdir or Path(tmp), size, seed, rounds,
+                     device.value)
+    print(json.dumps(report) if json_out else format_report(report))
