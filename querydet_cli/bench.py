@@ -180,50 +180,21 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
 def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | None = None,
               progress=None) -> dict[str, Any]:
     """Measure every mode on one input; returns the report (also what `--json` prints)."""
+    _check_options(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QueryDetError("--device cuda given but no CUDA device is available")
-    if opts.query_density is not None and not 0 < opts.query_density <= 1:
-        raise QueryDetError(f"--query-density must be in (0, 1], got {opts.query_density}")
-    if opts.image_size < 64 or opts.image_size > 8192:
-        raise QueryDetError(f"--image-size must be in 64..8192, got {opts.image_size}")
     backends = [b for b in opts.backends if b != "spconv" or spconv_available()]
     skipped = [b for b in opts.backends if b not in backends]
     torch.manual_seed(opts.seed)
     trained = model is not None
-    if model is None:
-        querydet_cfg, _, _ = family_configs(opts.detector, opts.backbone, opts.num_classes, 256)
-        model = build_querydet(querydet_cfg,
-                               InferenceConfig(sigma=opts.sigma, start_level=opts.start_level))
-        model.randomize_heads(opts.seed)
-    model = model.to(device).eval()
-    if not model.has_query:
-        raise QueryDetError("bench needs a QueryDet model (with a query head), not a baseline")
-    _, baseline_cfg, baseline_name = family_configs(opts.detector, opts.backbone,
-                                                    model.num_classes, model.fpn_channels)
-    baseline = build_querydet(baseline_cfg, InferenceConfig(mode="dense")).to(device).eval()
-    if not trained:
-        baseline.backbone.load_state_dict(model.backbone.state_dict())  # same backbone weights
-        baseline.randomize_heads(opts.seed)
-    model.prepare_inference("fp32")  # both in inference form: frozen BN folded
-    baseline.prepare_inference("fp32")
+    model, baseline, baseline_name = _bench_models(opts, model, device)
     precisions = []
     for p in opts.precisions:
         resolved = resolve_precision(p, device)
         if resolved not in precisions:
             precisions.append(resolved)
-
-    if image is not None:
-        img = _load_image(image, opts.image_size)
-        images = [img] * opts.batch
-    else:
-        gen = torch.Generator().manual_seed(opts.seed)
-        images = [torch.rand(3, opts.image_size, opts.image_size, generator=gen)
-                  for _ in range(opts.batch)]
-    images = [im.to(device) for im in images]
-
+    images = _bench_images(opts, image, device)
     with torch.no_grad():
         batch, sizes = model.preprocess(images)
         feats = model.extract_features(batch)
@@ -232,90 +203,15 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
         if opts.query_density is not None and not trained:
             forced, reached, n_obj = simulated_queries(model, shapes, opts.query_density,
                                                        opts.start_level, opts.seed)
-
-    def end_to_end(m: QueryDet, **kw):
-        def fn():
-            with m.compute():  # inference_mode + autocast to the row's precision
-                b, s = m.preprocess(images)
-                t0 = time.perf_counter()
-                f = m.extract_features(b)  # the backbone; FPN levels are computed on demand
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t_backbone = time.perf_counter() - t0
-                outs = m.predict_levels(f, **kw)
-                dets = m.detections(outs, s, f)
-            return outs, dets, t_backbone
-        return fn
-
     report_modes: dict[str, Any] = {}
     for precision in precisions:
-        model.set_precision(precision)
-        baseline.set_precision(precision)
         suffix = "" if len(precisions) == 1 else f"_{precision}"
-        # reference for the accuracy check, in the same precision: dense heads including the
-        # query head everywhere
-        with model.compute():
-            b, _ = model.preprocess(images)
-            reference = model.predict_levels(model.extract_features(b), mode="ccq", sigma=0.0,
-                                             start_level=opts.start_level)
-
-        runs: list[tuple[str, QueryDet, dict[str, Any]]] = [("dense_hr", model, {"mode": "dense"})]
-        for backend in backends:
-            runs.append((f"csq_exact_{backend}", model,
-                         {"mode": "csq", "context": "exact", "backend": backend}))
-        runs.append((f"csq_{opts.paper_context}_torch", model,
-                     {"mode": "csq", "context": opts.paper_context, "backend": "torch"}))
-        runs.append(("cq", model, {"mode": "cq"}))
-        runs.append(("ccq", model, {"mode": "ccq"}))
-        runs.append((baseline_name, baseline, {"mode": "dense"}))
-
-        for name, m, kw in runs:
-            if progress:
-                progress(name + suffix)
-            if m is model and kw["mode"] != "dense":
-                # the sparse path itself is measured: no dense fallback for dense key sets
-                kw = dict(kw, sigma=opts.sigma, start_level=opts.start_level,
-                          forced_queries=forced, sparse_max_fraction=1.0)
-            seconds, results = _median_runs(end_to_end(m, **kw), opts.repeats, device)
-            outs, dets, _ = results[-1]
-            entry: dict[str, Any] = {
-                "precision": precision,
-                "time_s": seconds,
-                "backbone_time_s": statistics.median(r[2] for r in results),
-                "detections": [int(d["boxes"].shape[0]) for d in dets],
-                "levels": _level_report([r[0] for r in results]),
-            }
-            if hasattr(m, "proposals"):  # two-stage: RoIs passed to the second stage
-                entry["proposals"] = [int(p.shape[0]) for p in m.proposals(outs, sizes)]
-            if kw["mode"] in ("csq", "cq", "ccq"):
-                errs = _max_rel_err(outs, reference)
-                entry["max_rel_err_per_level"] = errs
-                entry["max_rel_err"] = max(errs.values(), default=0.0)
+        runs = _runs(opts, model, baseline, baseline_name, backends)
+        for name, entry in _measure(opts, model, baseline, precision, runs, images, sizes,
+                                    forced, device, progress, suffix):
             report_modes[name + suffix] = entry
     model.set_precision("fp32")
-
-    def row(name: str, precision: str) -> dict[str, Any] | None:
-        return report_modes.get(name + ("" if len(precisions) == 1 else f"_{precision}"))
-
-    for name, entry in report_modes.items():
-        base_name = name if len(precisions) == 1 else name[:-len(entry["precision"]) - 1]
-        entry["speedup_vs_dense"] = row("dense_hr", entry["precision"])["time_s"] / entry["time_s"]
-        entry["speedup_vs_baseline"] = row(baseline_name, entry["precision"])["time_s"] / entry["time_s"]
-        if len(precisions) > 1:  # the same mode in the first precision (fp32 when asked for)
-            entry["speedup_vs_" + precisions[0]] = row(base_name, precisions[0])["time_s"] / entry["time_s"]
-    # exact CSQ's high-resolution heads against the FLOP-proportional ideal: the MACs it spent
-    # on each queried level at dense-HR's own speed (seconds per MAC of that level's dense heads)
-    hr = [f"P{lvl}" for lvl in model.levels if lvl < opts.start_level]
-    for name, entry in report_modes.items():
-        if not name.startswith("csq_exact"):
-            continue
-        dense_lv = row("dense_hr", entry["precision"])["levels"]
-        actual = sum(entry["levels"][p]["head_time_s"] for p in hr)
-        ideal = sum(dense_lv[p]["head_time_s"] / dense_lv[p]["gmacs"] * entry["levels"][p]["gmacs"]
-                    for p in hr)
-        entry["hr_head_time_s"] = actual
-        entry["hr_ideal_time_s"] = ideal
-        entry["hr_time_vs_ideal"] = actual / ideal if ideal > 0 else float("inf")
+    _add_ratios(report_modes, precisions, baseline_name, model, opts.start_level)
     return {
         "device": _device_name(device),
         "torch": torch.__version__,
@@ -335,6 +231,146 @@ def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | N
         "folded_batchnorms": getattr(model, "folded_batchnorms", 0),
         "modes": report_modes,
     }
+
+
+def _check_options(opts: BenchOptions) -> None:
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise QueryDetError("--device cuda given but no CUDA device is available")
+    if opts.query_density is not None and not 0 < opts.query_density <= 1:
+        raise QueryDetError(f"--query-density must be in (0, 1], got {opts.query_density}")
+    if opts.image_size < 64 or opts.image_size > 8192:
+        raise QueryDetError(f"--image-size must be in 64..8192, got {opts.image_size}")
+
+
+def _bench_models(opts: BenchOptions, model: QueryDet | None, device: torch.device):
+    """The QueryDet model (random heads unless given) and the family's baseline with the same
+    backbone weights, both in inference form (frozen BN folded)."""
+    trained = model is not None
+    if model is None:
+        querydet_cfg, _, _ = family_configs(opts.detector, opts.backbone, opts.num_classes, 256)
+        model = build_querydet(querydet_cfg,
+                               InferenceConfig(sigma=opts.sigma, start_level=opts.start_level))
+        model.randomize_heads(opts.seed)
+    model = model.to(device).eval()
+    if not model.has_query:
+        raise QueryDetError("bench needs a QueryDet model (with a query head), not a baseline")
+    _, baseline_cfg, baseline_name = family_configs(opts.detector, opts.backbone,
+                                                    model.num_classes, model.fpn_channels)
+    baseline = build_querydet(baseline_cfg, InferenceConfig(mode="dense")).to(device).eval()
+    if not trained:
+        baseline.backbone.load_state_dict(model.backbone.state_dict())  # same backbone weights
+        baseline.randomize_heads(opts.seed)
+    model.prepare_inference("fp32")
+    baseline.prepare_inference("fp32")
+    return model, baseline, baseline_name
+
+
+def _bench_images(opts: BenchOptions, image: Path | None, device: torch.device
+                  ) -> list[torch.Tensor]:
+    if image is not None:
+        images = [_load_image(image, opts.image_size)] * opts.batch
+    else:
+        gen = torch.Generator().manual_seed(opts.seed)
+        images = [torch.rand(3, opts.image_size, opts.image_size, generator=gen)
+                  for _ in range(opts.batch)]
+    return [im.to(device) for im in images]
+
+
+def _runs(opts: BenchOptions, model, baseline, baseline_name: str, backends: list[str]
+          ) -> list[tuple[str, QueryDet, dict[str, Any]]]:
+    """(row name, model, inference options) of every mode measured."""
+    runs: list[tuple[str, QueryDet, dict[str, Any]]] = [("dense_hr", model, {"mode": "dense"})]
+    for backend in backends:
+        runs.append((f"csq_exact_{backend}", model,
+                     {"mode": "csq", "context": "exact", "backend": backend}))
+    runs.append((f"csq_{opts.paper_context}_torch", model,
+                 {"mode": "csq", "context": opts.paper_context, "backend": "torch"}))
+    runs.append(("cq", model, {"mode": "cq"}))
+    runs.append(("ccq", model, {"mode": "ccq"}))
+    runs.append((baseline_name, baseline, {"mode": "dense"}))
+    return runs
+
+
+def _measure(opts: BenchOptions, model, baseline, precision: str, runs, images, sizes, forced,
+             device: torch.device, progress, suffix: str):
+    """(row name, entry) of each run in one precision: median time, detections, per-level
+    report and, for the query modes, the largest error against dense heads."""
+    model.set_precision(precision)
+    baseline.set_precision(precision)
+    # reference for the accuracy check, in the same precision: dense heads including the
+    # query head everywhere
+    with model.compute():
+        b, _ = model.preprocess(images)
+        reference = model.predict_levels(model.extract_features(b), mode="ccq", sigma=0.0,
+                                         start_level=opts.start_level)
+    for name, m, kw in runs:
+        if progress:
+            progress(name + suffix)
+        if m is model and kw["mode"] != "dense":
+            # the sparse path itself is measured: no dense fallback for dense key sets
+            kw = dict(kw, sigma=opts.sigma, start_level=opts.start_level,
+                      forced_queries=forced, sparse_max_fraction=1.0)
+        seconds, results = _median_runs(_end_to_end(m, images, device, **kw), opts.repeats,
+                                        device)
+        outs, dets, _ = results[-1]
+        entry: dict[str, Any] = {
+            "precision": precision,
+            "time_s": seconds,
+            "backbone_time_s": statistics.median(r[2] for r in results),
+            "detections": [int(d["boxes"].shape[0]) for d in dets],
+            "levels": _level_report([r[0] for r in results]),
+        }
+        if hasattr(m, "proposals"):  # two-stage: RoIs passed to the second stage
+            entry["proposals"] = [int(p.shape[0]) for p in m.proposals(outs, sizes)]
+        if kw["mode"] in ("csq", "cq", "ccq"):
+            errs = _max_rel_err(outs, reference)
+            entry["max_rel_err_per_level"] = errs
+            entry["max_rel_err"] = max(errs.values(), default=0.0)
+        yield name, entry
+
+
+def _end_to_end(m: QueryDet, images, device: torch.device, **kw):
+    """One timed call of the whole model: levels, detections and the backbone's seconds."""
+    def fn():
+        with m.compute():  # inference_mode + autocast to the row's precision
+            b, s = m.preprocess(images)
+            t0 = time.perf_counter()
+            f = m.extract_features(b)  # the backbone; FPN levels are computed on demand
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t_backbone = time.perf_counter() - t0
+            outs = m.predict_levels(f, **kw)
+            dets = m.detections(outs, s, f)
+        return outs, dets, t_backbone
+    return fn
+
+
+def _add_ratios(report_modes: dict[str, Any], precisions: list[str], baseline_name: str,
+                model, start_level: int) -> None:
+    """Speed-ups against dense-HR, the baseline and the first precision; exact CSQ's
+    high-resolution heads against the FLOP-proportional ideal."""
+    def row(name: str, precision: str) -> dict[str, Any] | None:
+        return report_modes.get(name + ("" if len(precisions) == 1 else f"_{precision}"))
+
+    for name, entry in report_modes.items():
+        base_name = name if len(precisions) == 1 else name[:-len(entry["precision"]) - 1]
+        entry["speedup_vs_dense"] = row("dense_hr", entry["precision"])["time_s"] / entry["time_s"]
+        entry["speedup_vs_baseline"] = row(baseline_name, entry["precision"])["time_s"] / entry["time_s"]
+        if len(precisions) > 1:  # the same mode in the first precision (fp32 when asked for)
+            entry["speedup_vs_" + precisions[0]] = row(base_name, precisions[0])["time_s"] / entry["time_s"]
+    # the MACs exact CSQ spent on each queried level at dense-HR's own speed (seconds per MAC of
+    # that level's dense heads)
+    hr = [f"P{lvl}" for lvl in model.levels if lvl < start_level]
+    for name, entry in report_modes.items():
+        if not name.startswith("csq_exact"):
+            continue
+        dense_lv = row("dense_hr", entry["precision"])["levels"]
+        actual = sum(entry["levels"][p]["head_time_s"] for p in hr)
+        ideal = sum(dense_lv[p]["head_time_s"] / dense_lv[p]["gmacs"] * entry["levels"][p]["gmacs"]
+                    for p in hr)
+        entry["hr_head_time_s"] = actual
+        entry["hr_ideal_time_s"] = ideal
+        entry["hr_time_vs_ideal"] = actual / ideal if ideal > 0 else float("inf")
 
 
 def _device_name(device: torch.device) -> str:

@@ -68,64 +68,93 @@ def make_scene(size: int = 512, seed: int = 0) -> tuple[np.ndarray, list[SceneOb
     """One scene: an (H, W, 3) uint8 image and its objects. Same seed, same scene."""
     rng = np.random.default_rng(seed)
     img = _ground(rng, size)
-    canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    objects: list[SceneObject] = []
-    taken: list[tuple[float, float, float, float]] = []
+    scene = _Scene(rng, size, Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)))
     clustered = rng.random() < 0.6
+    roads = scene.roads()
+    scene.buildings()
+    scene.vehicles(roads, clustered)
+    if clustered and rng.random() < 0.5:
+        scene.car_park()
+    scene.trees(clustered)
+    scene.people()
+    out = np.asarray(scene.canvas, dtype=np.float64) + rng.normal(0, 3, (size, size, 3))
+    return np.clip(out, 0, 255).astype(np.uint8), scene.objects
 
-    # roads: straight bands across the scene
-    roads = []
-    for _ in range(int(rng.integers(1, 3))):
-        angle = float(rng.uniform(0, math.pi))
-        cx, cy = rng.uniform(0.2, 0.8, 2) * size
-        width = float(rng.uniform(14, 24))
-        pts = _rotated_rect(cx, cy, size * 3, width, angle)
-        draw.polygon(pts, fill=tuple(int(v) for v in rng.integers(100, 140, 3)))
-        roads.append((cx, cy, angle, width))
 
-    def place(label: int, cx: float, cy: float, length: float, width: float, angle: float,
-              color) -> None:
+VEHICLE_COLOURS = [(200, 30, 30), (235, 235, 235), (25, 25, 30), (40, 70, 180), (220, 200, 40)]
+
+
+class _Scene:
+    """A canvas being drawn: each method adds one kind of thing, drawing from one generator
+    in a fixed order (so a seed always gives the same scene)."""
+
+    def __init__(self, rng: np.random.Generator, size: int, canvas: Image.Image) -> None:
+        self.rng, self.size, self.canvas = rng, size, canvas
+        self.draw = ImageDraw.Draw(canvas)
+        self.objects: list[SceneObject] = []
+        self.taken: list[tuple[float, float, float, float]] = []
+
+    def roads(self) -> list[tuple[float, float, float, float]]:
+        """Straight bands across the scene: (centre x, centre y, angle, width) of each."""
+        rng, size = self.rng, self.size
+        roads = []
+        for _ in range(int(rng.integers(1, 3))):
+            angle = float(rng.uniform(0, math.pi))
+            cx, cy = rng.uniform(0.2, 0.8, 2) * size
+            width = float(rng.uniform(14, 24))
+            pts = _rotated_rect(cx, cy, size * 3, width, angle)
+            self.draw.polygon(pts, fill=tuple(int(v) for v in rng.integers(100, 140, 3)))
+            roads.append((cx, cy, angle, width))
+        return roads
+
+    def place(self, label: int, cx: float, cy: float, length: float, width: float,
+              angle: float, color) -> None:
+        """An oriented rectangle, unless it overlaps what is there."""
         pts = _rotated_rect(cx, cy, length, width, angle)
-        box = _bbox(pts, size)
-        if box[2] - box[0] < 2 or box[3] - box[1] < 2 or not _free(box, taken):
+        box = _bbox(pts, self.size)
+        if box[2] - box[0] < 2 or box[3] - box[1] < 2 or not _free(box, self.taken):
             return
-        draw.polygon(pts, fill=color)
+        self.draw.polygon(pts, fill=color)
         if label in (0, 1):  # a windscreen stripe makes vehicles' orientation visible
             f = _rotated_rect(cx + math.cos(angle) * length * 0.22,
                               cy + math.sin(angle) * length * 0.22, length * 0.15, width * 0.8,
                               angle)
-            draw.polygon(f, fill=(30, 40, 50))
-        taken.append(box)
-        objects.append(SceneObject(label, box))
+            self.draw.polygon(f, fill=(30, 40, 50))
+        self.taken.append(box)
+        self.objects.append(SceneObject(label, box))
 
-    # buildings: the large objects
-    for _ in range(int(rng.integers(0, 3)) if size >= 128 else 0):
-        side = float(rng.uniform(40, min(110.0, size * 0.4)))
-        cx, cy = rng.uniform(side / 2, size - side / 2, 2)
-        roof = [(150, 70, 60), (170, 170, 175), (110, 100, 95)][int(rng.integers(0, 3))]
-        place(4, cx, cy, side, side * rng.uniform(0.6, 1.0), float(rng.uniform(0, math.pi)), roof)
+    def buildings(self) -> None:
+        """The large objects."""
+        rng, size = self.rng, self.size
+        for _ in range(int(rng.integers(0, 3)) if size >= 128 else 0):
+            side = float(rng.uniform(40, min(110.0, size * 0.4)))
+            cx, cy = rng.uniform(side / 2, size - side / 2, 2)
+            roof = [(150, 70, 60), (170, 170, 175), (110, 100, 95)][int(rng.integers(0, 3))]
+            self.place(4, cx, cy, side, side * rng.uniform(0.6, 1.0),
+                       float(rng.uniform(0, math.pi)), roof)
 
-    # vehicles along roads: queues when clustered, a few when sparse
-    vehicle_colors = [(200, 30, 30), (235, 235, 235), (25, 25, 30), (40, 70, 180), (220, 200, 40)]
-    for cx, cy, angle, width in roads:
-        n = int(rng.integers(8, 25)) if clustered else int(rng.integers(1, 6))
-        for _ in range(n):
-            t = float(rng.uniform(-size, size))
-            lane = float(rng.uniform(-width / 4, width / 4))
-            vx = cx + t * math.cos(angle) - lane * math.sin(angle)
-            vy = cy + t * math.sin(angle) + lane * math.cos(angle)
-            if not (4 < vx < size - 4 and 4 < vy < size - 4):
-                continue
-            truck = rng.random() < 0.2
-            length = float(rng.uniform(18, 30) if truck else rng.uniform(8, 15))
-            wide = float(rng.uniform(7, 10) if truck else rng.uniform(4, 7))
-            color = vehicle_colors[int(rng.integers(0, len(vehicle_colors)))]
-            place(1 if truck else 0, vx, vy, length, wide, angle + float(rng.normal(0, 0.05)),
-                  color)
+    def vehicles(self, roads, clustered: bool) -> None:
+        """Vehicles along roads: queues when clustered, a few when sparse."""
+        rng, size = self.rng, self.size
+        for cx, cy, angle, width in roads:
+            n = int(rng.integers(8, 25)) if clustered else int(rng.integers(1, 6))
+            for _ in range(n):
+                t = float(rng.uniform(-size, size))
+                lane = float(rng.uniform(-width / 4, width / 4))
+                vx = cx + t * math.cos(angle) - lane * math.sin(angle)
+                vy = cy + t * math.sin(angle) + lane * math.cos(angle)
+                if not (4 < vx < size - 4 and 4 < vy < size - 4):
+                    continue
+                truck = rng.random() < 0.2
+                length = float(rng.uniform(18, 30) if truck else rng.uniform(8, 15))
+                wide = float(rng.uniform(7, 10) if truck else rng.uniform(4, 7))
+                color = VEHICLE_COLOURS[int(rng.integers(0, len(VEHICLE_COLOURS)))]
+                self.place(1 if truck else 0, vx, vy, length, wide,
+                           angle + float(rng.normal(0, 0.05)), color)
 
-    # a car park: a grid of cars at any orientation
-    if clustered and rng.random() < 0.5:
+    def car_park(self) -> None:
+        """A grid of cars at any orientation."""
+        rng, size = self.rng, self.size
         px, py = rng.uniform(0.15, 0.85, 2) * size
         angle = float(rng.uniform(0, math.pi))
         for i in range(int(rng.integers(2, 5))):
@@ -136,39 +165,41 @@ def make_scene(size: int = 512, seed: int = 0) -> tuple[np.ndarray, list[SceneOb
                 vx = px + ox * math.cos(angle) - oy * math.sin(angle)
                 vy = py + ox * math.sin(angle) + oy * math.cos(angle)
                 if 6 < vx < size - 6 and 6 < vy < size - 6:
-                    place(0, vx, vy, float(rng.uniform(9, 13)), float(rng.uniform(5, 7)), angle,
-                          vehicle_colors[int(rng.integers(0, len(vehicle_colors)))])
+                    self.place(0, vx, vy, float(rng.uniform(9, 13)), float(rng.uniform(5, 7)),
+                               angle, VEHICLE_COLOURS[int(rng.integers(0, len(VEHICLE_COLOURS)))])
 
-    # trees: round canopies, in groves when clustered
-    groves = [rng.uniform(0, size, 2) for _ in range(int(rng.integers(1, 3)))]
-    for _ in range(int(rng.integers(6, 30))):
-        if clustered:
-            gx, gy = groves[int(rng.integers(0, len(groves)))]
-            cx, cy = np.clip(rng.normal([gx, gy], size * 0.08), 8, size - 8)
-        else:
-            cx, cy = rng.uniform(8, size - 8, 2)
-        r = float(rng.uniform(4, 12))
-        box = (max(0.0, cx - r), max(0.0, cy - r), min(float(size), cx + r), min(float(size), cy + r))
-        if not _free(box, taken):
-            continue
-        shade = int(rng.integers(25, 55))
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(shade, shade + 40, shade))
-        taken.append(box)
-        objects.append(SceneObject(3, box))
+    def trees(self, clustered: bool) -> None:
+        """Round canopies, in groves when clustered."""
+        rng, size = self.rng, self.size
+        groves = [rng.uniform(0, size, 2) for _ in range(int(rng.integers(1, 3)))]
+        for _ in range(int(rng.integers(6, 30))):
+            if clustered:
+                gx, gy = groves[int(rng.integers(0, len(groves)))]
+                cx, cy = np.clip(rng.normal([gx, gy], size * 0.08), 8, size - 8)
+            else:
+                cx, cy = rng.uniform(8, size - 8, 2)
+            r = float(rng.uniform(4, 12))
+            box = (max(0.0, cx - r), max(0.0, cy - r), min(float(size), cx + r),
+                   min(float(size), cy + r))
+            if not _free(box, self.taken):
+                continue
+            shade = int(rng.integers(25, 55))
+            self.draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(shade, shade + 40, shade))
+            self.taken.append(box)
+            self.objects.append(SceneObject(3, box))
 
-    # people: a few pixels, on the ground
-    for _ in range(int(rng.integers(2, 15))):
-        cx, cy = rng.uniform(5, size - 5, 2)
-        r = float(rng.uniform(2.0, 3.0))
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if not _free(box, taken):
-            continue
-        draw.ellipse(box, fill=(230, 90, 40) if rng.random() < 0.5 else (240, 240, 80))
-        taken.append(box)
-        objects.append(SceneObject(2, box))
-
-    out = np.asarray(canvas, dtype=np.float64) + rng.normal(0, 3, (size, size, 3))
-    return np.clip(out, 0, 255).astype(np.uint8), objects
+    def people(self) -> None:
+        """A few pixels each, on the ground."""
+        rng, size = self.rng, self.size
+        for _ in range(int(rng.integers(2, 15))):
+            cx, cy = rng.uniform(5, size - 5, 2)
+            r = float(rng.uniform(2.0, 3.0))
+            box = (cx - r, cy - r, cx + r, cy + r)
+            if not _free(box, self.taken):
+                continue
+            self.draw.ellipse(box, fill=(230, 90, 40) if rng.random() < 0.5 else (240, 240, 80))
+            self.taken.append(box)
+            self.objects.append(SceneObject(2, box))
 
 
 def write_dataset(out_dir: str | Path, num_scenes: int, size: int = 512, seed: int = 0,

@@ -63,9 +63,6 @@ def load_vector_labels(rasters: list[str], labels: str | Path, *, layer: str | N
             skipped (reported). None: the sorted distinct values.
         point_size: box side for point features, in the raster CRS's units.
     """
-    import rasterio
-    from rasterio.errors import RasterioIOError
-
     gdf = read_layer(labels, layer)
     problems: list[Problem] = []
     field = label_field
@@ -98,43 +95,56 @@ def load_vector_labels(rasters: list[str], labels: str | Path, *, layer: str | N
     samples = []
     inside_any = np.zeros(len(gdf), bool)
     for image_id, raster in enumerate(rasters, start=1):
-        try:
-            with rasterio.open(raster) as src:
-                if src.crs is None or src.transform.is_identity:
-                    raise QueryDetError(f"{raster} is not georeferenced, so GIS labels cannot be "
-                                        "placed on it")
-                crs, transform, width, height = src.crs, src.transform, src.width, src.height
-        except RasterioIOError as err:
-            raise QueryDetError(f"{raster}: not a readable raster ({str(err).splitlines()[0]})"
-                                ) from None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            local = gdf.to_crs(crs)
-        minx, miny, maxx, maxy = (local.geometry.bounds[c].to_numpy()
-                                  for c in ("minx", "miny", "maxx", "maxy"))
-        if point_size:
-            half = point_size / 2
-            cx, cy = (minx + maxx) / 2, (miny + maxy) / 2
-            minx = np.where(is_point, cx - half, minx)
-            maxx = np.where(is_point, cx + half, maxx)
-            miny = np.where(is_point, cy - half, miny)
-            maxy = np.where(is_point, cy + half, maxy)
-        boxes = map_boxes_to_pixels(np.stack([minx, miny, maxx, maxy], 1), transform)  # (G, 4)
-        clipped = boxes.copy()
-        clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
-        clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        visible = ((clipped[:, 2] - clipped[:, 0]).clip(0)
-                   * (clipped[:, 3] - clipped[:, 1]).clip(0))
-        frac = visible / np.maximum(area, 1e-12)
-        on = visible > 0
+        sample, on = _labels_on_raster(Path(raster), image_id, gdf, labels_of, is_point,
+                                       point_size)
+        samples.append(sample)
         inside_any |= on
-        obj = on & (frac >= MIN_INSIDE)
-        ign = on & (frac < MIN_INSIDE)
-        samples.append(_sample(Path(raster), clipped[obj], labels_of[obj], clipped[ign],
-                               image_id, width, height))
     outside = int((~inside_any).sum())
     return VectorLabels(samples, names, problems, int(len(gdf)), outside)
+
+
+def _labels_on_raster(raster: Path, image_id: int, gdf, labels_of: np.ndarray,
+                      is_point: np.ndarray, point_size: float | None
+                      ) -> tuple[Sample, np.ndarray]:
+    """The layer's features in one raster's pixels: its Sample (boxes at least MIN_INSIDE on
+    the raster; the others touching it become ignore regions) and which features touch it."""
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    try:
+        with rasterio.open(raster) as src:
+            if src.crs is None or src.transform.is_identity:
+                raise QueryDetError(f"{raster} is not georeferenced, so GIS labels cannot be "
+                                    "placed on it")
+            crs, transform, width, height = src.crs, src.transform, src.width, src.height
+    except RasterioIOError as err:
+        raise QueryDetError(f"{raster}: not a readable raster ({str(err).splitlines()[0]})"
+                            ) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        local = gdf.to_crs(crs)
+    minx, miny, maxx, maxy = (local.geometry.bounds[c].to_numpy()
+                              for c in ("minx", "miny", "maxx", "maxy"))
+    if point_size:
+        half = point_size / 2
+        cx, cy = (minx + maxx) / 2, (miny + maxy) / 2
+        minx = np.where(is_point, cx - half, minx)
+        maxx = np.where(is_point, cx + half, maxx)
+        miny = np.where(is_point, cy - half, miny)
+        maxy = np.where(is_point, cy + half, maxy)
+    boxes = map_boxes_to_pixels(np.stack([minx, miny, maxx, maxy], 1), transform)  # (G, 4)
+    clipped = boxes.copy()
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    visible = ((clipped[:, 2] - clipped[:, 0]).clip(0)
+               * (clipped[:, 3] - clipped[:, 1]).clip(0))
+    frac = visible / np.maximum(area, 1e-12)
+    on = visible > 0
+    obj = on & (frac >= MIN_INSIDE)
+    ign = on & (frac < MIN_INSIDE)
+    return _sample(raster, clipped[obj], labels_of[obj], clipped[ign], image_id, width,
+                   height), on
 
 
 def map_boxes_to_pixels(boxes: np.ndarray, transform) -> np.ndarray:
