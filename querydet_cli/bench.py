@@ -24,12 +24,9 @@ from typing import Any
 import torch
 
 from querydet_models.config import InferenceConfig, ModelConfig
-from querydet_models.query_infer import LevelOutput
-from querydet_models.query_targets import query_target_map
-from querydet_models.detector import FPNDetector as QueryDet
+from querydet_models import FPNDetector, LevelOutput, query_target_map, spconv_available
 from querydet_models.precision import resolve_precision
 from querydet_models.querydet import build_querydet
-from querydet_models.sparse import spconv_available
 
 from .errors import QueryDetError
 
@@ -81,7 +78,7 @@ def family_configs(detector: str, backbone: str, num_classes: int, fpn_channels:
     raise QueryDetError(f"unknown detector {detector!r} (allowed: {', '.join(DETECTORS)})")
 
 
-def simulated_queries(model: QueryDet, shapes: dict[int, tuple[int, int, int]], density: float,
+def simulated_queries(model: FPNDetector, shapes: dict[int, tuple[int, int, int]], density: float,
                       start_level: int, seed: int) -> tuple[dict[int, torch.Tensor], float, int]:
     """Forced query sets {level: positions} from random small objects (see module docstring).
 
@@ -177,7 +174,7 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
         raise QueryDetError(f"cannot read image {path}: {err}") from None
 
 
-def run_bench(opts: BenchOptions, model: QueryDet | None = None, image: Path | None = None,
+def run_bench(opts: BenchOptions, model: FPNDetector | None = None, image: Path | None = None,
               progress=None) -> dict[str, Any]:
     """Measure every mode on one input; returns the report (also what `--json` prints)."""
     _check_options(opts)
@@ -242,7 +239,7 @@ def _check_options(opts: BenchOptions) -> None:
         raise QueryDetError(f"--image-size must be in 64..8192, got {opts.image_size}")
 
 
-def _bench_models(opts: BenchOptions, model: QueryDet | None, device: torch.device):
+def _bench_models(opts: BenchOptions, model: FPNDetector | None, device: torch.device):
     """The QueryDet model (random heads unless given) and the family's baseline with the same
     backbone weights, both in inference form (frozen BN folded)."""
     trained = model is not None
@@ -277,9 +274,9 @@ def _bench_images(opts: BenchOptions, image: Path | None, device: torch.device
 
 
 def _runs(opts: BenchOptions, model, baseline, baseline_name: str, backends: list[str]
-          ) -> list[tuple[str, QueryDet, dict[str, Any]]]:
+          ) -> list[tuple[str, FPNDetector, dict[str, Any]]]:
     """(row name, model, inference options) of every mode measured."""
-    runs: list[tuple[str, QueryDet, dict[str, Any]]] = [("dense_hr", model, {"mode": "dense"})]
+    runs: list[tuple[str, FPNDetector, dict[str, Any]]] = [("dense_hr", model, {"mode": "dense"})]
     for backend in backends:
         runs.append((f"csq_exact_{backend}", model,
                      {"mode": "csq", "context": "exact", "backend": backend}))
@@ -329,7 +326,7 @@ def _measure(opts: BenchOptions, model, baseline, precision: str, runs, images, 
         yield name, entry
 
 
-def _end_to_end(m: QueryDet, images, device: torch.device, **kw):
+def _end_to_end(m: FPNDetector, images, device: torch.device, **kw):
     """One timed call of the whole model: levels, detections and the backbone's seconds."""
     def fn():
         with m.compute():  # inference_mode + autocast to the row's precision

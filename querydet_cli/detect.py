@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from querydet_models.detector import FPNDetector as QueryDet
+from querydet_models import FPNDetector
 
 from .config import Config
 from .errors import QueryDetError
@@ -68,7 +68,7 @@ class RasterDetector(TileProducer):
     final ones and checkpoints per finished tile row; the producer's methods are inherited
     (a local run produces and consumes in one process)."""
 
-    def __init__(self, model: QueryDet, cfg: Config, options: DetectOptions,
+    def __init__(self, model: FPNDetector, cfg: Config, options: DetectOptions,
                  device: torch.device) -> None:
         super().__init__(model, cfg, options, device)
         self.names = cfg.names()
@@ -168,7 +168,7 @@ class RasterDetector(TileProducer):
         return len(records)
 
 
-def run_detect(model: QueryDet, cfg: Config, inputs: list[str], output: str, fmt: str,
+def run_detect(model: FPNDetector, cfg: Config, inputs: list[str], output: str, fmt: str,
                options: DetectOptions, device: torch.device,
                progress_factory: Callable[[str, int], Any] | None = None,
                lock: OutputLock | None = None, ray: Any = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from querydet_models.checkpoint import CheckpointError, load_checkpoint
-from querydet_models.detector import FPNDetector as QueryDet
+from querydet_models import FPNDetector
 from querydet_models.querydet import build_querydet
 
 from .config import Config, config_from_dict
@@ -40,7 +40,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def load_model(weights: str | Path, device: str | torch.device = "cpu"
-               ) -> tuple[QueryDet, Config]:
+               ) -> tuple[FPNDetector, Config]:
     """Rebuild a model from a checkpoint alone (its embedded config) and load its weights."""
     try:
         payload = load_checkpoint(weights)

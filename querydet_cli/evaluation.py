@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from .progress import progress
 
-from querydet_models.detector import FPNDetector as QueryDet
+from querydet_models import FPNDetector
 
 from .config import Config
 from .datasets import DetectionDataset, Sample
@@ -22,7 +22,7 @@ def truths_of(samples: list[Sample]) -> list[ImageTruth]:
 
 
 @torch.no_grad()
-def predict(model: QueryDet, samples: list[Sample], short_side: int, max_size: int,
+def predict(model: FPNDetector, samples: list[Sample], short_side: int, max_size: int,
             device: torch.device, quiet: bool = False, keep_query: bool = False,
             resize: str = "short_side", target_gsd: float | None = None, **mode: Any
             ) -> tuple[list[ImageDetections], float, list[np.ndarray | None]]:
@@ -75,7 +75,7 @@ def query_heatmap(levels) -> np.ndarray | None:
     return None
 
 
-def evaluate(model: QueryDet, cfg: Config, samples: list[Sample], *, protocol: str,
+def evaluate(model: FPNDetector, cfg: Config, samples: list[Sample], *, protocol: str,
              sigmas: list[float], device: torch.device, max_dets: int | None = None,
              quiet: bool = False) -> dict[str, Any]:
     """Dense and CSQ at each sigma: metrics and images/second per row."""
@@ -150,7 +150,7 @@ def plot_tradeoff(report: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
-def save_visualisations(model: QueryDet, cfg: Config, samples: list[Sample], out_dir: Path,
+def save_visualisations(model: FPNDetector, cfg: Config, samples: list[Sample], out_dir: Path,
                         device: torch.device, sigma: float, count: int = 4) -> list[Path]:
     """A few images with their detections and the query heatmap beside them (Figure 5)."""
     from PIL import Image

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from querydet_models.detector import FPNDetector as QueryDet
+from querydet_models import FPNDetector
 
 from .augment import TTA_VIEWS, dihedral, undo_dihedral, vote
 from .config import Config
@@ -103,7 +103,7 @@ class TileProducer:
     for a run. Tiles are read by a thread, batched through the model and turned into
     detections in global pixels; nothing here merges or writes."""
 
-    def __init__(self, model: QueryDet, cfg: Config, options: DetectOptions,
+    def __init__(self, model: FPNDetector, cfg: Config, options: DetectOptions,
                  device: torch.device) -> None:
         self.model = model
         self.cfg = cfg
