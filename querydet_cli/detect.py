@@ -77,17 +77,19 @@ class RasterDetector(TileProducer):
     def run(self, src: RasterSource, image_id: int, emit: Callable[[list[dict]], None],
             checkpoint: Callable[[dict[str, Any]], None], state: dict[str, Any],
             progress: Callable[[int], None] | None = None, vis: "Overview | None" = None,
-            results: Iterable[tuple[Tile, tuple[np.ndarray, ...] | None, Any]] | None = None
-            ) -> int:
+            results: Iterable[tuple[Tile, tuple[np.ndarray, ...] | None, Any]] | None = None,
+            tiles: list[Tile] | None = None) -> int:
         """The consumer: merge each tile's detections across tiles, emit final ones and
         checkpoint per finished tile row; returns the number emitted. `results` (tile,
-        detections, heatmap) come from `produce` here, or from elsewhere (Ray workers)."""
-        self.attach(src)
+        detections, heatmap) come from `produce` here, or from elsewhere (Ray workers);
+        `tiles` is the input's plan when the caller has made it (`attach`ed `src`)."""
+        if tiles is None:
+            self.attach(src)
+            tiles = self.plan(src.info())
         self.profile.scales.append(src.scale)
         info = self._info = src.info()  # read once: _emit runs for every released tile row
         # a second handle, for this thread only: the reader thread owns `src` while it runs
         self._probe = src.reopen()
-        tiles = self.plan(info)
         starts = row_starts(tiles)
         last_row = max(starts)
         rows_done = int(state.get("rows_done", 0))
@@ -289,8 +291,9 @@ class _Run:
                 self.check_crs(path, info)
                 self.open_stdout(info.crs)
                 vis = Overview(src) if options.save_vis else None
+                tiles = detector.plan(info)  # the one tile plan of this input, handed on
                 done_rows = int(state.get("rows_done", 0))
-                remaining = sum(1 for t in detector.plan(info) if t.row >= done_rows)
+                remaining = sum(1 for t in tiles if t.row >= done_rows)
                 bar = self.progress_factory(Path(path).name, remaining) \
                     if self.progress_factory else None
 
@@ -302,11 +305,10 @@ class _Run:
                 detector.profile.add("setup", time.perf_counter() - setup)
                 results = None
                 if self.producer is not None:
-                    results = self.producer.results_for(
-                        image_id, {t.index: t for t in detector.plan(info)})
+                    results = self.producer.results_for(image_id, {t.index: t for t in tiles})
                 n = detector.run(src, record_id, self.emit, checkpoint, state,
                                  progress=(lambda k: bar.update(k)) if bar else None,
-                                 vis=vis, results=results)
+                                 vis=vis, results=results, tiles=tiles)
                 if bar:
                     bar.close()
                 if journal is not None:
