@@ -73,19 +73,19 @@ def _wkt(ring: list[list[float]] | None) -> str:
 
 
 class OutputWriter:
-    """Streams records into one output. Use as a context manager; an exception aborts it."""
+    """Streams records into one output: a temporary file renamed into place when complete (or
+    stdout). Use as a context manager; an exception aborts it. What a format writes is its own
+    small class below (`FORMAT_WRITERS`); this class only owns the file."""
 
     def __init__(self, output: str, fmt: str, crs: str | None, rfc7946: bool = False) -> None:
         self.output = output
         self.fmt = fmt
-        self.crs = "EPSG:4326" if rfc7946 else crs
+        self.crs = "EPSG:4326" if rfc7946 else crs  # may be set until __enter__ (stdout)
         self.rfc7946 = rfc7946
         self.count = 0
         self._tmp: str | None = None
         self._fh: TextIO | None = None
-        self._gpkg_rows: list[dict[str, Any]] = []
-        self._gpkg_written = False
-        self._digits: int | None = None  # GeoJSON coordinate decimals, set on first feature
+        self._format: _Format | None = None
 
     def __enter__(self) -> "OutputWriter":
         if self.output == "-":
@@ -103,14 +103,15 @@ class OutputWriter:
             if self.fmt != "gpkg":
                 os.unlink(self._tmp)
                 self._fh = open(self._tmp, "w", newline="")
-        self._begin()
+        self._format = FORMAT_WRITERS[self.fmt](self._fh, self.crs, self.rfc7946, self._tmp)
+        self._format.begin()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
             return
-        self._end()
+        self._format.end()
         if self._fh is not None and self._fh is not sys.stdout:
             self._fh.flush()
             os.fsync(self._fh.fileno())
@@ -126,73 +127,126 @@ class OutputWriter:
             os.unlink(self._tmp)
         self._tmp = None
 
-    # -- formats ----------------------------------------------------------------------------------
-    def _begin(self) -> None:
-        fh = self._fh
-        if self.fmt == "geojson":
-            head: dict[str, Any] = {"type": "FeatureCollection"}
-            if not self.rfc7946 and self.crs:
-                head["crs"] = {"type": "name", "properties": {"name": _crs_urn(self.crs)}}
-            fh.write(json.dumps(head)[:-1] + ', "features": [\n')
-        elif self.fmt == "coco":
-            fh.write("[\n")
-        elif self.fmt == "csv":
-            csv.writer(fh).writerow(CSV_FIELDS)
-
     def write(self, records: Iterable[dict[str, Any]]) -> None:
-        fh = self._fh
         for r in records:
-            if self.fmt == "geojson":
-                if r["geometry"] is None:
-                    raise QueryDetError(f"{r['source']} is not georeferenced: GeoJSON needs map "
-                                        "coordinates; use --format coco, csv or ndjson")
-                feature = {"type": "Feature",
-                           "geometry": {"type": "Polygon",
-                                        "coordinates": [self._geojson_ring(r["geometry"])]},
-                           "properties": {k: r[k] for k in ("source", "image_id", "class_id",
-                                                            "class_name", "score")}
-                           | {"category_id": r.get("category_id", r["class_id"] + 1)}
-                           | {"bbox_px": r["bbox"]}}
-                fh.write(("" if self.count == 0 else ",\n") + json.dumps(feature))
-            elif self.fmt == "coco":
-                x1, y1, x2, y2 = r["bbox"]
-                item = {"image_id": r["image_id"],
-                        "category_id": r.get("category_id", r["class_id"] + 1),
-                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": r["score"],
-                        "category_name": r["class_name"], "file_name": r["source"]}
-                fh.write(("" if self.count == 0 else ",\n") + json.dumps(item))
-            elif self.fmt == "csv":
-                csv.writer(fh).writerow([r["source"], r["image_id"], r["class_id"],
-                                         r.get("category_id", r["class_id"] + 1),
-                                         r["class_name"], r["score"], *r["bbox"],
-                                         _wkt(r["geometry"]), r.get("crs") or ""])
-            elif self.fmt == "ndjson":
-                fh.write(json.dumps(ndjson_feature(r)) + "\n")
-            elif self.fmt == "gpkg":
-                if r["geometry"] is None:
-                    raise QueryDetError(f"{r['source']} is not georeferenced: GeoPackage needs "
-                                        "map coordinates; use --format coco, csv or ndjson")
-                self._gpkg_rows.append(r)
-                if len(self._gpkg_rows) >= 5000:
-                    self._flush_gpkg()
+            self._format.write(r, self.count)
             self.count += 1
-        if fh is not None and fh is sys.stdout:
-            fh.flush()
+        if self._fh is not None and self._fh is sys.stdout:
+            self._fh.flush()
 
-    def _geojson_ring(self, ring: list[list[float]]) -> list[list[float]]:
+
+class _Format:
+    """One output format: what goes before, for each record (the `index`-th), and after."""
+
+    def __init__(self, fh: TextIO | None, crs: str | None, rfc7946: bool, path: str | None
+                 ) -> None:
+        self.fh, self.crs, self.rfc7946, self.path = fh, crs, rfc7946, path
+
+    def begin(self) -> None:
+        pass
+
+    def write(self, r: dict[str, Any], index: int) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        pass
+
+
+def _needs_map(r: dict[str, Any], what: str) -> None:
+    if r["geometry"] is None:
+        raise QueryDetError(f"{r['source']} is not georeferenced: {what} needs map coordinates; "
+                            "use --format coco, csv or ndjson")
+
+
+class _GeoJSON(_Format):
+    """A FeatureCollection in the source CRS (named in the file) or EPSG:4326 (--rfc7946)."""
+
+    digits: int | None = None  # coordinate decimals, set on the first feature
+
+    def begin(self) -> None:
+        head: dict[str, Any] = {"type": "FeatureCollection"}
+        if not self.rfc7946 and self.crs:
+            head["crs"] = {"type": "name", "properties": {"name": _crs_urn(self.crs)}}
+        self.fh.write(json.dumps(head)[:-1] + ', "features": [\n')
+
+    def write(self, r: dict[str, Any], index: int) -> None:
+        _needs_map(r, "GeoJSON")
+        feature = {"type": "Feature",
+                   "geometry": {"type": "Polygon", "coordinates": [self._ring(r["geometry"])]},
+                   "properties": {k: r[k] for k in ("source", "image_id", "class_id",
+                                                    "class_name", "score")}
+                   | {"category_id": r.get("category_id", r["class_id"] + 1)}
+                   | {"bbox_px": r["bbox"]}}
+        self.fh.write(("" if index == 0 else ",\n") + json.dumps(feature))
+
+    def _ring(self, ring: list[list[float]]) -> list[list[float]]:
         """Counter-clockwise exterior ring (RFC 7946's right-hand rule), coordinates rounded to
         7 decimals for degrees (about 1 cm) and 3 for projected units (1 mm in metres)."""
-        if self._digits is None:
-            self._digits = 7 if self.rfc7946 or _is_geographic(self.crs) else 3
-        return rfc7946_ring(ring, self._digits)
+        if self.digits is None:
+            self.digits = 7 if self.rfc7946 or _is_geographic(self.crs) else 3
+        return rfc7946_ring(ring, self.digits)
 
-    def _flush_gpkg(self) -> None:
+    def end(self) -> None:
+        self.fh.write("\n]}\n")
+
+
+class _Coco(_Format):
+    """COCO results: pixel boxes (x, y, w, h) with image and category ids."""
+
+    def begin(self) -> None:
+        self.fh.write("[\n")
+
+    def write(self, r: dict[str, Any], index: int) -> None:
+        x1, y1, x2, y2 = r["bbox"]
+        item = {"image_id": r["image_id"], "category_id": r.get("category_id", r["class_id"] + 1),
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": r["score"],
+                "category_name": r["class_name"], "file_name": r["source"]}
+        self.fh.write(("" if index == 0 else ",\n") + json.dumps(item))
+
+    def end(self) -> None:
+        self.fh.write("\n]\n")
+
+
+class _Csv(_Format):
+    """One row per detection: a WKT polygon and the CRS it is in."""
+
+    def begin(self) -> None:
+        csv.writer(self.fh).writerow(CSV_FIELDS)
+
+    def write(self, r: dict[str, Any], index: int) -> None:
+        csv.writer(self.fh).writerow([r["source"], r["image_id"], r["class_id"],
+                                      r.get("category_id", r["class_id"] + 1), r["class_name"],
+                                      r["score"], *r["bbox"], _wkt(r["geometry"]),
+                                      r.get("crs") or ""])
+
+
+class _Ndjson(_Format):
+    """A GeoJSON text sequence (RFC 8142), one lon/lat Feature per line."""
+
+    def write(self, r: dict[str, Any], index: int) -> None:
+        self.fh.write(json.dumps(ndjson_feature(r)) + "\n")
+
+
+class _GeoPackage(_Format):
+    """A `detections` layer, appended in chunks of 5000 through geopandas."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.rows: list[dict[str, Any]] = []
+        self.written = False
+
+    def write(self, r: dict[str, Any], index: int) -> None:
+        _needs_map(r, "GeoPackage")
+        self.rows.append(r)
+        if len(self.rows) >= 5000:
+            self._flush()
+
+    def _flush(self) -> None:
         import geopandas as gpd
         from shapely.geometry import Polygon
 
-        rows = self._gpkg_rows
-        self._gpkg_rows = []
-        if not rows and self._gpkg_written:
+        rows, self.rows = self.rows, []
+        if not rows and self.written:
             return
         frame = gpd.GeoDataFrame(
             {"source": [r["source"] for r in rows], "image_id": [r["image_id"] for r in rows],
@@ -202,18 +256,16 @@ class OutputWriter:
              "x1": [r["bbox"][0] for r in rows], "y1": [r["bbox"][1] for r in rows],
              "x2": [r["bbox"][2] for r in rows], "y2": [r["bbox"][3] for r in rows]},
             geometry=[Polygon(r["geometry"]) for r in rows], crs=self.crs)
-        frame.to_file(self._tmp, driver="GPKG", layer="detections",
-                      mode="a" if self._gpkg_written else "w")
-        self._gpkg_written = True
+        frame.to_file(self.path, driver="GPKG", layer="detections",
+                      mode="a" if self.written else "w")
+        self.written = True
 
-    def _end(self) -> None:
-        fh = self._fh
-        if self.fmt == "geojson":
-            fh.write("\n]}\n")
-        elif self.fmt == "coco":
-            fh.write("\n]\n")
-        elif self.fmt == "gpkg":
-            self._flush_gpkg()
+    def end(self) -> None:
+        self._flush()
+
+
+FORMAT_WRITERS: dict[str, type[_Format]] = {"geojson": _GeoJSON, "coco": _Coco, "csv": _Csv,
+                                            "ndjson": _Ndjson, "gpkg": _GeoPackage}
 
 
 def ndjson_feature(r: dict[str, Any]) -> dict[str, Any]:
