@@ -10,6 +10,8 @@ R-CNN (`faster_rcnn.py`). A family supplies its head as `Branch`es (`head_branch
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -70,9 +72,17 @@ class FPNDetector(nn.Module):
         raise NotImplementedError
 
     def detections(self, outputs: list[LevelOutput], image_sizes: list[tuple[int, int]],
-                   features: Pyramid | None = None) -> list[dict[str, torch.Tensor]]:
-        """Post-process level outputs (and, for two-stage models, the features) into detections."""
+                   features: Pyramid | None = None, score_threshold: float | None = None
+                   ) -> list[dict[str, torch.Tensor]]:
+        """Post-process level outputs (and, for two-stage models, the features) into detections;
+        `score_threshold` replaces the inference config's for this call only."""
         raise NotImplementedError
+
+    def inference_for(self, score_threshold: float | None = None) -> InferenceConfig:
+        """The inference settings of one call: the model's, with a per-call score threshold."""
+        if score_threshold is None:
+            return self.inference
+        return dataclasses.replace(self.inference, score_threshold=score_threshold)
 
     def forward_training(self, images, targets: list[dict[str, torch.Tensor]]
                          ) -> dict[str, torch.Tensor]:

@@ -241,13 +241,14 @@ class QueryFasterRCNN(FPNDetector):
         return 0
 
     def detections(self, outputs: list[LevelOutput], image_sizes: list[tuple[int, int]],
-                   features: Pyramid | None = None) -> list[dict[str, torch.Tensor]]:
+                   features: Pyramid | None = None, score_threshold: float | None = None
+                   ) -> list[dict[str, torch.Tensor]]:
         """Second stage on the RPN's proposals: boxes (M, 4), scores, labels (0-based), levels
         (the FPN level whose features the box was pooled from)."""
         if features is None:
             raise ValueError("Faster R-CNN's second stage needs the FPN features")
         rois = self.proposals(outputs, image_sizes)
-        d = self.inference
+        d = self.inference_for(score_threshold)
         heads = self.roi_heads
         heads.score_thresh, heads.nms_thresh = d.score_threshold, d.nms_iou
         heads.detections_per_img = d.max_detections

@@ -213,9 +213,10 @@ class QueryFCOS(FPNDetector):
 
     # -- inference --------------------------------------------------------------------------------
     def detections(self, outputs: list[LevelOutput], image_sizes: list[tuple[int, int]],
-                   features: Pyramid | None = None) -> list[dict[str, torch.Tensor]]:
+                   features: Pyramid | None = None, score_threshold: float | None = None
+                   ) -> list[dict[str, torch.Tensor]]:
         """Per image: boxes (M, 4), scores sqrt(cls * centre-ness) (M,), labels (M,), levels (M,)."""
-        d = self.inference
+        d = self.inference_for(score_threshold)
         K = self.num_classes
         per_image: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in image_sizes]
         for out in outputs:

@@ -109,9 +109,10 @@ class QueryDet(FPNDetector):
 
     # -- inference --------------------------------------------------------------------------------
     def detections(self, outputs: list[LevelOutput], image_sizes: list[tuple[int, int]],
-                   features: Pyramid | None = None) -> list[dict[str, torch.Tensor]]:
+                   features: Pyramid | None = None, score_threshold: float | None = None
+                   ) -> list[dict[str, torch.Tensor]]:
         """Post-process level outputs into per-image detections (`features` is not needed)."""
-        d = self.inference
+        d = self.inference_for(score_threshold)
         return detections_from_levels(outputs, image_sizes, self.anchors, self.box_coder,
                                       self.num_classes, d.score_threshold, d.topk_per_level,
                                       d.nms_iou, d.max_detections)

@@ -114,8 +114,6 @@ class TileProducer:
         self.mode = {k: v for k, v in (("mode", options.mode), ("sigma", options.sigma),
                                        ("context", options.context), ("backend", options.backend),
                                        ("start_level", options.start_level)) if v is not None}
-        if options.score_threshold is not None:
-            model.inference = replace(model.inference, score_threshold=options.score_threshold)
         self.precision = model.set_precision(options.precision or cfg.inference.precision)
         log.info("precision: %s", self.precision)
         self.profile = Profile()
@@ -171,7 +169,7 @@ class TileProducer:
                         det["boxes"] = undo_dihedral(det["boxes"], k, flip, *im.shape[-2:])
                     views.append(found)
                 with prof.stage("postprocess"):
-                    floor = self.model.inference.score_threshold  # on the voted score
+                    floor = self.model.inference_for(self.opts.score_threshold).score_threshold
                     dets = [vote([v[i] for v in views], self.opts.merge_threshold, floor)
                             for i in range(len(images))]
             with prof.stage("postprocess"):
@@ -205,7 +203,8 @@ class TileProducer:
         if count and any(lv.decided_dense for lv in levels):
             prof.tiles_dense_by_decision += len(images)
         with prof.stage("postprocess"):
-            dets = self.model.detections(levels, sizes, features)
+            dets = self.model.detections(levels, sizes, features,
+                                         score_threshold=self.opts.score_threshold)
         return dets, levels, tensor
 
     def produce(self, src: RasterSource, tiles: list[Tile], info=None

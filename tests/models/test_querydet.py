@@ -193,3 +193,16 @@ def test_dense_fallback_when_keys_cover_most_of_a_level(model, images):
     assert feats.is_dense(2) and feats.is_dense(3)  # every position queried: ran densely
     assert outs[0].macs == outs[0].dense_macs
     assert rel_err(outs, reference) < 1e-4
+
+
+def test_a_per_call_score_threshold_leaves_the_model_as_it_was(model, images):
+    before = model.inference
+    with torch.no_grad():
+        batch, sizes = model.preprocess(list(images))
+        feats = model.extract_features(batch)
+        levels = model.predict_levels(feats, mode="dense")
+        low = model.detections(levels, sizes, feats, score_threshold=0.0)
+        high = model.detections(levels, sizes, feats, score_threshold=0.99)
+    assert model.inference == before
+    assert sum(len(d["scores"]) for d in low) > sum(len(d["scores"]) for d in high)
+    assert all((d["scores"] >= 0.99).all() for d in high)
