@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from .cli_shared import (Backend, Device, MergeMetric, Mode, OutputFormat, Precision, _context,
-                         _folder_option, app, log)
+                         _folder_option, app, comma_list, log)
 from .errors import QueryDetError
 
 
@@ -196,10 +196,7 @@ def _parse_bands(bands: Optional[str]) -> Optional[tuple[int, ...]]:
     """--bands: one band (grey) or three (R,G,B), numbered from 1."""
     if not bands:
         return None
-    try:
-        band_list = tuple(int(b) for b in bands.split(","))
-    except ValueError:
-        raise QueryDetError(f"--bands: expected band numbers like 3,2,1, got {bands!r}") from None
+    band_list = comma_list(bands, "--bands", int, "band numbers like 3,2,1")
     if len(band_list) not in (1, 3) or any(b < 1 for b in band_list):
         raise QueryDetError(f"--bands: one band (grey) or three (R,G,B), numbered from 1; "
                             f"got {bands!r}")

@@ -11,7 +11,7 @@ import typer
 
 from querydet_models.config import CONTEXTS
 
-from .cli_shared import Backbone, Detector, Device, _precision_list, app
+from .cli_shared import Backbone, Detector, Device, _precision_list, app, comma_list
 from .errors import QueryDetError
 
 
@@ -39,7 +39,7 @@ def bench(
     """Time dense-HR, CSQ (exact, paper context), CQ, CCQ and the family's baseline on one input."""
     if paper_context not in CONTEXTS or paper_context == "exact":
         raise QueryDetError(f"--paper-context must be one of {', '.join(CONTEXTS[1:])}")
-    names = tuple(b.strip() for b in backends.split(",") if b.strip())
+    names = comma_list(backends, "--backends")
     bad = [b for b in names if b not in ("torch", "spconv")]
     if bad or not names:
         raise QueryDetError(f"--backends: unknown backend {bad[0] if bad else '(none)'} (allowed: torch, spconv)")
@@ -94,10 +94,7 @@ def bench_detect(
     """Peak memory of detect on growing rasters, and CSQ vs dense megapixels per second."""
     from .resources import sample_model, sample_scene
 
-    try:
-        size_list = [int(s) for s in sizes.split(",") if s.strip()]
-    except ValueError:
-        raise QueryDetError(f"--sizes: expected numbers like 4096,16384, got {sizes!r}") from None
+    size_list = list(comma_list(sizes, "--sizes", int, "numbers like 4096,16384"))
     if any(not 256 <= s <= 65536 for s in size_list):
         raise QueryDetError("--sizes: each size must be in 256..65536")
     if overlap >= tile_size:

@@ -57,9 +57,20 @@ def _context(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def comma_list(text: str, option: str, convert=str, what: str = "values separated by commas"
+               ) -> tuple:
+    """The CLI's one comma-list parser: items stripped, empty ones dropped, each converted; an
+    item that does not convert is one line naming the option."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return tuple(convert(t) for t in items)
+    except ValueError:
+        raise QueryDetError(f"{option}: expected {what}, got {text!r}") from None
+
+
 def _precision_list(value: str) -> tuple[str, ...]:
     """--precision of the bench commands: one or more precisions, comma-separated."""
-    precisions = tuple(p.strip() for p in value.split(",") if p.strip())
+    precisions = comma_list(value, "--precision")
     bad = [p for p in precisions if p not in Precision.__members__]
     if bad or not precisions:
         raise QueryDetError(f"--precision: {bad[0] if bad else '(none)'!r} is not one of "
@@ -107,14 +118,11 @@ def _folder_option(path: Path, option: str) -> None:
 
 def _parse_bounds(text: str, option: str) -> tuple[float, float, float, float]:
     """XMIN,YMIN,XMAX,YMAX with XMIN < XMAX and YMIN < YMAX."""
-    try:
-        box = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        box = ()
+    what = "XMIN,YMIN,XMAX,YMAX with XMIN < XMAX and YMIN < YMAX"
+    box = comma_list(text, option, float, what)
     if len(box) != 4 or not all(math.isfinite(v) for v in box) or \
             not (box[0] < box[2] and box[1] < box[3]):
-        raise QueryDetError(f"{option}: expected XMIN,YMIN,XMAX,YMAX with XMIN < XMAX and "
-                            f"YMIN < YMAX, got {text!r}")
+        raise QueryDetError(f"{option}: expected {what}, got {text!r}")
     return box
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from .cli_shared import (Dataset, Device, Precision, Protocol, Recipe, _folder_option,
-                         _parse_bounds, _refuse_out_holding_sources, app, log)
+                         _parse_bounds, _refuse_out_holding_sources, app, comma_list, log)
 from .errors import QueryDetError
 
 
@@ -33,7 +33,7 @@ def train(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Override train.workers")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override train.seed")] = None,
     gsd: Annotated[Optional[float], typer.Option("--gsd", help="Metres per pixel of the training images when they carry no georeference (GeoTIFF chips from `querydet tile` record their own)")] = None,
-    recipe: Annotated[Optional[Recipe], typer.Option(help="finetune (the default with --init): epochs, warm-up, backbone at 0.1x, frozen BN, native scale, augmentation; config: the config's own schedule")] = None,
+    recipe: Annotated[Optional[Recipe], typer.Option(help="finetune (the default with --init): epochs, warm-up, backbone at 0.1x, batch-norm statistics adapting (--freeze-bn keeps them), native scale, augmentation; config: the config's own schedule")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, max=100000, help="Override train.epochs (passes over the training set)")] = None,
     val_annotations: Annotated[Optional[str], typer.Option(help="COCO JSON of validation chips (e.g. tile's val.json): AP every --eval-period iterations, model_best.pt")] = None,
     val_root: Annotated[Optional[str], typer.Option(help="Image folder of --val-annotations (default: images/ beside it)")] = None,
@@ -101,10 +101,7 @@ def evaluate(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
 ) -> None:
     """Evaluate a checkpoint (COCO or VisDrone protocol), dense and CSQ over a sigma sweep."""
-    try:
-        sigmas = [float(v) for v in sigma.split(",") if v.strip()]
-    except ValueError:
-        raise QueryDetError(f"--sigma: expected numbers separated by commas, got {sigma!r}") from None
+    sigmas = list(comma_list(sigma, "--sigma", float, "numbers separated by commas"))
     if not sigmas or any(not 0 <= s <= 1 or s != s for s in sigmas):
         raise QueryDetError(f"--sigma: every value must be in [0, 1], got {sigma!r}")
     _folder_option(out, "--out")
@@ -183,7 +180,7 @@ def tile(
     if val_fraction and val_bounds:
         raise QueryDetError("give --val-fraction or --val-bounds, not both")
     val_box = _parse_bounds(val_bounds, "--val-bounds") if val_bounds else None
-    class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    class_list = list(comma_list(classes, "--classes")) if classes else None
     if classes is not None and not class_list:
         raise QueryDetError("--classes: give class names separated by commas")
     _refuse_out_holding_sources(out, [*(rasters or []), annotations, images, visdrone, labels])

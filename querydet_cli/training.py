@@ -250,8 +250,8 @@ def _training_data(cfg: Config, out: Path) -> tuple[list[Sample], Config]:
 def finetune_recipe(cfg: Config, validation: bool) -> Config:
     """The schedule `train --init` uses unless told otherwise, made for a few hundred labels:
     counted in epochs, a short warm-up, the pretrained backbone at a tenth of the heads' rate,
-    batch-norm statistics frozen, chips at their own pixel scale (the config's augmentation,
-    on by default), and with
+    batch-norm statistics adapting (measured better across sites; --freeze-bn keeps them), chips
+    at their own pixel scale (the config's augmentation, on by default), and with
     validation data an evaluation every 25 iterations and a stop after 8 without a better one."""
     t = replace(cfg.train, epochs=40, batch_size=4, base_lr=0.01, momentum=0.9,
                 weight_decay=0.0001, warmup_iters=50, warmup_factor=0.01, lr_gamma=0.1,
