@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/querydet detect sample_data/sample_scene.tif -o out/sample_detections.geojson --save-vis out/
+	$(BIN)/querydet detect sample_data/sample_scene.tif -o out/sample_detections.geojson --save-vis out/ --html
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -56,6 +56,7 @@ def detect(
     gsd: Annotated[str, typer.Option("--gsd", help="Ground resolution to read rasters at: auto (the model's training GSD), native (the raster's own pixels) or metres per pixel")] = "auto",
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: each tile in its eight dihedral views (8x the compute), the answers voted into one")] = False,
     input_gsd: Annotated[Optional[float], typer.Option("--input-gsd", help="Metres per pixel of inputs without a georeference (drone frames, plain images); overrides a georeference")] = None,
+    html: Annotated[bool, typer.Option("--html", help="Also write a web page of the detections over the imagery next to the output (OUTPUT with .html; see querydet view)")] = False,
 ) -> None:
     """Detect small objects in huge GeoTIFFs and drone frames, tile by tile, with CSQ.
 
@@ -76,6 +77,7 @@ def detect(
 
     paths = expand_inputs(inputs)
     refuse_output_over_inputs(output, paths)
+    page = _page_target(output, paths) if html else None
     if output != "-" and Path(output).is_dir():
         raise QueryDetError(f"output {output} is a directory; give a file name")
     options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
@@ -92,6 +94,8 @@ def detect(
     summary = _detect_locked(paths, output, out_format, options, weights, device.value, coco_gt,
                              ray_settings, quiet)
     _report(summary, output, profile, json_out)
+    if page is not None and summary.output_written:
+        _write_page(output, page, paths, summary)
     if summary.failed:  # each error was printed once, when it happened
         print(f"querydet: {len(summary.failed)} input(s) failed (errors above)", file=sys.stderr)
         # no input succeeded: an input error, nothing written (exit 2); else a partial run (1)
@@ -192,6 +196,31 @@ def _check_detect_usage(output: str, ray, workers: int, gpus_per_worker: float,
         _folder_option(save_vis, "--save-vis")
 
 
+def _page_target(output: str, paths: list[str]) -> Path:
+    """Where `detect --html` puts its page (OUTPUT with .html), checked before the run."""
+    from .cli_view import check_page_target
+
+    if output == "-":
+        raise QueryDetError("--html writes a page next to the output file: not with -o -")
+    target = Path(output).with_suffix(".html")
+    if target == Path(output):
+        raise QueryDetError(f"--html: the output {output} already ends in .html; name it .geojson, "
+                            ".gpkg, .json, .csv or .ndjson")
+    check_page_target(target, paths)
+    return target
+
+
+def _write_page(output: str, page: Path, paths: list[str], summary) -> None:
+    """The page of a finished run: its output over the inputs that succeeded, embedded (the
+    more inputs, the smaller each picture; `querydet view --serve` shows full resolution)."""
+    from .cli_view import write_view
+
+    failed = {p for p, _ in summary.failed}
+    done = [p for p in paths if p not in failed]
+    embed = 2048 if len(done) <= 4 else 1024 if len(done) <= 16 else 512
+    write_view(Path(output), done, page, embed, 0.0, Path(output).name)
+
+
 def _parse_bands(bands: Optional[str]) -> Optional[tuple[int, ...]]:
     """--bands: one band (grey) or three (R,G,B), numbered from 1."""
     if not bands:
@@ -233,7 +262,7 @@ def _report(summary, output: str, profile: bool, json_out: bool) -> None:
 
 
 # importing these adds their commands to `app`, after detect, configs and info above
-from . import cli_train, cli_bench  # noqa: E402,F401,I001
+from . import cli_train, cli_bench, cli_view  # noqa: E402,F401,I001
 
 
 def main() -> None:

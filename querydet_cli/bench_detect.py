@@ -272,7 +272,6 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
     from .engine import load_model
     from .peer import sahi_detect
     from .tiling import make_tiles
-    from .writers import read_records
 
     model, cfg = load_model(weights, device)
     dev = torch.device(device)

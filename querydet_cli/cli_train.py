@@ -95,7 +95,7 @@ def evaluate(
     val_annotations: Annotated[Optional[str], typer.Option(help="COCO JSON of the evaluation set")] = None,
     max_dets: Annotated[Optional[int], typer.Option(min=1, help="COCO maxDets (default 100)")] = None,
     out: Annotated[Path, typer.Option(help="Folder for report.json, tradeoff.png, visualisations")] = Path("runs/eval"),
-    save_vis: Annotated[bool, typer.Option(help="Write a few images with detections and query heatmaps")] = False,
+    save_vis: Annotated[bool, typer.Option(help="Write a few images with detections and query heatmaps, and vis/review.html (querydet view: true positives, false positives and misses)")] = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
     precision: Annotated[Optional[Precision], typer.Option(help="Inference precision (default: the checkpoint's, auto)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
@@ -108,7 +108,7 @@ def evaluate(
     from .config import load_config, with_changes
     from .engine import load_model, resolve_device
     from .evaluation import evaluate as run_eval
-    from .evaluation import format_table, plot_tradeoff, save_visualisations
+    from .evaluation import format_table, plot_tradeoff, save_review, save_visualisations
     from .training import load_split, report_problems
 
     dev = resolve_device(device.value)
@@ -135,6 +135,7 @@ def evaluate(
     plot_tradeoff(report, out / "tradeoff.png")
     if save_vis:
         save_visualisations(model, cfg, samples, out / "vis", dev, sigmas[len(sigmas) // 2])
+        save_review(model, cfg, samples, out / "vis", dev, sigmas[len(sigmas) // 2])
     if json_out:
         print(json.dumps(report))
     else:

@@ -176,3 +176,30 @@ def save_visualisations(model: FPNDetector, cfg: Config, samples: list[Sample], 
         canvas.save(path)
         paths.append(path)
     return paths
+
+
+def save_review(model: FPNDetector, cfg: Config, samples: list[Sample], out_dir: Path,
+                device: torch.device, sigma: float, min_score: float = 0.3, count: int = 50
+                ) -> Path:
+    """`eval --save-vis`: a `querydet view` page of the first `count` images, each detection
+    scoring at least `min_score` marked a true or false positive (IoU 0.5 with the ground truth
+    of its class) and each unmatched truth box a miss."""
+    from .view import build_page, raster_view, render, review_boxes, status_groups, write_page
+
+    chosen = samples[:count]
+    dets, _, _ = predict(model, chosen, cfg.train.test_short_side, cfg.train.max_size, device,
+                         quiet=True, resize=cfg.train.resize, target_gsd=cfg.data.gsd,
+                         mode="csq", sigma=sigma)
+    names = list(cfg.names())
+    boxes = [b for s, d in zip(chosen, dets)
+             for b in review_boxes(str(s.image), names, d, s.boxes, s.labels, min_score)]
+    views = [raster_view(str(s.image), 1024) for s in chosen]
+    counts = {g: sum(b.group == g for b in boxes) for g, _ in status_groups()}
+    note = (f"{len(chosen)} of {len(samples)} evaluation images; detections scoring at least "
+            f"{min_score} at sigma {sigma}, matched at IoU 0.5: " +
+            ", ".join(f"{n} {g}" for g, n in counts.items()))
+    page = build_page(boxes, views, "querydet eval: true positives, false positives, misses",
+                      0.0, status_groups(), note)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_page(render(page), out_dir / "review.html")
+    return out_dir / "review.html"

@@ -1,7 +1,6 @@
 """`detect --ray`: the same output as one process, for many rasters, for one raster in bands,
 with an actor killed mid-run, and (slow) against a `ray start --head` cluster on loopback."""
 
-import json
 import os
 import shutil
 import subprocess
