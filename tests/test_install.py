@@ -56,8 +56,11 @@ def test_wheel_runs_from_an_empty_folder(installed):
     assert "querydet 0.1" in _run([bindir / "querydet", "--version"], cwd=work).stdout
     listing = _run([bindir / "querydet", "configs"], cwd=work).stdout
     assert "querydet_mobilenet_synthetic" in listing and "faster_rcnn" in listing
-    proc = _run([bindir / "querydet", "detect", files[0], "-o", "a.geojson", "--quiet"], cwd=work)
+    proc = _run([bindir / "querydet", "detect", files[0], "-o", "a.geojson", "--quiet", "--html"],
+                cwd=work)
     assert "1/1 inputs" in proc.stderr and (work / "a.geojson").stat().st_size > 1000
+    page = (work / "a.html").read_text(encoding="utf-8")  # the viewer's files ship in the wheel
+    assert "querydet-data" in page and "L.GridLayer" in page and "leaflet-container" in page
     _run([bindir / "querydet", "train", "--config", "querydet_mobilenet_synthetic",
           "--max-iter", "1", "--out", "run"], cwd=work)
     assert (work / "run" / "model_final.pt").is_file()
