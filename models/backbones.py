@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from . import _torchvision  # noqa: F401  (first: torchvision without torch._dynamo)
 from torchvision import models as tvm
 from torchvision.ops.misc import FrozenBatchNorm2d
 

@@ -21,6 +21,7 @@ from collections import OrderedDict
 
 import torch
 from torch.nn import functional as F
+from . import _torchvision  # noqa: F401  (first: torchvision without torch._dynamo)
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, remove_small_boxes

@@ -21,6 +21,7 @@ import math
 
 import torch
 from torch.nn import functional as F
+from . import _torchvision  # noqa: F401  (first: torchvision without torch._dynamo)
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from .backbones import Backbone

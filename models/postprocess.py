@@ -6,6 +6,7 @@ Letters: A anchors per position, K classes, Q positions, M detections.
 from __future__ import annotations
 
 import torch
+from . import _torchvision  # noqa: F401  (first: torchvision without torch._dynamo)
 from torchvision.ops import batched_nms
 
 from .anchors import AnchorGenerator

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from . import _torchvision  # noqa: F401  (first: torchvision without torch._dynamo)
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -90,6 +90,7 @@ def bench_detect(
     ray_rasters: Annotated[int, typer.Option(min=0, max=1000, help="Ray scaling: detect on this many synthetic rasters with 1 and 2 single-thread actors")] = 0,
     ray_size: Annotated[int, typer.Option(min=256, max=16384, help="Side of the --ray-rasters rasters")] = 2048,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
+    whole_process: Annotated[bool, typer.Option("--whole-process", help="With --peer sahi: each side a fresh process timed as `time` would (imports and model load included): querydet detect at its defaults and fp32, a SAHI script in fp32 and bf16")] = False,
 ) -> None:
     """Peak memory of detect on growing rasters, and CSQ vs dense megapixels per second."""
     from .resources import sample_model, sample_scene
@@ -143,6 +144,9 @@ def bench_detect(
         from .peer import _sahi_base
 
         _sahi_base()  # says how to install SAHI when it is missing
+    if whole_process:
+        _whole_process(peer, raster_path, w, truth, rounds, json_out)
+        return
     report = run(size_list, w, workdir, raster_path or None, dev, tile_size, overlap, batch_size,
                  precisions, peer=peer, truth=truth, rounds=rounds, ray_rasters=ray_rasters,
                  ray_size=ray_size)
@@ -169,3 +173,14 @@ def bench_gsd(
         report = run(str(weights) if weights else None, workdir or Path(tmp), size, seed, rounds,
                      device.value)
     print(json.dumps(report) if json_out else format_report(report))
+
+
+def _whole_process(peer: Optional[str], raster: str, weights: str, truth: Optional[Path],
+                   rounds: int, json_out: bool) -> None:
+    """bench-detect --peer sahi --whole-process (bench_whole.py)."""
+    if peer != "sahi":
+        raise QueryDetError("--whole-process times querydet against a peer: add --peer sahi")
+    from .bench_whole import format_whole, run_whole_process
+
+    report = run_whole_process(raster, weights, truth, rounds)
+    print(json.dumps(report) if json_out else format_whole(report))

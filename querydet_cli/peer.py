@@ -96,3 +96,36 @@ def sahi_detect(raster: str, model: Any, class_names: list[str], device: torch.d
     dets = [{"bbox": [float(v) for v in p.bbox.to_xyxy()], "score": float(p.score.value),
              "class_id": int(p.category.id)} for p in result.object_prediction_list]
     return dets, seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    """SAHI as its users run it, as a script: `python -m querydet_cli.peer RASTER WEIGHTS OUT
+    [--precision fp32|bf16] [--slice 1024] [--overlap 128] [--confidence 0.3]`; the model
+    loaded by querydet's own loader (BN folded, channels_last), dense, SAHI's GREEDYNMM / IoS 0.5;
+    COCO-style results (xyxy bbox, score, class_id) written as JSON. For whole-process timing
+    (`bench-detect --peer sahi --whole-process`)."""
+    import argparse
+    import json
+
+    from .engine import load_model
+
+    p = argparse.ArgumentParser(prog="python -m querydet_cli.peer")
+    p.add_argument("raster")
+    p.add_argument("weights")
+    p.add_argument("out")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--slice", type=int, default=1024)
+    p.add_argument("--overlap", type=int, default=128)
+    p.add_argument("--confidence", type=float, default=0.3)
+    a = p.parse_args(argv)
+    model, cfg = load_model(a.weights, "cpu")
+    model.set_precision(a.precision)
+    dets, _ = sahi_detect(a.raster, model, list(cfg.names()), torch.device("cpu"),
+                          tile_size=a.slice, overlap=a.overlap, confidence=a.confidence,
+                          postprocess="GREEDYNMM", metric="IOS", threshold=0.5)
+    with open(a.out, "w") as fh:
+        json.dump(dets, fh)
+
+
+if __name__ == "__main__":
+    main()
