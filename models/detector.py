@@ -240,8 +240,12 @@ class FPNDetector(nn.Module):
                        context: str | None = None, backend: str | None = None,
                        forced_queries: dict[int, torch.Tensor] | None = None,
                        sparse_max_fraction: float | None = None,
+                       valid: torch.Tensor | None = None,
                        ) -> list[LevelOutput]:
-        """Head outputs of every level under one inference mode (see `query_infer`)."""
+        """Head outputs of every level under one inference mode (see `query_infer`).
+
+        `valid` (N, H, W) bool at the batch's size: where the images hold data. Queries fire
+        only on cells that hold some (a nodata collar is not an object to look for)."""
         d = self.inference
         options = QueryOptions(
             mode=d.mode if mode is None else mode,
@@ -254,7 +258,7 @@ class FPNDetector(nn.Module):
         )
         if not self.has_query and options.mode != "dense":
             options = QueryOptions(mode="dense")  # a baseline has nothing to query with
-        outputs = QueryInference(self.head_branches, options, forced_queries)(features)
+        outputs = QueryInference(self.head_branches, options, forced_queries)(features, valid)
         for out in outputs:  # post-processing (anchors, decoding, NMS) runs in float32
             out.cls, out.box = out.cls.float(), out.box.float()
             if out.query is not None:

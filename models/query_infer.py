@@ -132,11 +132,14 @@ class QueryInference:
         self.depth = depths.pop()
         self.options = options
         self.forced = forced_queries or {}
+        self.cells: dict[int, torch.Tensor] = {}  # per call: cells with valid pixels, by level
         self.weights = WeightCache()  # sparse-layout weights, converted once per call
 
-    def __call__(self, features: Pyramid) -> list[LevelOutput]:
+    def __call__(self, features: Pyramid, valid: torch.Tensor | None = None
+                 ) -> list[LevelOutput]:
         levels = list(features.levels)
         opts = self.options
+        self.cells = {} if valid is None else valid_cells(valid, features)
         if opts.mode == "dense":
             return [self._dense_level(lvl, features, with_query=False) for lvl in levels]
         start = opts.start_level
@@ -194,7 +197,10 @@ class QueryInference:
         if out.level in self.forced:
             forced = self.forced[out.level].to(out.positions.device)
             return out.positions[torch.isin(out.positions, forced)]
-        return out.positions[out.query > _logit(self.options.sigma)]
+        fired = out.query > _logit(self.options.sigma)
+        if out.level in self.cells:  # no query on a cell without a valid pixel
+            fired &= self.cells[out.level][out.positions]
+        return out.positions[fired]
 
     def _outputs(self, branches: dict[str, Branch], tower_rows: dict[int, torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -342,6 +348,20 @@ class QueryInference:
         """Towers' MACs (each shared tower once) plus the 1x1 predictors' at `outputs` positions."""
         return (sum(tower_cost(t) for t in unique_towers(branches))
                 + outputs * sum(b.macs_per_position() for b in branches.values()))
+
+
+def valid_cells(valid: torch.Tensor, features: Pyramid) -> dict[int, torch.Tensor]:
+    """Per level, flat (N*H*W,) bool: the cells that cover at least one valid input pixel."""
+    n, h, w = valid.shape
+    mask = valid.to(torch.float32).view(n, 1, h, w)
+    cells = {}
+    for lvl in features.levels:
+        _, lh, lw = features.shape(lvl)
+        stride = 2 ** lvl
+        grown = F.max_pool2d(mask, stride, stride, ceil_mode=True) if stride > 1 else mask
+        grown = F.pad(grown, (0, max(0, lw - grown.shape[-1]), 0, max(0, lh - grown.shape[-2])))
+        cells[lvl] = grown[:, 0, :lh, :lw].reshape(-1) > 0
+    return cells
 
 
 def _logit(p: float) -> float:

@@ -157,14 +157,18 @@ class TileProducer:
             with prof.stage("preprocess"):
                 images = [torch.from_numpy(p[:, y0:y1, x0:x1]).to(self.device)
                           for (_, p, _), (x0, y0, x1, y1) in zip(batch, crops)]
-            dets, levels, tensor = self._forward(images)
+            masks = [torch.from_numpy(np.ascontiguousarray(v[y0:y1, x0:x1]))
+                     for (_, _, v), (x0, y0, x1, y1) in zip(batch, crops)]
+            dets, levels, tensor = self._forward(images, masks=masks)
             prof.tiles += len(batch)
             prof.tile_pixels += sum(t.width * t.height for t, _, _ in batch)
             if self.opts.tta:  # the seven other dihedral views, each mapped back and voted
                 views = [dets]
                 for k, flip in TTA_VIEWS[1:]:
                     turned = [dihedral(im, im.new_zeros(0, 4), k, flip)[0] for im in images]
-                    found, _, _ = self._forward(turned, count=False)
+                    turned_masks = [dihedral(m[None].float(), im.new_zeros(0, 4), k, flip)[0][0] > 0.5
+                                    for m, im in zip(masks, images)]
+                    found, _, _ = self._forward(turned, count=False, masks=turned_masks)
                     for det, im in zip(found, images):
                         det["boxes"] = undo_dihedral(det["boxes"], k, flip, *im.shape[-2:])
                     views.append(found)
@@ -182,19 +186,22 @@ class TileProducer:
                  for h, c, (t, _, _) in zip(heats, crops, batch)]
         return list(zip(dets, heats))
 
-    def _forward(self, images: list[torch.Tensor], count: bool = True):
+    def _forward(self, images: list[torch.Tensor], count: bool = True,
+                 masks: list[torch.Tensor] | None = None):
         """The model's stages on a list of (3, h, w) images, timed per stage: detections per
-        image (tile pixels of the crop), the levels, and the padded batch. `count`: add
-        the pixels and CSQ's decisions to the profile (not for the extra views of --tta)."""
+        image (tile pixels of the crop), the levels, and the padded batch. `masks`: each
+        image's valid pixels (queries fire only where there is data). `count`: add the pixels
+        and CSQ's decisions to the profile (not for the extra views of --tta)."""
         prof = self.profile
         with prof.stage("preprocess"):
             tensor, sizes = self.model.preprocess(images)
+            valid = batch_mask(masks, sizes, tensor)
             if count:
                 prof.pixels += sum(h * w for h, w in sizes)
         with prof.stage("backbone"):
             features = self.model.extract_features(tensor)
         with prof.stage("coarse_heads"):
-            levels = self.model.predict_levels(features, **self.mode)
+            levels = self.model.predict_levels(features, **self.mode, valid=valid)
         # split the heads' time by level kind, FPN time apart (measured inside the levels)
         for lv in levels:
             prof.move("coarse_heads", "fpn", lv.fpn_seconds)
@@ -295,6 +302,25 @@ class TileProducer:
         exclusive = ((boxes[:, 0] >= ex1) & (boxes[:, 1] >= ey1) & (boxes[:, 2] <= ex2)
                      & (boxes[:, 3] <= ey2) & ~cut)
         return boxes, scores, labels, cut, exclusive
+
+
+def batch_mask(masks: list[torch.Tensor] | None, sizes, tensor: torch.Tensor
+               ) -> torch.Tensor | None:
+    """(N, H, W) bool over the padded batch: each image's valid pixels, padding invalid. None
+    (no masking) without masks, or when preprocessing resized an image."""
+    if masks is None or not isinstance(tensor, torch.Tensor) or \
+            any(tuple(m.shape) != tuple(s) for m, s in zip(masks, sizes)):
+        return None
+    if all(bool(m.all()) for m in masks):
+        return None  # nothing to mask: the outputs are those of a run without masks
+    n, _, h, w = tensor.shape
+    valid = torch.zeros(n, h, w, dtype=torch.bool, device=tensor.device)
+    for i, m in enumerate(masks):
+        if bool(m.all()):  # an image full of data is queried as without a mask, padding too
+            valid[i] = True
+        else:
+            valid[i, :m.shape[0], :m.shape[1]] = m.to(tensor.device)
+    return valid
 
 
 def data_window(valid: np.ndarray, align: int = 1) -> tuple[int, int, int, int]:

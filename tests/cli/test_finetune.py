@@ -156,6 +156,7 @@ def test_train_init_uses_the_finetune_recipe_and_logs_lines_to_a_file(tmp_path):
     t = saved["config"]["train"]
     assert (t["resize"], t["freeze_bn"], t["backbone_lr_factor"], t["epochs"]) == \
         ("native", True, 0.1, 2)
+    assert t["augment"]["grayscale_prob"] == 0.3 and t["augment"]["dihedral"]
     assert saved["config"]["data"]["gsd"] == pytest.approx(0.1)  # from the chips' GeoTIFFs
     assert (tmp_path / "run" / "model_best.pt").is_file()
     # frozen BN: running statistics are the loaded ones
