@@ -276,18 +276,23 @@ class RasterSource:
         pixels per overview pixel)."""
         scale = max(1.0, max(self.width, self.height) / max_side)
         shape = (max(1, int(self.height / scale)), max(1, int(self.width / scale)))
-        data = self.src.read(list(self.bands), out_shape=(len(self.bands), *shape)).astype(np.float32)
+        data = self.src.read(list(self.bands), out_shape=(len(self.bands), *shape))
+        return self.display(data.astype(np.float32)), scale
+
+    def display(self, data: np.ndarray) -> np.ndarray:
+        """Band values (B, h, w) -> RGB uint8 (h, w, 3) for people to look at: colour-table
+        indices through the palette, non-8-bit data through the stretch detect uses."""
         if self.palette is not None:
             index = np.clip(data[0].astype(np.int64), 0, len(self.palette) - 1)
-            data = self.palette[index][..., :3].transpose(2, 0, 1).astype(np.float32)
-        if self.stretch is None:
+            rgb = self.palette[index][..., :3].transpose(2, 0, 1).astype(np.float32)
+        elif self.stretch is None:
             rgb = data
         else:
             lo, hi = self.stretch
             rgb = (data - lo[:, None, None]) / (hi - lo)[:, None, None] * 255
         if rgb.shape[0] == 1:
             rgb = np.repeat(rgb, 3, axis=0)
-        return np.clip(rgb, 0, 255).astype(np.uint8).transpose(1, 2, 0), scale
+        return np.nan_to_num(np.clip(rgb, 0, 255)).astype(np.uint8).transpose(1, 2, 0)
 
     def reopen(self) -> "RasterSource":
         """A second handle on the same raster (for another thread), sharing the stretch."""

@@ -94,19 +94,8 @@ class TileSource:
         return self._rgba(data, valid)
 
     def _rgba(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Raster values -> display RGBA with detect's own stretch (8 bit: as is)."""
-        src = self.source
-        if src.palette is not None:
-            index = np.clip(data[0].astype(np.int64), 0, len(src.palette) - 1)
-            rgb = src.palette[index][..., :3].transpose(2, 0, 1).astype(np.float32)
-        elif src.stretch is None:
-            rgb = data
-        else:
-            lo, hi = src.stretch
-            rgb = (data - lo[:, None, None]) / (hi - lo)[:, None, None] * 255
-        if rgb.shape[0] == 1:
-            rgb = np.repeat(rgb, 3, axis=0)
-        rgb = np.nan_to_num(np.clip(rgb, 0, 255)).astype(np.uint8).transpose(1, 2, 0)
+        """Raster values -> display RGBA as detect sees them; transparent where no data."""
+        rgb = self.source.display(data)
         return np.dstack([rgb, np.where(valid, 255, 0).astype(np.uint8)])
 
     def _overview_scale(self) -> float:
