@@ -102,3 +102,24 @@ def test_duplicate_count_counts_extra_matches_of_one_object(tmp_path):
     tiles = [(0, 0, 105, 300), (104, 0, 300, 300)]
     assert duplicate_count(truth, dets, ids, tiles) == {"duplicates": 3, "seam_objects": 1,
                                                         "seam_duplicates": 2}
+
+
+def test_whole_process_rows_time_each_side_in_its_own_process(tmp_path):
+    import pytest
+
+    pytest.importorskip("sahi")
+    from querydet_cli.bench_whole import format_whole, run_whole_process
+    from querydet_cli.resources import sample_model
+
+    truth = tmp_path / "t.json"
+    raster = write_big_raster(tmp_path / "t.tif", 512, block=256, truth=truth)
+    report = run_whole_process(str(raster), str(sample_model()), truth, rounds=1,
+                               rows=("querydet", "sahi_fp32"))
+    rows = report["rows"]
+    assert set(rows) == {"querydet", "sahi_fp32"}
+    for row in rows.values():
+        assert row["wall_s"] > 1.0  # a whole process: python, torch and the model load inside
+        assert 0.3 < row["AP50"] <= 1.0 and row["detections"] > 0
+    assert report["ratios"]["defaults"] == pytest.approx(
+        rows["sahi_fp32"]["wall_s"] / rows["querydet"]["wall_s"])
+    assert "SAHI / querydet, defaults" in format_whole(report)
