@@ -206,7 +206,7 @@ def _page_target(output: str, paths: list[str]) -> Path:
     if target == Path(output):
         raise QueryDetError(f"--html: the output {output} already ends in .html; name it .geojson, "
                             ".gpkg, .json, .csv or .ndjson")
-    check_page_target(target, paths)
+    check_page_target(target, paths, folder_made=True)
     return target
 
 

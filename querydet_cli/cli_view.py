@@ -56,13 +56,14 @@ def write_view(detections: Path, rasters: list[str], target: Path, embed_max: in
           file=sys.stderr)
 
 
-def check_page_target(target: Path, inputs: list[str]) -> None:
-    """The page must not overwrite an input, nor be a folder; its folder must exist."""
+def check_page_target(target: Path, inputs: list[str], folder_made: bool = False) -> None:
+    """The page must not overwrite an input, nor be a folder; its folder must exist (unless the
+    run makes it: detect --html writes beside an output whose folder detect creates)."""
     from .inputs import refuse_output_over_inputs
 
     if target.is_dir():
         raise QueryDetError(f"--output {target} is a directory; give a file name")
-    if not target.parent.is_dir():
+    if not folder_made and not target.parent.is_dir():
         raise QueryDetError(f"--output {target}: folder {target.parent} does not exist")
     refuse_output_over_inputs(str(target), inputs)
 
