@@ -203,8 +203,9 @@ def run_throughput_bench(raster: str, weights: str, device: str, tile_size: int,
     return rows
 
 
-def coco_ap(truth: Path, dets: list[dict[str, Any]], category_ids: list[int]) -> dict[str, float]:
-    """AP and AP50 (pycocotools, maxDets 1000 for these big single images) of one raster."""
+def raster_ap(truth: Path, dets: list[dict[str, Any]], category_ids: list[int]) -> dict[str, float]:
+    """AP and AP50 of one raster's detections against its truth file (pycocotools, maxDets 100000
+    for these big single images; the figures are read by metrics.coco_ap)."""
     import contextlib
     import io
 
@@ -296,7 +297,7 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
                     rows[name] = {"precision": s.precision, "detections": len(dets),
                                   "profile": s.profile}
                     if truth is not None:
-                        rows[name] |= coco_ap(truth, dets, cfg.category_ids())
+                        rows[name] |= raster_ap(truth, dets, cfg.category_ids())
                         tiles = make_tiles(width, height, tile_size, overlap,
                                            align=model.size_divisibility)
                         rows[name] |= duplicate_count(
@@ -311,7 +312,7 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
             if r == 0:
                 rows["sahi_fp32"] = {"precision": "fp32", "detections": len(dets)}
                 if truth is not None:
-                    rows["sahi_fp32"] |= coco_ap(truth, dets, cfg.category_ids())
+                    rows["sahi_fp32"] |= raster_ap(truth, dets, cfg.category_ids())
                     from sahi.slicing import get_slice_bboxes
 
                     slices = get_slice_bboxes(height, width, tile_size, tile_size, False,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .bench_detect import coco_ap, write_big_raster
+from .bench_detect import raster_ap, write_big_raster
 from .synthetic import PIXEL_SIZE
 
 
@@ -113,7 +113,7 @@ def run(weights: str | None, workdir: Path, size: int = 2048, seed: int = 11, ro
             rows.append({"gsd_m": gsd, "read_at": "model GSD" if mode == "auto" else "own pixels",
                          "pixels": _side(path), "detections": len(dets),
                          "seconds": round(statistics.median(seconds), 3),
-                         **{k: round(v, 4) for k, v in coco_ap(gt, dets, ids).items()}})
+                         **{k: round(v, 4) for k, v in raster_ap(gt, dets, ids).items()}})
     base = next(r for r in rows if r["gsd_m"] == 0.3)
     for r in rows:
         r["AP_of_native"] = round(r["AP"] / base["AP"], 3) if base["AP"] > 0 else None

@@ -73,12 +73,12 @@ def run_whole_process(raster: str, weights: str, truth: Path | None, rounds: int
 
 
 def _score(side: str, out: Path, truth: Path | None, cfg, raster: str) -> dict[str, Any]:
-    from .bench_detect import coco_ap, duplicate_count
+    from .bench_detect import duplicate_count, raster_ap
 
     dets = _read(side, out)
     row: dict[str, Any] = {"detections": len(dets)}
     if truth is not None:
-        row |= coco_ap(truth, dets, cfg.category_ids())
+        row |= raster_ap(truth, dets, cfg.category_ids())
         row |= duplicate_count(truth, dets, cfg.category_ids(), None)
     return row
 
