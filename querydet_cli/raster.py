@@ -279,6 +279,13 @@ class RasterSource:
         data = self.src.read(list(self.bands), out_shape=(len(self.bands), *shape))
         return self.display(data.astype(np.float32)), scale
 
+    def overview_valid(self, shape: tuple[int, int]) -> np.ndarray:
+        """Where an overview of `shape` (h, w) has data: the alpha band or the mask, read at that
+        size."""
+        if self.alpha is not None:
+            return self.src.read(self.alpha, out_shape=shape) > 0
+        return self.src.read_masks(self.bands[0], out_shape=shape) > 0
+
     def display(self, data: np.ndarray) -> np.ndarray:
         """Band values (B, h, w) -> RGB uint8 (h, w, 3) for people to look at: colour-table
         indices through the palette, non-8-bit data through the stretch detect uses."""

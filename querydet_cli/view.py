@@ -151,7 +151,7 @@ def raster_view(path: str, embed_max: int, bands: tuple[int, ...] | None = None)
 
     with RasterSource(path, bands) as src:
         rgb, scale = src.overview(embed_max)
-        valid = _overview_valid(src, rgb.shape[:2])
+        valid = src.overview_valid(rgb.shape[:2])
         width, height = src.width, src.height
     rgba = np.dstack([rgb, np.where(valid, 255, 0).astype(np.uint8)])
     buf = io.BytesIO()
@@ -162,13 +162,6 @@ def raster_view(path: str, embed_max: int, bands: tuple[int, ...] | None = None)
                                   "every pixel)")
     return SourceView(Path(path).name, width, height, maxzoom_for(width, height), image=uri,
                       path=str(path), note=note)
-
-
-def _overview_valid(src, shape: tuple[int, int]) -> np.ndarray:
-    """Where the overview has data (the raster's mask or alpha, read at the overview's size)."""
-    band = src.alpha or src.bands[0]
-    reader = src.src.read if src.alpha else src.src.read_masks
-    return reader(band, out_shape=shape) > 0
 
 
 def match_sources(boxes: list[Box], rasters: list[str]) -> dict[str, int]:

@@ -59,9 +59,7 @@ class TileSource:
         twin = self.source.reopen()
         try:
             rgb, factor = twin.overview(OVERVIEW_SIDE)
-            band = twin.alpha or twin.bands[0]
-            read = twin.src.read if twin.alpha else twin.src.read_masks
-            valid = read(band, out_shape=rgb.shape[:2]) > 0
+            valid = twin.overview_valid(rgb.shape[:2])
             self._overview = (np.dstack([rgb, np.where(valid, 255, 0).astype(np.uint8)]), factor)
         finally:
             twin.close()
