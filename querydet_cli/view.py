@@ -75,7 +75,7 @@ def read_detections(path: Path) -> list[Box]:
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError,
             ValueError, AttributeError) as err:
         raise QueryDetError(f"{path}: not a querydet detections file ({type(err).__name__}: "
-                            f"{str(err)[:80]})") from None
+                            f"{str(err)[:160]})") from None
 
 
 def _parse(path: Path) -> list[Box]:

@@ -198,10 +198,12 @@ def test_eval_save_vis_writes_the_review_page(tmp_path):
     (["cars.geojson", "-o", "cars.geojson"], "is the detections file"),
     (["cars.geojson", "--raster", "nothere.tif", "-o", "p.html"], "file not found"),
     (["cars.geojson", "-o", "nofolder/p.html"], "does not exist"),
+    (["truth.json"], "expected a GeoJSON FeatureCollection, COCO results list, CSV, NDJSON or GeoPackage"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(sample_run, tmp_path, args, message):
     shutil.copy(sample_run / "cars.geojson", tmp_path / "cars.geojson")
     (tmp_path / "bad.geojson").write_text('{"type": "FeatureCollection", "features": [{"x": 1}]}')
+    shutil.copy(ROOT / "sample_data" / "sample_scene.json", tmp_path / "truth.json")  # COCO truth
     before = sorted(p.name for p in tmp_path.iterdir())
     run = _querydet("view", *args, cwd=tmp_path, check=False)
     assert run.returncode == 2 and message in run.stderr, run.stderr
@@ -212,6 +214,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(sample_run, tmp_path, args, me
 def test_detect_html_with_stdout_is_a_usage_error(tmp_path):
     run = _querydet("detect", SAMPLE, "-o", "-", "--html", cwd=tmp_path, check=False)
     assert run.returncode == 2 and "--html" in run.stderr
+    assert list(tmp_path.iterdir()) == []
+    run = _querydet("detect", SAMPLE, "-o", "x.html", "--format", "geojson", "--html",
+                    cwd=tmp_path, check=False)
+    assert run.returncode == 2 and "already ends in .html" in run.stderr
     assert list(tmp_path.iterdir()) == []
 
 
