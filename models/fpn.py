@@ -80,6 +80,11 @@ class Pyramid:
         return level in self._dense
 
     # -- dense ------------------------------------------------------------------------------------
+    def inner(self, level: int) -> torch.Tensor:
+        """The inner (lateral + top-down) map of a level <= 5 before its 3x3 output conv,
+        (N, C, H, W): what an exported CSQ graph hands to a fine level's graph."""
+        return self._inner_dense(level)
+
     def _inner_dense(self, level: int) -> torch.Tensor:
         if level not in self._inner:
             lateral = self.fpn.lateral[level - self.fpn.first_level](self.c[level])

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_shared import (Backend, Device, MergeMetric, Mode, OutputFormat, Precision, _context,
+from .cli_shared import (Backend, Device, DetectPrecision, MergeMetric, Mode, OutputFormat, Runtime, _context,
                          _folder_option, app, comma_list, log)
 from .errors import QueryDetError
 
@@ -26,8 +26,9 @@ def detect(
     inputs: Annotated[list[str], typer.Argument(help="GeoTIFFs, images, folders, globs; - reads paths from stdin")],
     *,
     output: Annotated[str, typer.Option("--output", "-o", help="Output file (.geojson .gpkg .json=COCO .csv .ndjson) or - for stdout")] = "detections.geojson",
-    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the bundled sample model)")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint, or a folder written by querydet export (default: the bundled sample model)")] = None,
     fmt: Annotated[Optional[OutputFormat], typer.Option("--format", help="Output format (default: from the suffix)")] = None,
+    runtime: Annotated[Runtime, typer.Option(help="What runs the network: torch (a checkpoint), onnxruntime or openvino (an export folder); auto: torch for a checkpoint, else the fastest installed")] = Runtime.auto,
     sigma: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Query threshold of CSQ")] = None,
     no_csq: Annotated[bool, typer.Option("--no-csq", help="Dense inference on every level")] = False,
     mode: Annotated[Optional[Mode], typer.Option(help="Inference mode (default: the checkpoint's)")] = None,
@@ -44,7 +45,7 @@ def detect(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same output")] = False,
     save_vis: Annotated[Optional[Path], typer.Option(help="Folder for PNG overviews with boxes and query heatmap")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
-    precision: Annotated[Optional[Precision], typer.Option(help="Inference precision (default: the checkpoint's, auto)")] = None,
+    precision: Annotated[Optional[DetectPrecision], typer.Option(help="Inference precision (default: the checkpoint's, auto); int8: an export made with --calibrate")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
     coco_gt: Annotated[Optional[Path], typer.Option(help="COCO ground truth: COCO results take its image ids, matched by file name")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="Print seconds per pipeline stage on stderr (also with -v; always in --json)")] = False,
@@ -91,8 +92,9 @@ def detect(
     ray_settings = None if ray is None else dict(address=ray, workers=workers,
                                                  gpus_per_worker=gpus_per_worker,
                                                  threads_per_worker=threads_per_worker)
+    _check_runtime_usage(weights, runtime.value, options, ray)
     summary = _detect_locked(paths, output, out_format, options, weights, device.value, coco_gt,
-                             ray_settings, quiet)
+                             ray_settings, quiet, runtime.value)
     _report(summary, output, profile, json_out)
     if page is not None and summary.output_written:
         _write_page(output, page, paths, summary)
@@ -132,7 +134,7 @@ def info(
 
 def _detect_locked(paths: list[str], output: str, out_format: str, options: dict,
                    weights: Optional[Path], device: str, coco_gt: Optional[Path],
-                   ray_settings: Optional[dict], quiet: bool):
+                   ray_settings: Optional[dict], quiet: bool, runtime: str = "auto"):
     """Take the output's lock (before torch loads, so a second run is refused at once), load
     the model and run `detect.run_detect`; Ctrl-C ends with the command that continues."""
     import contextlib
@@ -150,7 +152,11 @@ def _detect_locked(paths: list[str], output: str, out_format: str, options: dict
 
             image_ids = coco_image_ids(coco_gt, paths)
         dev = resolve_device(device)
-        model, cfg = load_model(weights or sample_model(), dev)
+        from .runtime import is_export
+
+        if weights is not None and is_export(weights):
+            dev = resolve_device("cpu")  # exported models run on the CPU
+        model, cfg = load_model(weights or sample_model(), dev, runtime, options["precision"])
         opts = DetectOptions(**options, image_ids=image_ids)
         settings = None
         if ray_settings is not None:
@@ -169,6 +175,31 @@ def _detect_locked(paths: list[str], output: str, out_format: str, options: dict
                 raise QueryDetError(f"{err}; continue with: {shlex.join(['querydet', *args])}",
                                     exit_code=130) from None
             raise
+
+
+def _check_runtime_usage(weights: Optional[Path], runtime: str, options: dict,
+                         ray: Optional[str]) -> None:
+    """What a runtime cannot do, said before anything is made: int8 on torch, Ray with an
+    export, the inference modes an export does not hold."""
+    from .runtime import choose_runtime
+
+    from .resources import sample_model
+
+    chosen = choose_runtime(runtime, weights or sample_model())
+    if chosen == "torch":
+        if options["precision"] == "int8":
+            raise QueryDetError("--precision int8 runs an exported model: querydet export "
+                                "WEIGHTS --calibrate CHIPS -o DIR, then --weights DIR")
+        return
+    if ray is not None:
+        raise QueryDetError(f"--ray runs the torch runtime; {weights} is an export "
+                            "(give the checkpoint to --weights)")
+    from querydet_models.graph_infer import check_graph_options
+
+    try:
+        check_graph_options(options["mode"] or "csq", None, options["context"], 0)
+    except ValueError as err:
+        raise QueryDetError(f"--runtime {chosen}: {err}") from None
 
 
 def _check_detect_usage(output: str, ray, workers: int, gpus_per_worker: float,

@@ -43,6 +43,9 @@ Device = _choices("Device", ("auto", "cpu", "cuda"))  # auto: CUDA when availabl
 Mode = _choices("Mode", _literal(InferenceConfig, "mode"))
 Backend = _choices("Backend", _literal(InferenceConfig, "backend"))
 Precision = _choices("Precision", _literal(InferenceConfig, "precision"))
+# detect's: int8 runs an export quantised with `querydet export --calibrate`
+DetectPrecision = _choices("DetectPrecision", (*_literal(InferenceConfig, "precision"), "int8"))
+Runtime = _choices("Runtime", ("auto", "torch", "onnxruntime", "openvino"))
 Detector = _choices("Detector", _literal(ModelConfig, "detector"))
 Backbone = _choices("Backbone", BACKBONES)
 Dataset = _choices("Dataset", _literal(DataConfig, "dataset"))

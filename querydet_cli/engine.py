@@ -39,9 +39,19 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_model(weights: str | Path, device: str | torch.device = "cpu"
+def load_model(weights: str | Path, device: str | torch.device = "cpu",
+               runtime: str | None = None, precision: str | None = None
                ) -> tuple[FPNDetector, Config]:
-    """Rebuild a model from a checkpoint alone (its embedded config) and load its weights."""
+    """Rebuild a model from a checkpoint alone (its embedded config) and load its weights; an
+    export folder (`querydet export`) loads as a `GraphDetector` run by `runtime` (auto: the
+    fastest installed, see runtime.py) in `precision`."""
+    from .runtime import choose_runtime, is_export
+
+    if is_export(weights) or runtime not in (None, "auto", "torch"):
+        choose_runtime(runtime, weights)  # a checkpoint with --runtime onnxruntime: one line
+        from .runtime import load_export  # exported models run on the CPU
+
+        return load_export(weights, runtime, precision)
     try:
         payload = load_checkpoint(weights)
     except CheckpointError as err:

@@ -43,7 +43,10 @@ def input_identity(path: str) -> list[int] | None:
 
 
 def weights_digest(model: Any) -> str:
-    """SHA-256 of every tensor of the model's state (its weights as they run)."""
+    """SHA-256 of every tensor of the model's state (its weights as they run); an exported
+    model's is the one recorded when it was exported."""
+    if getattr(model, "export_digest", None):
+        return model.export_digest
     state = getattr(model, "state_dict", None)
     if state is None:
         return ""
