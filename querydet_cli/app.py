@@ -293,7 +293,7 @@ def _report(summary, output: str, profile: bool, json_out: bool) -> None:
 
 
 # importing these adds their commands to `app`, after detect, configs and info above
-from . import cli_train, cli_bench, cli_view  # noqa: E402,F401,I001
+from . import cli_train, cli_bench, cli_view, cli_export  # noqa: E402,F401,I001
 
 
 def main() -> None:

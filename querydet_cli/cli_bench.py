@@ -91,6 +91,8 @@ def bench_detect(
     ray_size: Annotated[int, typer.Option(min=256, max=16384, help="Side of the --ray-rasters rasters")] = 2048,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
     whole_process: Annotated[bool, typer.Option("--whole-process", help="With --peer sahi: each side a fresh process timed as `time` would (imports and model load included): querydet detect at its defaults and fp32, a SAHI script in fp32 and bf16")] = False,
+    runtimes: Annotated[bool, typer.Option("--runtimes", help="torch, onnxruntime and OpenVINO (fp32, bf16, int8) side by side on --raster/--scene: in-process and whole-process seconds, AP per row")] = False,
+    export: Annotated[Optional[Path], typer.Option(help="With --runtimes: the export to time (default: the checkpoint exported into --workdir, int8 calibrated on a raster of another seed)")] = None,
 ) -> None:
     """Peak memory of detect on growing rasters, and CSQ vs dense megapixels per second."""
     from .resources import sample_model, sample_scene
@@ -144,8 +146,9 @@ def bench_detect(
         from .peer import _sahi_base
 
         _sahi_base()  # says how to install SAHI when it is missing
-    if whole_process:
-        _whole_process(peer, raster_path, w, truth, rounds, json_out)
+    if whole_process or runtimes:
+        _one_raster_bench(peer, raster_path, w, truth, rounds, json_out, runtimes, export, workdir,
+                          tile_size, overlap)
         return
     report = run(size_list, w, workdir, raster_path or None, dev, tile_size, overlap, batch_size,
                  precisions, peer=peer, truth=truth, rounds=rounds, ray_rasters=ray_rasters,
@@ -175,9 +178,24 @@ def bench_gsd(
     print(json.dumps(report) if json_out else format_report(report))
 
 
-def _whole_process(peer: Optional[str], raster: str, weights: str, truth: Optional[Path],
-                   rounds: int, json_out: bool) -> None:
-    """bench-detect --peer sahi --whole-process (bench_whole.py)."""
+def _one_raster_bench(peer: Optional[str], raster: str, weights: str, truth: Optional[Path],
+                      rounds: int, json_out: bool, runtimes: bool, export: Optional[Path],
+                      workdir: Path, tile_size: int, overlap: int) -> None:
+    """bench-detect --peer sahi --whole-process (bench_whole.py) or --runtimes
+    (bench_runtime.py)."""
+    if not raster:
+        raise QueryDetError("--runtimes and --whole-process measure one raster: give --raster or --scene")
+    if runtimes:
+        from .bench_runtime import format_runtime, run_runtime_bench
+        from .runtime import is_export
+
+        if export is not None and not is_export(export):
+            raise QueryDetError(f"--export {export}: not a folder written by querydet export")
+        workdir.mkdir(parents=True, exist_ok=True)
+        report = run_runtime_bench(raster, weights, export, truth, rounds, workdir, tile_size,
+                                   overlap)
+        print(json.dumps(report) if json_out else format_runtime(report))
+        return
     if peer != "sahi":
         raise QueryDetError("--whole-process times querydet against a peer: add --peer sahi")
     from .bench_whole import format_whole, run_whole_process

@@ -172,6 +172,8 @@ def export_model(weights: str | Path, out: str | Path, fmt: str = "onnx",
         raise QueryDetError(f"--format: {fmt!r} is not one of onnx, openvino")
     out = Path(out)
     check_target(out)
+    if calibrate is not None and not Path(calibrate).exists():
+        raise QueryDetError(f"--calibrate: {calibrate} not found")
     require_export_packages(fmt)
     model, cfg = load_model(weights, "cpu")
     refusal = export_refusal(model)
@@ -208,6 +210,11 @@ def export_model(weights: str | Path, out: str | Path, fmt: str = "onnx",
                 {n: work / f"{n}.xml" for n in graphs}, {n: e["inputs"] for n, e in entries.items()},
                 "fp32"))
             check = {n: max(check[n], ov_check[n]) for n in check}
+        worst = max(check, key=check.get)
+        if check[worst] > CHECK_TOLERANCE:  # a graph that does not compute the model: keep none
+            raise QueryDetError(f"export check failed: graph {worst} differs from PyTorch by "
+                                f"{check[worst]:.2e} (relative) on the sample, above "
+                                f"{CHECK_TOLERANCE:g}; nothing written")
         _write_manifest(work, entries, weights, model, cfg, start, fmt, check, int8)
         work.chmod(0o755)
         if out.exists():

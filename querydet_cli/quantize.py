@@ -91,15 +91,20 @@ def quantize_export(model, graphs: dict, onnx_files: dict[str, Path], work: Path
                     count: int, names: list[str]) -> dict:
     """Write `<graph>.int8.onnx` for the quantised graphs; returns {"graphs": names, "report"}."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     images = calibration_images(source, count)
     feeds = _feeds(model, graphs, images)
     done = []
     for name, inputs in feeds.items():
-        quantize_static(str(onnx_files[name]), str(work / f"{name}.int8.onnx"), _Reader(inputs),
+        # shapes inferred and the graph optimised first, as onnxruntime advises for quantising
+        prepared = work / f"{name}.pre.onnx"
+        quant_pre_process(str(onnx_files[name]), str(prepared))
+        quantize_static(str(prepared), str(work / f"{name}.int8.onnx"), _Reader(inputs),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
+        prepared.unlink()
         done.append(name)
     report = compare_int8(work, done, graphs, images, source, model, names)
     return {"graphs": done, "report": report | {"chips": len(images)}}
