@@ -289,6 +289,7 @@ def _report(summary, output: str, profile: bool, json_out: bool) -> None:
                           "seconds": round(summary.seconds, 3),
                           "output": output if summary.output_written else None,
                           "precision": getattr(summary, "precision", None),
+                          "runtime": getattr(summary, "runtime", "torch"),
                           "profile": summary.profile}))
 
 

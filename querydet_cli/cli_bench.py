@@ -107,17 +107,7 @@ def bench_detect(
     if scene is not None:
         if raster is not None or truth is not None:
             raise QueryDetError("--scene makes its own raster and truth: not with --raster/--truth")
-        from .bench_detect import write_big_raster, write_survey_raster
-
-        workdir.mkdir(parents=True, exist_ok=True)
-        raster = str(workdir / f"{scene}_{scene_size}.tif")
-        truth = workdir / f"{scene}_{scene_size}.json"
-        if not (Path(raster).is_file() and truth.is_file()):
-            print(f"bench-detect: writing {raster} ...", file=sys.stderr, flush=True)
-            if scene == "busy":
-                write_big_raster(Path(raster), scene_size, truth=truth)
-            else:
-                write_survey_raster(Path(raster), scene_size, truth)
+        raster, truth = _scene_raster(scene, scene_size, workdir)
     raster_path = str(sample_scene()) if raster is None else raster
     if raster_path and not Path(raster_path).is_file():
         raise QueryDetError(f"--raster: file not found: {raster_path}")
@@ -176,6 +166,22 @@ def bench_gsd(
         report = run(str(weights) if weights else None, workdir or Path(tmp), size, seed, rounds,
                      device.value)
     print(json.dumps(report) if json_out else format_report(report))
+
+
+def _scene_raster(scene: str, size: int, workdir: Path) -> tuple[str, Path]:
+    """bench-detect --scene: the synthetic busy or survey raster and its truth, written once."""
+    from .bench_detect import write_big_raster, write_survey_raster
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    raster = workdir / f"{scene}_{size}.tif"
+    truth = workdir / f"{scene}_{size}.json"
+    if not (raster.is_file() and truth.is_file()):
+        print(f"bench-detect: writing {raster} ...", file=sys.stderr, flush=True)
+        if scene == "busy":
+            write_big_raster(raster, size, truth=truth)
+        else:
+            write_survey_raster(raster, size, truth)
+    return str(raster), truth
 
 
 def _one_raster_bench(peer: Optional[str], raster: str, weights: str, truth: Optional[Path],

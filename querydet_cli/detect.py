@@ -51,6 +51,7 @@ class DetectSummary:
     output_written: bool = False
     profile: dict[str, Any] | None = None  # seconds per stage (see profile.py)
     precision: str | None = None
+    runtime: str = "torch"  # what ran the network: torch, onnxruntime or openvino
 
 
 class DetectInterrupted(QueryDetError):
@@ -239,7 +240,8 @@ class _Run:
         self.journal = journal
         self.progress_factory = progress_factory
         self.summary = DetectSummary(inputs=len(inputs), failed=[],
-                                     precision=detector.precision)
+                                     precision=detector.precision,
+                                     runtime=getattr(detector.model, "runtime", "torch"))
         self.producer = None
         self.crs_seen: str | None = None
         self.current = ""

@@ -21,6 +21,8 @@ def _cli(*args, cwd):
     ["train", "--out", "run", "--dataset", "coco", "--train-annotations", "nope.json"],
     ["detect", sample_scene(), "-o", "x.geojson", "--bands", "99", "--quiet"],
     ["detect", "p.png", "-o", "y.geojson", "--quiet", "--gsd", "native"],
+    ["export", "-o", "afile"],
+    ["detect", sample_scene(), "-o", "z.geojson", "--runtime", "onnxruntime", "--quiet"],
 ])
 def test_a_late_found_mistake_is_exit_2_and_leaves_nothing(tmp_path, args):
     (tmp_path / "afile").write_text("keep me")
