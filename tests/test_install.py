@@ -82,3 +82,20 @@ def test_help_does_not_import_torch(installed):
             "assert 'torch' not in sys.modules, 'torch imported'\n"
             "assert 'rasterio' not in sys.modules, 'rasterio imported'\n")
     _run([bindir / "python", "-c", code], cwd=work)
+
+
+def test_an_export_made_and_run_from_another_folder(installed, tmp_path):
+    pytest.importorskip("onnxruntime")
+    bindir, work = installed
+    _run([bindir / "querydet", "export", "-o", "exported"], cwd=work)  # the bundled model
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (work / "exported").rename(elsewhere / "exported")  # an export travels as a folder
+    scene = _run([bindir / "python", "-c", "from querydet_cli import resources as r; "
+                  "print(r.sample_scene())"], cwd=elsewhere).stdout.strip()
+    proc = _run([bindir / "querydet", "detect", scene, "--weights", "exported", "--runtime",
+                 "onnxruntime", "-o", "b.geojson", "--json", "--quiet"], cwd=elsewhere)
+    import json
+
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["runtime"] == "onnxruntime" and summary["detections"] > 10
