@@ -74,8 +74,9 @@ class GraphInference(QueryInference):
     """`QueryInference` with each level's heads run by graphs: the coarse graph's maps from the
     start level up, a fine level's dense or sparse graph below it."""
 
-    def __init__(self, model: FPNDetector, options: QueryOptions, export_start: int) -> None:
-        super().__init__(model.head_branches, options)
+    def __init__(self, model: FPNDetector, options: QueryOptions, export_start: int,
+                 forced_queries: dict[int, torch.Tensor] | None = None) -> None:
+        super().__init__(model.head_branches, options, forced_queries)
         self.export_start = export_start
 
     def _maps(self, level: int, features: GraphPyramid, with_query: bool
@@ -193,7 +194,8 @@ class GraphDetector:
         check_graph_options(options.mode, start_level, context, self.start_level)
         if not self.has_query:
             options = QueryOptions(mode="dense")
-        return GraphInference(self.shell, options, self.start_level)(features, valid)
+        return GraphInference(self.shell, options, self.start_level, forced_queries)(features,
+                                                                                   valid)
 
     def detections(self, outputs: list[LevelOutput], image_sizes: list[tuple[int, int]],
                    features: GraphPyramid | None = None, score_threshold: float | None = None

@@ -48,6 +48,7 @@ class BenchOptions:
     seed: int = 0
     threads: int | None = None
     precisions: tuple[str, ...] = ("fp32",)  # auto, fp32, bf16, fp16; one set of rows each
+    runtimes: bool = False  # also the exported graphs on onnxruntime and OpenVINO
 
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")
@@ -209,6 +210,14 @@ def run_bench(opts: BenchOptions, model: FPNDetector | None = None, image: Path 
             report_modes[name + suffix] = entry
     model.set_precision("fp32")
     _add_ratios(report_modes, precisions, baseline_name, model, opts.start_level)
+    if opts.runtimes:
+        from .bench_runtime import graph_rows
+
+        first = "" if len(precisions) == 1 else f"_{precisions[0]}"
+        dense, base = report_modes["dense_hr" + first], report_modes[baseline_name + first]
+        for name, entry in graph_rows(model, images, opts, forced, device, progress).items():
+            report_modes[name] = entry | {"speedup_vs_dense": dense["time_s"] / entry["time_s"],
+                                          "speedup_vs_baseline": base["time_s"] / entry["time_s"]}
     return {
         "device": _device_name(device),
         "torch": torch.__version__,
@@ -398,7 +407,8 @@ def format_report(report: dict[str, Any]) -> str:
         err = f"{e['max_rel_err']:.1e}" if "max_rel_err" in e else "-"
         ideal = f"{e['hr_time_vs_ideal']:.2f}x" if "hr_time_vs_ideal" in e else "-"
         rois = f"{sum(e['proposals']):>8}" if "proposals" in e else ""
-        vs_first = f"{e['speedup_vs_' + first]:>9.2f}x" if multi else ""
+        vs_first = (f"{e['speedup_vs_' + first]:>9.2f}x" if "speedup_vs_" + first in e
+                    else f"{'-':>10}") if multi else ""
         lines.append(f"{name:<26}{e['time_s']:>9.3f}{e['speedup_vs_dense']:>9.2f}x"
                      f"{e['speedup_vs_baseline']:>9.2f}x{vs_first}{err:>13}{ideal:>13}{rois}")
     lines.append("")

@@ -142,3 +142,59 @@ def format_runtime(report: dict[str, Any]) -> str:
                      f"{row.get('AP50', float('nan')):>7.3f}{row.get('duplicates', -1):>6}"
                      f"{row['detections']:>7}")
     return "\n".join(lines)
+
+
+def graph_rows(model, images: list, opts, forced, device, progress=None
+               ) -> dict[str, dict[str, Any]]:
+    """`querydet bench --runtimes`: the bench's own model exported in memory and timed on
+    onnxruntime (fp32) and OpenVINO (fp32, bf16) in dense-HR and exact CSQ, with the same
+    simulated queries as the torch rows; the error is against PyTorch's fp32 dense heads."""
+    import copy
+
+    import torch
+
+    from querydet_models.graph_infer import GraphDetector
+
+    from .bench import _end_to_end, _level_report, _max_rel_err, _median_runs
+    from .export import _graph_modules, sample_inputs, write_graphs
+    from .runtime import OnnxRuntimeRunner, OpenVinoRunner, runtime_installed
+
+    m = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    m.channels_last = False
+    m.set_precision("fp32")
+    graphs = _graph_modules(m, opts.start_level)
+    with m.compute():
+        batch, _ = m.preprocess(images)
+        reference = m.predict_levels(m.extract_features(batch), mode="ccq", sigma=0.0,
+                                     start_level=opts.start_level)
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        entries = write_graphs(graphs, sample_inputs(m, graphs, batch.contiguous(),
+                                                     opts.start_level), Path(tmp))
+        files = {n: Path(tmp) / f"{n}.onnx" for n in entries}
+        inputs = {n: e["inputs"] for n, e in entries.items()}
+        outputs = {n: e["outputs"] for n, e in entries.items()}
+        for runtime, precision in (("onnxruntime", "fp32"), ("openvino", "fp32"),
+                                   ("openvino", "bf16")):
+            if not runtime_installed(runtime):
+                continue
+            runner = OnnxRuntimeRunner(files, inputs) if runtime == "onnxruntime" else \
+                OpenVinoRunner(files, inputs, precision)
+            detector = GraphDetector(m, runner, outputs, opts.start_level, precision)
+            for mode in ("dense", "csq"):
+                name = f"{'dense_hr' if mode == 'dense' else 'csq_exact'}_{runtime}_{precision}"
+                if progress:
+                    progress(name)
+                kw = {"mode": mode} if mode == "dense" else dict(
+                    mode="csq", sigma=opts.sigma, forced_queries=forced, sparse_max_fraction=1.0)
+                _end_to_end(detector, images, device, **kw)()  # sessions made, graphs compiled
+                seconds, results = _median_runs(_end_to_end(detector, images, device, **kw),
+                                                opts.repeats, device)
+                outs, dets, _ = results[-1]
+                rows[name] = {"runtime": runtime, "precision": precision, "time_s": seconds,
+                              "detections": [int(d["boxes"].shape[0]) for d in dets],
+                              "levels": _level_report([r[0] for r in results])}
+                if mode == "csq":  # at the keys, against PyTorch's fp32 dense heads
+                    rows[name]["max_rel_err"] = max(_max_rel_err(outs, reference).values(),
+                                                    default=0.0)
+    return rows

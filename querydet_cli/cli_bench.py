@@ -34,6 +34,7 @@ def bench(
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads")] = None,
     precision: Annotated[str, typer.Option(help="Precisions to time, comma-separated: auto, fp32, bf16, fp16 (one set of rows each)")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for weights, input and simulated objects")] = 0,
+    runtimes: Annotated[bool, typer.Option("--runtimes", help="Also the model exported (querydet export) on onnxruntime (fp32) and OpenVINO (fp32, bf16): dense-HR and exact CSQ rows")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
 ) -> None:
     """Time dense-HR, CSQ (exact, paper context), CQ, CCQ and the family's baseline on one input."""
@@ -58,7 +59,7 @@ def bench(
                         batch=batch, query_density=query_density if query_density > 0 else None,
                         sigma=sigma, start_level=start_level, paper_context=paper_context,
                         backends=names, repeats=repeats, device=str(dev), seed=seed,
-                        threads=threads, precisions=precisions)
+                        threads=threads, precisions=precisions, runtimes=runtimes)
 
     def progress(name: str) -> None:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)

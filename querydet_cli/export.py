@@ -112,6 +112,15 @@ def write_onnx(module, inputs: dict[str, torch.Tensor], names: list[str], path: 
                           dynamo=False)
 
 
+def write_graphs(graphs: dict, inputs: dict, work: Path) -> dict[str, dict[str, list[str]]]:
+    """Every graph as `work/<name>.onnx`; returns each one's input and output names."""
+    entries = {}
+    for name, (module, names) in graphs.items():
+        write_onnx(module, inputs[name], names, work / f"{name}.onnx")
+        entries[name] = {"inputs": names, "outputs": module.output_names()}
+    return entries
+
+
 def relative_difference(found: list[np.ndarray], expected: tuple[torch.Tensor, ...]) -> float:
     """Largest |found - expected| over the largest |expected|, across a graph's outputs."""
     worst = 0.0
@@ -191,10 +200,7 @@ def export_model(weights: str | Path, out: str | Path, fmt: str = "onnx",
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        entries = {}
-        for name, (module, names) in graphs.items():
-            write_onnx(module, inputs[name], names, work / f"{name}.onnx")
-            entries[name] = {"inputs": names, "outputs": module.output_names()}
+        entries = write_graphs(graphs, inputs, work)
         onnx_files = {name: work / f"{name}.onnx" for name in graphs}
         check = check_graphs(graphs, inputs, OnnxRuntimeRunner(onnx_files, {
             n: e["inputs"] for n, e in entries.items()}))

@@ -233,3 +233,17 @@ def test_openvino_ir_export_runs_on_openvino_only(tmp_path):
     assert len(want) == len(got) and np.abs(want - got).max() <= 0.5
     _refused(["detect", sample_scene(), "-o", tmp_path / "x.geojson", "--weights", out,
               "--runtime", "onnxruntime"], "OpenVINO IR")
+
+
+def test_bench_times_the_runtimes_beside_torch():
+    from querydet_cli.bench import BenchOptions, run_bench
+
+    opts = BenchOptions(backbone="resnet18", image_size=128, repeats=1, backends=("torch",),
+                        query_density=0.05, runtimes=True)
+    modes = run_bench(opts)["modes"]
+    assert {"dense_hr", "csq_exact_torch", "dense_hr_onnxruntime_fp32",
+            "csq_exact_onnxruntime_fp32"} <= set(modes)
+    for name, row in modes.items():
+        if name.startswith("csq_exact") and row["precision"] == "fp32":
+            assert row["max_rel_err"] < 1e-4, name
+    assert modes["csq_exact_onnxruntime_fp32"]["detections"] == modes["csq_exact_torch"]["detections"]
