@@ -48,7 +48,6 @@ class BenchOptions:
     seed: int = 0
     threads: int | None = None
     precisions: tuple[str, ...] = ("fp32",)  # auto, fp32, bf16, fp16; one set of rows each
-    runtimes: bool = False  # also the exported graphs on onnxruntime and OpenVINO
 
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")
@@ -176,8 +175,11 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
 
 
 def run_bench(opts: BenchOptions, model: FPNDetector | None = None, image: Path | None = None,
-              progress=None) -> dict[str, Any]:
-    """Measure every mode on one input; returns the report (also what `--json` prints)."""
+              progress=None, extra_rows=None) -> dict[str, Any]:
+    """Measure every mode on one input; returns the report (also what `--json` prints).
+
+    `extra_rows(model, images, opts, forced, device, progress)` adds rows measured on the same
+    model and input (`bench --runtimes`: bench_runtime.graph_rows)."""
     _check_options(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -210,12 +212,10 @@ def run_bench(opts: BenchOptions, model: FPNDetector | None = None, image: Path 
             report_modes[name + suffix] = entry
     model.set_precision("fp32")
     _add_ratios(report_modes, precisions, baseline_name, model, opts.start_level)
-    if opts.runtimes:
-        from .bench_runtime import graph_rows
-
+    if extra_rows is not None:
         first = "" if len(precisions) == 1 else f"_{precisions[0]}"
         dense, base = report_modes["dense_hr" + first], report_modes[baseline_name + first]
-        for name, entry in graph_rows(model, images, opts, forced, device, progress).items():
+        for name, entry in extra_rows(model, images, opts, forced, device, progress).items():
             report_modes[name] = entry | {"speedup_vs_dense": dense["time_s"] / entry["time_s"],
                                           "speedup_vs_baseline": base["time_s"] / entry["time_s"]}
     return {

@@ -59,12 +59,15 @@ def bench(
                         batch=batch, query_density=query_density if query_density > 0 else None,
                         sigma=sigma, start_level=start_level, paper_context=paper_context,
                         backends=names, repeats=repeats, device=str(dev), seed=seed,
-                        threads=threads, precisions=precisions, runtimes=runtimes)
+                        threads=threads, precisions=precisions)
 
     def progress(name: str) -> None:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
 
-    report = run_bench(opts, model=model, image=image, progress=progress)
+    extra = None
+    if runtimes:
+        from .bench_runtime import graph_rows as extra
+    report = run_bench(opts, model=model, image=image, progress=progress, extra_rows=extra)
     if json_out:
         print(json.dumps(report))
     else:

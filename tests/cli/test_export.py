@@ -237,10 +237,11 @@ def test_openvino_ir_export_runs_on_openvino_only(tmp_path):
 
 def test_bench_times_the_runtimes_beside_torch():
     from querydet_cli.bench import BenchOptions, run_bench
+    from querydet_cli.bench_runtime import graph_rows
 
     opts = BenchOptions(backbone="resnet18", image_size=128, repeats=1, backends=("torch",),
-                        query_density=0.05, runtimes=True)
-    modes = run_bench(opts)["modes"]
+                        query_density=0.05)
+    modes = run_bench(opts, extra_rows=graph_rows)["modes"]
     assert {"dense_hr", "csq_exact_torch", "dense_hr_onnxruntime_fp32",
             "csq_exact_onnxruntime_fp32"} <= set(modes)
     for name, row in modes.items():
