@@ -5,7 +5,7 @@
     detector = Detector.load()                       # the bundled sample model; or a .pt path
     gdf = detector.detect("scene.tif", sigma=0.15)   # a geopandas GeoDataFrame
 
-It is the pipeline of `querydet detect` (the same `RasterDetector`: tiling, batched CSQ,
+It is the pipeline of `querydet detect` (the same producer and consumer: tiling, batched CSQ,
 cross-tile merge, nodata handling), without the journal and the file writers. A numpy array
 goes through an in-memory GeoTIFF, so it is read exactly like a file.
 """
@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from .detect import DetectOptions, RasterDetector
+from .detect import DetectOptions, TileConsumer
+from .producer import TileProducer
 from .errors import QueryDetError
 from .gsd import check_input_gsd, parse_gsd_option
 from .raster import RasterSource
@@ -35,27 +36,32 @@ class Detector:
     """A loaded model and the options `detect` uses unless a call overrides them.
 
     Args:
-        weights: checkpoint path; None is the bundled sample model.
-        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+        weights: checkpoint path, or a folder written by `querydet export`; None is the
+            bundled sample model.
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N" (exports: the CPU).
+        runtime: "auto", "torch", "onnxruntime" or "openvino" (see `detect --runtime`).
         **options: defaults for every `detect` call (any field of `DetectOptions`, e.g.
             tile_size, overlap, batch_size, sigma, mode, score_threshold, bands).
     """
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto",
-                 **options: Any) -> None:
+                 runtime: str = "auto", **options: Any) -> None:
         from .engine import load_model, resolve_device
         from .resources import sample_model
+        from .runtime import is_export
 
-        self.device = resolve_device(device)
         self.weights = Path(weights) if weights is not None else sample_model()
-        self.model, self.config = load_model(self.weights, self.device)
+        self.device = resolve_device("cpu" if is_export(self.weights) else device)
+        self.model, self.config = load_model(self.weights, self.device, runtime,
+                                             options.get("precision"))
         self.options = _options(DetectOptions(score_threshold=0.3), options)
 
     @classmethod
     def load(cls, weights: str | Path | None = None, device: str = "auto",
-             **options: Any) -> "Detector":
-        """Load a checkpoint (default: the bundled sample model) once for many `detect` calls."""
-        return cls(weights, device, **options)
+             runtime: str = "auto", **options: Any) -> "Detector":
+        """Load a checkpoint or an export (default: the bundled sample model) once for many
+        `detect` calls."""
+        return cls(weights, device, runtime, **options)
 
     @classmethod
     def from_model(cls, model: Any, config: Any, device: str = "cpu", **options: Any
@@ -105,8 +111,12 @@ class Detector:
         records: list[dict[str, Any]] = []
         with _open(image, transform, crs, opts.bands) as src:
             info = src.info()
-            detector = RasterDetector(self.model, self.config, opts, self.device)
-            detector.run(src, 1, records.extend, lambda state: None, {})
+            producer = TileProducer(self.model, self.config, opts, self.device)
+            producer.planner.attach(src)
+            tiles = producer.planner.plan(src.info())
+            TileConsumer(self.config, opts, producer.profile).run(
+                src, 1, records.extend, lambda state: None, {},
+                producer.results(1, src, tiles), tiles)
         rows = {c: [] for c in COLUMNS}
         geoms = []
         for r in records:

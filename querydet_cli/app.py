@@ -158,15 +158,16 @@ def _detect_locked(paths: list[str], output: str, out_format: str, options: dict
             dev = resolve_device("cpu")  # exported models run on the CPU
         model, cfg = load_model(weights or sample_model(), dev, runtime, options["precision"])
         opts = DetectOptions(**options, image_ids=image_ids)
-        settings = None
+        producer = None  # the model runs here; with --ray, on Ray actors
         if ray_settings is not None:
-            from .distributed import RaySettings
+            from .distributed import RayProducer, RaySettings
 
-            settings = RaySettings(**ray_settings)
+            producer = RayProducer(RaySettings(**ray_settings), weights or sample_model(), opts,
+                                   str(dev))
         try:
             return run_detect(model, cfg, paths, output, out_format, opts, dev,
                               progress_factory=None if quiet else progress_bar, lock=lock,
-                              ray=settings, weights=weights or sample_model())
+                              producer=producer)
         except DetectInterrupted as err:
             if err.resumable:
                 import shlex

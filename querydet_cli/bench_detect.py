@@ -237,7 +237,7 @@ def duplicate_count(truth: Path, dets: list[dict[str, Any]], category_ids: list[
     With the pipeline's own tile `windows` (x1, y1, x2, y2), also the objects on a seam (cut by
     some window: partly inside it) and their duplicates, the ones a cross-tile merge answers for.
     """
-    from .merge import overlap_matrix
+    from .boxes import overlap_matrix
 
     annotations = json.loads(Path(truth).read_text())["annotations"]
     wins = np.array(windows or [], np.float64).reshape(-1, 4)
@@ -335,7 +335,7 @@ def run_ray_scaling(count: int, size: int, weights: str, workdir: Path, tile_siz
     import torch
 
     from .detect import DetectOptions, run_detect
-    from .distributed import RaySettings, import_ray
+    from .distributed import RayProducer, RaySettings, import_ray
     from .engine import load_model
 
     ray = import_ray()
@@ -357,10 +357,10 @@ def run_ray_scaling(count: int, size: int, weights: str, workdir: Path, tile_siz
                     opts = DetectOptions(tile_size=tile_size, overlap=overlap,
                                          batch_size=batch_size)
                     t0 = time.perf_counter()
+                    producer = RayProducer(RaySettings(workers=w, threads_per_worker=1),
+                                           weights, opts, "cpu")
                     s = run_detect(model, cfg, rasters, str(Path(tmp) / f"w{w}r{r}.ndjson"),
-                                   "ndjson", opts, torch.device("cpu"),
-                                   ray=RaySettings(workers=w, threads_per_worker=1),
-                                   weights=weights)
+                                   "ndjson", opts, torch.device("cpu"), producer=producer)
                     rates[w].append(s.megapixels / (time.perf_counter() - t0))
     finally:
         if started:

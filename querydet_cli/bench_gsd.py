@@ -62,7 +62,7 @@ def placement(coarse: list[dict[str, Any]], fine: list[dict[str, Any]], factor: 
     """Distances, in pixels of the coarser grid, between the centres of one object's detections
     on two grids (`fine` boxes divided by `factor`); pairs are mutual best matches, same class,
     IoU >= 0.5."""
-    from .merge import overlap_matrix
+    from .boxes import overlap_matrix
 
     if not coarse or not fine:
         return {"pairs": 0, "median_px": -1.0, "p95_px": -1.0, "max_px": -1.0}

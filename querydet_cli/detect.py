@@ -28,7 +28,8 @@ from .journal import Journal
 from .locking import OutputLock
 from .merge import Detections, TileMerger
 from .overview import Overview
-from .producer import DetectOptions, TileProducer
+from .producer import DetectOptions, InputPlanner, Producer, TileProducer
+from .profile import Profile
 from .raster import RasterSource
 from .tiling import Tile, row_starts
 from .writers import GEO_FORMATS, OutputWriter, pixel_box_ring, read_records, to_lonlat
@@ -64,29 +65,25 @@ class DetectInterrupted(QueryDetError):
         self.resumable = resumable
 
 
-class RasterDetector(TileProducer):
+class TileConsumer:
     """The consumer of a run over rasters: merges each tile's detections across tiles, emits
-    final ones and checkpoints per finished tile row; the producer's methods are inherited
-    (a local run produces and consumes in one process)."""
+    final ones and checkpoints per finished tile row. Its tiles come from any `Producer`."""
 
-    def __init__(self, model: FPNDetector, cfg: Config, options: DetectOptions,
-                 device: torch.device) -> None:
-        super().__init__(model, cfg, options, device)
+    def __init__(self, cfg: Config, options: DetectOptions, profile: Profile) -> None:
+        self.opts = options
+        self.profile = profile
         self.names = cfg.names()
         self.category_ids = cfg.category_ids()
+        self.rows = (0, 0)  # tile rows done, of all (for an interrupt message)
 
     def run(self, src: RasterSource, image_id: int, emit: Callable[[list[dict]], None],
             checkpoint: Callable[[dict[str, Any]], None], state: dict[str, Any],
-            progress: Callable[[int], None] | None = None, vis: "Overview | None" = None,
-            results: Iterable[tuple[Tile, tuple[np.ndarray, ...] | None, Any]] | None = None,
-            tiles: list[Tile] | None = None) -> int:
-        """The consumer: merge each tile's detections across tiles, emit final ones and
-        checkpoint per finished tile row; returns the number emitted. `results` (tile,
-        detections, heatmap) come from `produce` here, or from elsewhere (Ray workers);
-        `tiles` is the input's plan when the caller has made it (`attach`ed `src`)."""
-        if tiles is None:
-            self.attach(src)
-            tiles = self.plan(src.info())
+            results: Iterable[tuple[Tile, tuple[np.ndarray, ...] | None, Any]],
+            tiles: list[Tile], progress: Callable[[int], None] | None = None,
+            vis: "Overview | None" = None) -> int:
+        """Merge each tile's detections across tiles, emit final ones and checkpoint per
+        finished tile row; returns the number emitted. `results` (tile, detections, heatmap)
+        come from the run's producer; `tiles` is the input's plan (`src` attached)."""
         self.profile.scales.append(src.scale)
         info = self._info = src.info()  # read once: _emit runs for every released tile row
         # a second handle, for this thread only: the reader thread owns `src` while it runs
@@ -97,7 +94,6 @@ class RasterDetector(TileProducer):
         merger = TileMerger(self.opts.merge_metric, self.opts.merge_threshold)
         if state.get("pending"):
             merger.restore(state["pending"])
-        todo = [t for t in tiles if t.row >= rows_done]
         per_row = {r: sum(1 for t in tiles if t.row == r) for r in starts}
         finished = {r: 0 for r in starts}
         emitted = 0
@@ -118,8 +114,7 @@ class RasterDetector(TileProducer):
                 self.rows = (next_row, len(starts))
 
         try:
-            for tile, found, heat in (results if results is not None
-                                      else self.produce(src, todo, info)):
+            for tile, found, heat in results:
                 if progress:
                     progress(1)
                 if found is not None:
@@ -174,21 +169,31 @@ class RasterDetector(TileProducer):
 def run_detect(model: FPNDetector, cfg: Config, inputs: list[str], output: str, fmt: str,
                options: DetectOptions, device: torch.device,
                progress_factory: Callable[[str, int], Any] | None = None,
-               lock: OutputLock | None = None, ray: Any = None,
-               weights: str | Path | None = None) -> DetectSummary:
+               lock: OutputLock | None = None, producer: Producer | None = None
+               ) -> DetectSummary:
     """Detect on every input into one output; a bad input is reported and skipped.
 
-    With `ray` (`distributed.RaySettings`) and the checkpoint path `weights`, the producer runs
-    on Ray actors and this process merges and writes, exactly as without Ray."""
+    `producer`: where the tiles are computed; None runs `model` here (`TileProducer`). A
+    `distributed.RayProducer` runs it on Ray actors while this process merges and writes,
+    exactly as without Ray."""
     if output == "-" and options.resume:
         raise QueryDetError("--resume needs an output file, not stdout")
-    detector = RasterDetector(model, cfg, options, device)
-    journal = None if output == "-" else Journal(output, run_key(inputs, options, cfg, model),
-                                                 options.resume, lock)
-    run = _Run(detector, cfg, inputs, output, fmt, journal, progress_factory)
+    producer = producer or TileProducer(model, cfg, options, device)
+    planner = InputPlanner(cfg.data.gsd, getattr(model, "size_divisibility", 1), options)
+    consumer = TileConsumer(cfg, options, getattr(producer, "profile", None) or Profile())
     try:
-        if ray is not None:
-            run.producer = _ray_producer(detector, inputs, journal, ray, weights, device)
+        journal = None if output == "-" else Journal(output, run_key(inputs, options, cfg, model),
+                                                     options.resume, lock)
+    except BaseException:
+        producer.close()  # actors started by the caller are not left running
+        raise
+    precision = getattr(producer, "precision", None) or \
+        model.set_precision(options.precision or cfg.inference.precision)
+    run = _Run(consumer, producer, planner, cfg, inputs, output, fmt, journal, progress_factory,
+               precision, getattr(model, "runtime", "torch"))
+    try:
+        producer.start(inputs, {i: journal.input_state(i) if journal else {}
+                                for i in range(1, len(inputs) + 1)}, planner)
         for image_id, path in enumerate(inputs, start=1):
             run.detect_input(image_id, path)
         run.finish()
@@ -205,44 +210,21 @@ def run_detect(model: FPNDetector, cfg: Config, inputs: list[str], output: str, 
     return run.summary
 
 
-def _ray_producer(detector: RasterDetector, inputs: list[str], journal: Journal | None,
-                  settings: Any, weights: str | Path | None, device: torch.device):
-    """The producer on Ray actors (distributed.py), started on every input's unfinished rows."""
-    from .distributed import RayProducer
-
-    if weights is None:
-        raise QueryDetError("--ray needs the checkpoint file the workers load")
-    options = detector.opts
-    producer = RayProducer(settings, weights, options, str(device))
-
-    def tile_rows(path: str) -> int | None:
-        try:  # only the size is needed: no percentile stretch
-            with RasterSource(path, options.bands, stretch_known=True) as src:
-                detector.attach(src)
-                return max(t.row for t in detector.plan(src.info())) + 1
-        except QueryDetError:
-            return None
-
-    states = {i: journal.input_state(i) if journal else {} for i in range(1, len(inputs) + 1)}
-    producer.start(producer.plan(inputs, states, tile_rows))
-    return producer
-
-
 class _Run:
     """One `run_detect` call: its inputs one after the other, then the output; the state they
     share (summary, journal, the stdout writer, the CRS of the output) in one place."""
 
-    def __init__(self, detector: RasterDetector, cfg: Config, inputs: list[str], output: str,
-                 fmt: str, journal: Journal | None,
-                 progress_factory: Callable[[str, int], Any] | None) -> None:
-        self.detector, self.cfg, self.output, self.fmt = detector, cfg, output, fmt
-        self.options = detector.opts
+    def __init__(self, consumer: TileConsumer, producer: Producer, planner: InputPlanner,
+                 cfg: Config, inputs: list[str], output: str, fmt: str, journal: Journal | None,
+                 progress_factory: Callable[[str, int], Any] | None, precision: str,
+                 runtime: str) -> None:
+        self.detector, self.cfg, self.output, self.fmt = consumer, cfg, output, fmt
+        self.producer, self.planner = producer, planner
+        self.options = consumer.opts
         self.journal = journal
         self.progress_factory = progress_factory
-        self.summary = DetectSummary(inputs=len(inputs), failed=[],
-                                     precision=detector.precision,
-                                     runtime=getattr(detector.model, "runtime", "torch"))
-        self.producer = None
+        self.summary = DetectSummary(inputs=len(inputs), failed=[], precision=precision,
+                                     runtime=runtime)
         self.crs_seen: str | None = None
         self.current = ""
         self.started = time.perf_counter()
@@ -288,12 +270,12 @@ class _Run:
         try:
             setup = time.perf_counter()
             with RasterSource(path, options.bands) as src:
-                detector.attach(src)
+                self.planner.attach(src)
                 info = src.info()
                 self.check_crs(path, info)
                 self.open_stdout(info.crs)
                 vis = Overview(src) if options.save_vis else None
-                tiles = detector.plan(info)  # the one tile plan of this input, handed on
+                tiles = self.planner.plan(info)  # the one tile plan of this input, handed on
                 done_rows = int(state.get("rows_done", 0))
                 remaining = sum(1 for t in tiles if t.row >= done_rows)
                 bar = self.progress_factory(Path(path).name, remaining) \
@@ -305,12 +287,10 @@ class _Run:
 
                 record_id = options.image_ids[image_id - 1] if options.image_ids else image_id
                 detector.profile.add("setup", time.perf_counter() - setup)
-                results = None
-                if self.producer is not None:
-                    results = self.producer.results_for(image_id, {t.index: t for t in tiles})
+                todo = [t for t in tiles if t.row >= done_rows]
                 n = detector.run(src, record_id, self.emit, checkpoint, state,
-                                 progress=(lambda k: bar.update(k)) if bar else None,
-                                 vis=vis, results=results, tiles=tiles)
+                                 self.producer.results(image_id, src, todo), tiles,
+                                 progress=(lambda k: bar.update(k)) if bar else None, vis=vis)
                 if bar:
                     bar.close()
                 if journal is not None:
@@ -324,8 +304,7 @@ class _Run:
         except QueryDetError as err:
             self.summary.failed.append((path, str(err)))
             print(f"querydet: error: {err}", file=sys.stderr)
-            if self.producer is not None:
-                self.producer.skip(image_id)
+            self.producer.skip(image_id)
 
     def finish(self) -> None:
         """The output from the journal, through a temporary file; the journal then removed."""
@@ -364,8 +343,7 @@ class _Run:
                                  resumable=False)
 
     def close(self) -> None:
-        if self.producer is not None:
-            self.producer.close()
+        self.producer.close()
         if self.journal is not None:
             self.journal.close()
         if self.stdout is not None:

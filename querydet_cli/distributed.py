@@ -1,9 +1,9 @@
 """`querydet detect --ray`: the producer on Ray actors, the consumer on the driver.
 
 The driver plans work units: a whole raster, or a band of tile rows of a large one. Actors
-(`DetectWorker`) each hold the model once and run `RasterDetector.produce` on a unit: pixels in,
-per-tile detections out. Results come back in plan order, and the driver feeds them to the same
-consumer as a single-process run (`RasterDetector.run`: cross-tile merge, journal, output), so an
+(`DetectWorker`) each hold the model once and run the local producer (`TileProducer`) on a unit:
+pixels in, per-tile detections out. Results come back in plan order, and the driver feeds them to
+the same consumer as a single-process run (`TileConsumer`: cross-tile merge, journal, output), so an
 object on a band seam is merged exactly as on any tile seam and the output equals the
 single-process output. A dead actor is restarted by Ray and its unit retried (`max_restarts`,
 `max_task_retries`); a unit that fails on bad input fails that input only.
@@ -92,9 +92,10 @@ class DetectWorkerImpl:
             self._load(checkpoint)
         try:
             with RasterSource(path, tuple(bands) if bands else None) as src:
-                self.detector.attach(src)
+                self.detector.planner.attach(src)
                 info = src.info()
-                tiles = [t for t in self.detector.plan(info) if first_row <= t.row < last_row]
+                tiles = [t for t in self.detector.planner.plan(info)
+                         if first_row <= t.row < last_row]
                 return [(t.index, found) for t, found, _ in
                         self.detector.produce(src, tiles, info)]
         except QueryDetError as err:  # bad input: reported by the driver for this input only
@@ -113,9 +114,13 @@ class Unit:
 
 
 class RayProducer:
-    """Plans units for all inputs, keeps the actors busy, hands back results in plan order."""
+    """A `producer.Producer` on Ray actors: plans units for all inputs, keeps the actors busy,
+    hands back results in plan order. `weights`: the checkpoint file the actors load."""
 
-    def __init__(self, settings: RaySettings, weights: str | Path, options, device: str) -> None:
+    def __init__(self, settings: RaySettings, weights: str | Path | None, options, device: str
+                 ) -> None:
+        if weights is None or not Path(weights).is_file():
+            raise QueryDetError("--ray needs the checkpoint file the workers load")
         ray = import_ray()
         from ray.util import ActorPool
 
@@ -136,14 +141,14 @@ class RayProducer:
         self.pool = ActorPool(self.actors)
         self.options = options
 
-    def plan(self, inputs: list[str], states: dict[int, dict[str, Any]], tiling) -> list[Unit]:
+    def plan(self, inputs: list[str], states: dict[int, dict[str, Any]], rows_of) -> list[Unit]:
         """Units for every unfinished input: whole rasters, or bands of rows of large ones."""
         units = []
         for index, path in enumerate(inputs, start=1):
             state = states.get(index, {})
             if state.get("complete"):
                 continue
-            rows = tiling(path)
+            rows = rows_of(path)
             if rows is None:  # unreadable: the driver reports it when it gets there
                 units.append(Unit(index, path, 0, 0))
                 continue
@@ -154,7 +159,12 @@ class RayProducer:
                 units.append(Unit(index, path, start, min(rows, start + per)))
         return units
 
-    def start(self, units: list[Unit]) -> None:
+    def start(self, inputs: list[str], states: dict[int, dict[str, Any]], planner) -> None:
+        """Units for every unfinished input (sized by `planner`'s tile rows), sent to the
+        actors at once; results are collected in plan order as the consumer asks."""
+        self.run_units(self.plan(inputs, states, planner.rows))
+
+    def run_units(self, units: list[Unit]) -> None:
         self.units = units
         bands = self.options.bands
         ref = self.weights_ref
@@ -163,9 +173,9 @@ class RayProducer:
             units)
         self._next = 0
 
-    def results_for(self, index: int, tiles_by_index: dict[int, Any]
-                    ) -> Iterator[tuple[Any, Any, None]]:
+    def results(self, index: int, src, tiles: list[Any]) -> Iterator[tuple[Any, Any, None]]:
         """(tile, detections, None) of input `index`, in tile order, as the consumer wants."""
+        tiles_by_index = {t.index: t for t in tiles}
         while self._next < len(self.units) and self.units[self._next].input_index == index:
             result = next(self._results)
             self._next += 1

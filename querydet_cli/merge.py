@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .boxes import overlap_matrix
+
 
 @dataclass
 class Detections:
@@ -47,18 +49,6 @@ class Detections:
         return Detections(np.concatenate([p.boxes for p in parts]),
                           np.concatenate([p.scores for p in parts]),
                           np.concatenate([p.labels for p in parts]))
-
-
-def overlap_matrix(a: np.ndarray, b: np.ndarray, ios: np.ndarray) -> np.ndarray:
-    """(len(a), len(b)) IoU, or IoS where `ios` (len(a), len(b)) is True."""
-    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    smaller = np.minimum(area_a[:, None], area_b[None, :])
-    return np.where(ios, inter / np.maximum(smaller, 1e-9), inter / np.maximum(union, 1e-9))
 
 
 def suppress_nested(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .boxes import box_iou
+
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
@@ -34,18 +36,6 @@ class ImageDetections:
     boxes: np.ndarray  # (M, 4) xyxy
     scores: np.ndarray  # (M,)
     labels: np.ndarray  # (M,)
-
-
-def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU (len(a), len(b)) of xyxy boxes."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
 def ignored_fraction(boxes: np.ndarray, regions: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -83,7 +73,7 @@ def _match(det_boxes: np.ndarray, det_scores: np.ndarray, gt_boxes: np.ndarray, 
            ) -> np.ndarray:
     """Greedy matching by descending score: True where a detection matches an unmatched gt."""
     order = np.argsort(-det_scores, kind="mergesort")
-    iou = box_iou_np(det_boxes[order], gt_boxes)
+    iou = box_iou(det_boxes[order], gt_boxes)
     taken = np.zeros(len(gt_boxes), bool)
     tp = np.zeros(len(det_boxes), bool)
     for k, row in enumerate(iou):

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -98,28 +98,15 @@ def default_batch_size(device: torch.device) -> int:
     return 4 if device.type == "cuda" else 1
 
 
-class TileProducer:
-    """The producer (pixels in, boxes out): one model over the tiles of rasters, options fixed
-    for a run. Tiles are read by a thread, batched through the model and turned into
-    detections in global pixels; nothing here merges or writes."""
+class InputPlanner:
+    """How a run reads each input: the ground resolution (`attach`) and the one tile plan
+    (`plan`). The consumer plans every input once and hands the plan on; a Ray worker plans
+    its own band with an equal planner, so both sides agree tile for tile."""
 
-    def __init__(self, model: FPNDetector, cfg: Config, options: DetectOptions,
-                 device: torch.device) -> None:
-        self.model = model
-        self.cfg = cfg
-        if options.batch_size is None:
-            options = replace(options, batch_size=default_batch_size(device))
+    def __init__(self, model_gsd: float | None, align: int, options: DetectOptions) -> None:
+        self.model_gsd = model_gsd
+        self.align = align
         self.opts = options
-        self.device = device
-        self.mode = {k: v for k, v in (("mode", options.mode), ("sigma", options.sigma),
-                                       ("context", options.context), ("backend", options.backend),
-                                       ("start_level", options.start_level)) if v is not None}
-        self.precision = model.set_precision(options.precision or cfg.inference.precision)
-        log.info("precision: %s", self.precision)
-        self.profile = Profile()
-        if options.profile and device.type == "cuda":
-            self.profile.sync = lambda: torch.cuda.synchronize(device)
-        self.model_gsd = cfg.data.gsd
         self._said: set[str] = set()  # GSD notices already given in this run
 
     def attach(self, src: RasterSource) -> Resolution:
@@ -145,6 +132,81 @@ class TileProducer:
             log.info("%s: %.4g m pixels read at %.4g m (%.3g x %.3g source pixels per model "
                      "pixel)", src.path, source_gsd[0], res.target_gsd, *src.scale)
         return res
+
+    def plan(self, info) -> list[Tile]:
+        """The tiles of a raster, in the order they are produced and merged."""
+        return make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap,
+                          align=self.align)
+
+    def rows(self, path: str) -> int | None:
+        """Tile rows of the raster at `path` (None when it cannot be opened): what a producer
+        that splits rasters into bands of rows needs to know before the run."""
+        try:  # only the size is needed: no percentile stretch
+            with RasterSource(path, self.opts.bands, stretch_known=True) as src:
+                self.attach(src)
+                return max(t.row for t in self.plan(src.info())) + 1
+        except QueryDetError:
+            return None
+
+
+class Producer(Protocol):
+    """What the consumer (detect.py) asks of a producer: per-tile detections of each input, in
+    tile order. `TileProducer` runs here; `distributed.RayProducer` on Ray actors. The caller
+    (CLI, Python API) chooses one; the pipeline never names Ray."""
+
+    profile: Profile
+
+    def start(self, inputs: list[str], states: dict[int, dict[str, Any]],
+              planner: InputPlanner) -> None:
+        """Before the first input: `states` are the journal's, per 1-based input index."""
+
+    def results(self, image_id: int, src: RasterSource, tiles: list[Tile]
+                ) -> Iterable[tuple[Tile, tuple[np.ndarray, ...] | None, np.ndarray | None]]:
+        """(tile, detections, query heatmap) of `tiles` of input `image_id`, in tile order."""
+
+    def skip(self, image_id: int) -> None:
+        """Input `image_id` failed on the consumer's side: drop what was made for it."""
+
+    def close(self) -> None:
+        """The run is over (or interrupted)."""
+
+
+class TileProducer:
+    """The local producer (pixels in, boxes out): one model over the tiles of rasters, options
+    fixed for a run. Tiles are read by a thread, batched through the model and turned into
+    detections in global pixels; nothing here merges or writes."""
+
+    def __init__(self, model: FPNDetector, cfg: Config, options: DetectOptions,
+                 device: torch.device) -> None:
+        self.model = model
+        self.cfg = cfg
+        if options.batch_size is None:
+            options = replace(options, batch_size=default_batch_size(device))
+        self.opts = options
+        self.device = device
+        self.mode = {k: v for k, v in (("mode", options.mode), ("sigma", options.sigma),
+                                       ("context", options.context), ("backend", options.backend),
+                                       ("start_level", options.start_level)) if v is not None}
+        self.precision = model.set_precision(options.precision or cfg.inference.precision)
+        log.info("precision: %s", self.precision)
+        self.profile = Profile()
+        if options.profile and device.type == "cuda":
+            self.profile.sync = lambda: torch.cuda.synchronize(device)
+        self.planner = InputPlanner(cfg.data.gsd, getattr(model, "size_divisibility", 1), options)
+
+    # -- the Producer protocol ----------------------------------------------------------------
+    def start(self, inputs: list[str], states: dict[int, dict[str, Any]],
+              planner: InputPlanner) -> None:
+        pass  # nothing runs ahead: each input is produced when the consumer asks for it
+
+    def results(self, image_id: int, src: RasterSource, tiles: list[Tile]):
+        return self.produce(src, tiles)
+
+    def skip(self, image_id: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def infer(self, batch: list[tuple[Tile, np.ndarray, np.ndarray]]
               ) -> list[tuple[dict[str, torch.Tensor], np.ndarray | None]]:
@@ -273,11 +335,6 @@ class TileProducer:
                     q.get_nowait()
                 except queue.Empty:
                     reader.join(timeout=0.1)
-
-    def plan(self, info) -> list[Tile]:
-        """The tiles of a raster, in the order they are produced and merged."""
-        return make_tiles(info.width, info.height, self.opts.tile_size, self.opts.overlap,
-                          align=getattr(self.model, "size_divisibility", 1))
 
     def _tile_detections(self, tile: Tile, det: dict[str, torch.Tensor], valid: np.ndarray,
                          info) -> tuple[np.ndarray, ...]:

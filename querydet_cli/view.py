@@ -253,13 +253,13 @@ def review_boxes(source: str, names: list[str], dets, truth_boxes: np.ndarray,
                  truth_labels: np.ndarray, min_score: float, iou: float = 0.5) -> list[Box]:
     """One image's detections (score >= min_score) matched to its ground truth at `iou`, best
     score first, class by class: true positives, false positives and misses (unmatched truth)."""
-    from .metrics import box_iou_np
+    from .boxes import box_iou
 
     keep = dets.scores >= min_score
     boxes, scores, labels = dets.boxes[keep], dets.scores[keep], dets.labels[keep]
     taken = np.zeros(len(truth_boxes), bool)
     out = []
-    overlaps = box_iou_np(boxes, truth_boxes)
+    overlaps = box_iou(boxes, truth_boxes)
     for i in np.argsort(-scores, kind="stable"):
         ok = (truth_labels == labels[i]) & ~taken
         j = int(np.argmax(np.where(ok, overlaps[i], -1))) if ok.any() else -1

@@ -2,7 +2,7 @@
 
 Each object is a solid rectangle whose first-band value (1..255) is its id; the oracle reports
 one box per id visible in the tile, cut by the tile edge like a real detector's view would be.
-It implements the public methods RasterDetector calls on a model.
+It implements the public methods the producer (TileProducer) calls on a model.
 """
 
 import numpy as np

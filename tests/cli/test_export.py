@@ -248,3 +248,14 @@ def test_bench_times_the_runtimes_beside_torch():
         if name.startswith("csq_exact") and row["precision"] == "fp32":
             assert row["max_rel_err"] < 1e-4, name
     assert modes["csq_exact_onnxruntime_fp32"]["detections"] == modes["csq_exact_torch"]["detections"]
+
+
+def test_python_api_runs_an_export(exported):
+    from querydet_cli.api import Detector
+
+    torch_found = Detector.load(device="cpu", precision="fp32").detect(sample_scene())
+    found = Detector.load(exported, runtime="onnxruntime").detect(sample_scene())
+    assert len(found) == len(torch_found) > 10
+    cols = ["x1", "y1", "x2", "y2"]
+    a, b = (f.sort_values(cols)[cols].to_numpy() for f in (found, torch_found))
+    assert np.abs(a - b).max() <= 0.5

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 
 from querydet_cli.config import Config  # noqa: E402
 from querydet_cli.detect import DetectOptions, run_detect  # noqa: E402
-from querydet_cli.distributed import RaySettings  # noqa: E402
+from querydet_cli.distributed import RayProducer, RaySettings  # noqa: E402
 from querydet_cli.engine import load_model  # noqa: E402
 from querydet_models.checkpoint import save_checkpoint  # noqa: E402
 from querydet_models.config import ModelConfig  # noqa: E402
@@ -77,8 +77,9 @@ def _single(checkpoint, inputs, out, opts=OPTS):
 
 def _on_ray(checkpoint, inputs, out, settings, opts=OPTS):
     model, cfg = load_model(checkpoint, "cpu")
+    producer = RayProducer(settings, checkpoint, opts, "cpu")
     summary = run_detect(model, cfg, inputs, str(out), "ndjson", opts, torch.device("cpu"),
-                         ray=settings, weights=checkpoint)
+                         producer=producer)
     return summary, _detections(out)
 
 
