@@ -212,9 +212,14 @@ class FPNDetector(nn.Module):
             return self.detections(self.predict_levels(features, **mode), sizes, features)
 
     # -- inference form ---------------------------------------------------------------------------
+    def resolved_precision(self, precision: str = "auto") -> str:
+        """The precision (auto, fp32, bf16, fp16) resolved for this model's device; changes
+        nothing (a caller passes it to `compute` for its own calls)."""
+        return resolve_precision(precision, self.pixel_mean.device)
+
     def set_precision(self, precision: str = "auto") -> str:
-        """Choose the inference precision (auto, fp32, bf16, fp16); returns the one resolved."""
-        self.precision = resolve_precision(precision, self.pixel_mean.device)
+        """Set the default inference precision (auto, fp32, bf16, fp16); returns it resolved."""
+        self.precision = self.resolved_precision(precision)
         return self.precision
 
     def prepare_inference(self, precision: str = "auto", channels_last: bool = True) -> str:
@@ -230,9 +235,10 @@ class FPNDetector(nn.Module):
             self.to(memory_format=torch.channels_last)
         return self.set_precision(precision)
 
-    def compute(self):
-        """Context for inference calls: inference_mode, autocast to `self.precision`."""
-        return compute_context(self.pixel_mean.device, self.precision)
+    def compute(self, precision: str | None = None):
+        """Context for inference calls: inference_mode, autocast to `precision` (resolved, see
+        `resolved_precision`), by default the model's own."""
+        return compute_context(self.pixel_mean.device, precision or self.precision)
 
     @torch.no_grad()
     def predict_levels(self, features: Pyramid, *, mode: str | None = None,

@@ -159,14 +159,16 @@ class GraphDetector:
     def has_query(self) -> bool:
         return self.shell.has_query and "coarse" in self.output_names
 
-    def set_precision(self, precision: str = "auto") -> str:
+    def resolved_precision(self, precision: str = "auto") -> str:
         """The runner's precision is chosen when it is loaded; `auto` keeps it."""
         if precision not in ("auto", self.precision):
             raise ValueError(f"this exported model runs in {self.precision}, not {precision} "
                              "(the precision is chosen when the export is loaded)")
         return self.precision
 
-    def compute(self):
+    set_precision = resolved_precision
+
+    def compute(self, precision: str | None = None):
         return torch.inference_mode()
 
     def preprocess(self, images):

@@ -28,7 +28,7 @@ from .journal import Journal
 from .locking import OutputLock
 from .merge import Detections, TileMerger
 from .overview import Overview
-from .producer import DetectOptions, InputPlanner, Producer, TileProducer
+from .producer import DetectOptions, InputPlanner, Producer, TileDetections, TileProducer  # noqa: F401
 from .profile import Profile
 from .raster import RasterSource
 from .tiling import Tile, row_starts
@@ -78,7 +78,7 @@ class TileConsumer:
 
     def run(self, src: RasterSource, image_id: int, emit: Callable[[list[dict]], None],
             checkpoint: Callable[[dict[str, Any]], None], state: dict[str, Any],
-            results: Iterable[tuple[Tile, tuple[np.ndarray, ...] | None, Any]],
+            results: Iterable[tuple[Tile, "TileDetections | None", Any]],
             tiles: list[Tile], progress: Callable[[int], None] | None = None,
             vis: "Overview | None" = None) -> int:
         """Merge each tile's detections across tiles, emit final ones and checkpoint per
@@ -188,7 +188,7 @@ def run_detect(model: FPNDetector, cfg: Config, inputs: list[str], output: str, 
         producer.close()  # actors started by the caller are not left running
         raise
     precision = getattr(producer, "precision", None) or \
-        model.set_precision(options.precision or cfg.inference.precision)
+        model.resolved_precision(options.precision or cfg.inference.precision)
     run = _Run(consumer, producer, planner, cfg, inputs, output, fmt, journal, progress_factory,
                precision, getattr(model, "runtime", "torch"))
     try:

@@ -56,7 +56,7 @@ def connect(settings: RaySettings) -> bool:
     return True
 
 
-class DetectWorkerImpl:
+class DetectWorker:
     """One model per actor, loaded on its first unit; `detect` runs the producer on a unit.
 
     The checkpoint arrives as a task argument (an object-store reference the driver holds), not
@@ -130,7 +130,7 @@ class RayProducer:
         self.weights_ref = ray.put(Path(weights).read_bytes())  # held for retries
         opts = {k: v for k, v in asdict(options).items()
                 if k not in ("resume", "save_vis", "image_ids")}
-        worker = ray.remote(DetectWorkerImpl)
+        worker = ray.remote(DetectWorker)
         run_id = uuid.uuid4().hex[:8]
         # a dead actor is restarted and its unit retried (the driver never sees the failure)
         self.actors = [worker.options(

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +34,16 @@ from .tiling import Tile, make_tiles
 
 log = logging.getLogger("querydet")
 EDGE_TOLERANCE = 2.0  # px: a box this close to an inner tile edge is cut by it
+
+
+class TileDetections(NamedTuple):
+    """One tile's detections as the producer hands them on, in global pixels (n,) / (n, 4)."""
+
+    boxes: np.ndarray  # (n, 4) xyxy float64
+    scores: np.ndarray  # (n,)
+    labels: np.ndarray  # (n,) int64
+    cut: np.ndarray  # (n,) bool: touches an inner tile edge (a fragment)
+    exclusive: np.ndarray  # (n,) bool: in the tile's exclusive zone, final at once
 
 
 @dataclass(frozen=True)
@@ -161,7 +171,7 @@ class Producer(Protocol):
         """Before the first input: `states` are the journal's, per 1-based input index."""
 
     def results(self, image_id: int, src: RasterSource, tiles: list[Tile]
-                ) -> Iterable[tuple[Tile, tuple[np.ndarray, ...] | None, np.ndarray | None]]:
+                ) -> Iterable[tuple[Tile, "TileDetections | None", np.ndarray | None]]:
         """(tile, detections, query heatmap) of `tiles` of input `image_id`, in tile order."""
 
     def skip(self, image_id: int) -> None:
@@ -187,7 +197,8 @@ class TileProducer:
         self.mode = {k: v for k, v in (("mode", options.mode), ("sigma", options.sigma),
                                        ("context", options.context), ("backend", options.backend),
                                        ("start_level", options.start_level)) if v is not None}
-        self.precision = model.set_precision(options.precision or cfg.inference.precision)
+        # the run's precision, passed to the model per call: the model's own setting stays
+        self.precision = model.resolved_precision(options.precision or cfg.inference.precision)
         log.info("precision: %s", self.precision)
         self.profile = Profile()
         if options.profile and device.type == "cuda":
@@ -215,7 +226,7 @@ class TileProducer:
         # only the part of a tile that holds data goes through the network: a nodata collar
         # (orthomosaic footprints) costs nothing beyond the rectangle around the data
         crops = [data_window(valid, align) for _, _, valid in batch]
-        with self.model.compute():  # inference_mode + autocast to the run's precision
+        with self.model.compute(self.precision):  # inference_mode + autocast, this run's
             with prof.stage("preprocess"):
                 images = [torch.from_numpy(p[:, y0:y1, x0:x1]).to(self.device)
                           for (_, p, _), (x0, y0, x1, y1) in zip(batch, crops)]
@@ -277,7 +288,7 @@ class TileProducer:
         return dets, levels, tensor
 
     def produce(self, src: RasterSource, tiles: list[Tile], info=None
-                ) -> Iterator[tuple[Tile, tuple[np.ndarray, ...] | None, np.ndarray | None]]:
+                ) -> Iterator[tuple[Tile, "TileDetections | None", np.ndarray | None]]:
         """The producer (pixels in, boxes out): (tile, its detections, query heatmap) in tile
         order. A reader thread prefetches windows; tiles are batched through the model.
         Detections are `_tile_detections` arrays in global pixels; None for an all-nodata tile.
@@ -299,7 +310,7 @@ class TileProducer:
         def group(t: Tile) -> tuple[int, int]:
             return t.row, (t.index - row_first[t.row]) // self.opts.batch_size
 
-        def flush() -> Iterator[tuple[Tile, tuple[np.ndarray, ...], np.ndarray | None]]:
+        def flush() -> Iterator[tuple[Tile, TileDetections, np.ndarray | None]]:
             if not batch:
                 return
             for (tile, _, valid), (det, heat) in zip(batch, self.infer(batch)):
@@ -337,7 +348,7 @@ class TileProducer:
                     reader.join(timeout=0.1)
 
     def _tile_detections(self, tile: Tile, det: dict[str, torch.Tensor], valid: np.ndarray,
-                         info) -> tuple[np.ndarray, ...]:
+                         info) -> TileDetections:
         boxes = det["boxes"].float().cpu().numpy().astype(np.float64)
         scores = det["scores"].float().cpu().numpy().astype(np.float64)
         labels = det["labels"].cpu().numpy().astype(np.int64)
@@ -358,7 +369,7 @@ class TileProducer:
         ex1, ey1, ex2, ey2 = tile.exclusive
         exclusive = ((boxes[:, 0] >= ex1) & (boxes[:, 1] >= ey1) & (boxes[:, 2] <= ex2)
                      & (boxes[:, 3] <= ey2) & ~cut)
-        return boxes, scores, labels, cut, exclusive
+        return TileDetections(boxes, scores, labels, cut, exclusive)
 
 
 def batch_mask(masks: list[torch.Tensor] | None, sizes, tensor: torch.Tensor

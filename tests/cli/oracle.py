@@ -18,10 +18,10 @@ class OracleModel:
         self.calls = 0
         self.fail_after = fail_after
 
-    def set_precision(self, precision):
+    def resolved_precision(self, precision):
         return "fp32"
 
-    def compute(self):
+    def compute(self, precision=None):
         return torch.inference_mode()
 
     def preprocess(self, images):

@@ -303,3 +303,15 @@ def test_resume_after_every_row_equals_an_uninterrupted_run(tmp_path):
         run_detect(OracleModel(), CFG, [str(path)], str(out), "ndjson",
                    replace_opts(opts, resume=True), CPU)
         assert _boxes(read_ndjson(out)) == expected, stop_after
+
+
+def test_a_run_passes_its_precision_per_call_and_leaves_the_model_as_it_was(tmp_path):
+    from querydet_cli.engine import load_model
+    from querydet_cli.resources import sample_model, sample_scene
+
+    model, cfg = load_model(sample_model(), "cpu")
+    before = model.precision
+    other = "fp32" if before != "fp32" else "bf16"
+    summary = run_detect(model, cfg, [str(sample_scene())], str(tmp_path / "o.ndjson"), "ndjson",
+                         DetectOptions(precision=other), CPU)
+    assert summary.precision == other and model.precision == before
