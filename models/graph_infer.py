@@ -19,19 +19,12 @@ import numpy as np
 import torch
 
 from .detector import FPNDetector
-from .graphs import BRANCH_ORDER
+from .graphs import BRANCH_ORDER, graph_name, sparse_tables  # noqa: F401 (graph_name re-exported)
 from .query_infer import (LevelOutput, QueryInference, QueryOptions, plan_macs, rows_of_map,
                           tower_macs, unique_towers)
-from .sparse import TowerPlan, dilate_keys, neighbour_rows
+from .sparse import TowerPlan
 
 GraphRunner = Callable[[str, dict[str, np.ndarray]], list[np.ndarray]]
-
-
-def graph_name(kind: str, level: int | None = None, with_query: bool = False) -> str:
-    """A graph's name in an export: dense, coarse, fine_dense_P3_query, fine_sparse_P2, ..."""
-    if level is None:
-        return kind
-    return f"fine_{kind}_P{level}" + ("_query" if with_query else "")
 
 
 def level_shape(batch_shape: tuple[int, ...], level: int) -> tuple[int, int, int]:
@@ -117,11 +110,8 @@ class GraphInference(QueryInference):
             empty = {n: torch.zeros(0, branches[n].tower.convs[-1].out_channels) for n in names}
             return LevelOutput(level, shape, keys, empty["cls"], empty["box"],
                                empty["query"][:, 0] if with_query else None, 0.0, dense)
-        ring = dilate_keys(plan.sets[0], shape, 1)  # the inner map's rows the FPN conv reads
-        inputs = {"inner": features.outputs("coarse")[f"inner_P{level}"].numpy(),
-                  "ring": ring.numpy(), "fpn_table": neighbour_rows(plan.sets[0], ring, shape).numpy()}
-        for j in range(1, self.depth + 1):
-            inputs[f"table_{j}"] = plan.neighbours(j).numpy()
+        inputs = {name: t.numpy() for name, t in sparse_tables(plan).items()}
+        inputs["inner"] = features.outputs("coarse")[f"inner_P{level}"].numpy()
         found = features.outputs(graph_name("sparse", level, with_query), inputs)
         rows = {n: found[f"{n}_P{level}"] for n in names}
         macs = self._macs(branches, lambda t: plan_macs(t, plan), plan.keys.numel())

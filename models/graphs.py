@@ -30,7 +30,7 @@ from torch import nn
 from .detector import FPNDetector
 from .fpn import Pyramid
 from .heads import Branch, ConvTower, branch_maps
-from .sparse import conv_weight_as_gemm
+from .sparse import TowerPlan, conv_weight_as_gemm, dilate_keys, neighbour_rows
 
 BRANCH_ORDER = ("cls", "box", "query")
 
@@ -184,5 +184,38 @@ class FineSparseGraph(nn.Module):
         return tuple(outs)
 
 
+def graph_name(kind: str, level: int | None = None, with_query: bool = False) -> str:
+    """A graph's name in an export: dense, coarse, fine_dense_P3_query, fine_sparse_P2, ..."""
+    if level is None:
+        return kind
+    return f"fine_{kind}_P{level}" + ("_query" if with_query else "")
+
+
+def sparse_tables(plan: TowerPlan) -> dict[str, torch.Tensor]:
+    """A `FineSparseGraph`'s position inputs for an exact plan: the ring of the inner map the
+    FPN conv reads, its neighbour table onto the tower's input set, and each conv's table."""
+    ring = dilate_keys(plan.sets[0], plan.shape, 1)
+    tables = {"ring": ring, "fpn_table": neighbour_rows(plan.sets[0], ring, plan.shape)}
+    for j in range(1, plan.depth + 1):
+        tables[f"table_{j}"] = plan.neighbours(j)
+    return tables
+
+
+def export_graphs(model: FPNDetector, start_level: int) -> dict[str, tuple[nn.Module, list[str]]]:
+    """Every graph of an export, {name: (module, input names)}: dense, coarse and, per level
+    below `start_level`, its dense graph(s) and its sparse graph."""
+    graphs: dict[str, tuple[nn.Module, list[str]]] = {
+        "dense": (DenseGraph(model), ["batch"]),
+        "coarse": (CoarseGraph(model, start_level), ["batch"])}
+    for lvl in fine_levels(model, start_level):
+        query = lvl > model.levels[0] and model.has_query
+        graphs[graph_name("dense", lvl, query)] = (FineDenseGraph(model, lvl, query), ["inner"])
+        if query:  # the cascade's 'too busy' path runs a fine level dense without its query
+            graphs[graph_name("dense", lvl, False)] = (FineDenseGraph(model, lvl, False), ["inner"])
+        sparse = FineSparseGraph(model, lvl, query)
+        graphs[graph_name("sparse", lvl, query)] = (sparse, sparse.input_names())
+    return graphs
+
+
 __all__ = ["DenseGraph", "CoarseGraph", "FineDenseGraph", "FineSparseGraph", "export_refusal",
-           "fine_levels", "conv_rows", "BRANCH_ORDER"]
+           "fine_levels", "conv_rows", "BRANCH_ORDER", "sparse_tables", "export_graphs", "graph_name"]

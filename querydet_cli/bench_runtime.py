@@ -156,13 +156,15 @@ def graph_rows(model, images: list, opts, forced, device, progress=None
     from querydet_models.graph_infer import GraphDetector
 
     from .bench import _end_to_end, _level_report, _max_rel_err, _median_runs
-    from .export import _graph_modules, sample_inputs, write_graphs
+    from querydet_models.graphs import export_graphs
+
+    from .export import sample_inputs, write_graphs
     from .runtime import OnnxRuntimeRunner, OpenVinoRunner, runtime_installed
 
     m = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     m.channels_last = False
     m.set_precision("fp32")
-    graphs = _graph_modules(m, opts.start_level)
+    graphs = export_graphs(m, opts.start_level)
     with m.compute():
         batch, _ = m.preprocess(images)
         reference = m.predict_levels(m.extract_features(batch), mode="ccq", sigma=0.0,

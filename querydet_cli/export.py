@@ -26,10 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from querydet_models.graph_infer import graph_name
-from querydet_models.graphs import (CoarseGraph, DenseGraph, FineDenseGraph, FineSparseGraph,
-                                    export_refusal, fine_levels)
-from querydet_models.sparse import TowerPlan, dilate_keys, neighbour_rows
+from querydet_models.graphs import FineSparseGraph, export_graphs, export_refusal, sparse_tables
+from querydet_models.sparse import TowerPlan
 
 from .errors import QueryDetError
 from .runtime import EXPORT_VERSION, MANIFEST, file_digest, is_export
@@ -48,33 +46,6 @@ class ExportReport:
     int8: dict[str, float] = field(default_factory=dict)  # calibration report
 
 
-def _graph_modules(model, start_level: int) -> dict[str, tuple[torch.nn.Module, list[str]]]:
-    """name -> (module, input names) for every graph of an export."""
-    graphs: dict[str, tuple[torch.nn.Module, list[str]]] = {
-        "dense": (DenseGraph(model), ["batch"]), "coarse": (CoarseGraph(model, start_level), ["batch"])}
-    first = model.levels[0]
-    for lvl in fine_levels(model, start_level):
-        query = lvl > first and model.has_query
-        graphs[graph_name("dense", lvl, query)] = (FineDenseGraph(model, lvl, query), ["inner"])
-        if query:  # the cascade's 'too busy' path runs a fine level dense without its query
-            graphs[graph_name("dense", lvl, False)] = (FineDenseGraph(model, lvl, False), ["inner"])
-        sparse = FineSparseGraph(model, lvl, query)
-        graphs[graph_name("sparse", lvl, query)] = (sparse, sparse.input_names())
-    return graphs
-
-
-def sparse_inputs(inner: torch.Tensor, level_shape: tuple[int, int, int], keys: torch.Tensor,
-                  depth: int) -> dict[str, torch.Tensor]:
-    """A fine level's sparse-graph inputs for `keys`: the inner map, ring and tables."""
-    plan = TowerPlan.exact(keys, level_shape, depth)
-    ring = dilate_keys(plan.sets[0], level_shape, 1)
-    inputs = {"inner": inner, "ring": ring,
-              "fpn_table": neighbour_rows(plan.sets[0], ring, level_shape)}
-    for j in range(1, depth + 1):
-        inputs[f"table_{j}"] = plan.neighbours(j)
-    return inputs
-
-
 def sample_inputs(model, graphs: dict, batch: torch.Tensor, start_level: int
                   ) -> dict[str, dict[str, torch.Tensor]]:
     """Inputs of every graph for one preprocessed batch; sparse graphs at every 5th position."""
@@ -86,8 +57,8 @@ def sample_inputs(model, graphs: dict, batch: torch.Tensor, start_level: int
             inner = coarse[f"inner_P{module.level}"]
             if isinstance(module, FineSparseGraph):
                 n, _, h, w = inner.shape
-                keys = torch.arange(0, n * h * w, 5)
-                found[name] = sparse_inputs(inner, (n, h, w), keys, module.depth)
+                plan = TowerPlan.exact(torch.arange(0, n * h * w, 5), (n, h, w), module.depth)
+                found[name] = sparse_tables(plan) | {"inner": inner}
             else:
                 found[name] = {"inner": inner}
     return found
@@ -195,7 +166,7 @@ def export_model(weights: str | Path, out: str | Path, fmt: str = "onnx",
     if start not in model.levels[1:]:
         raise QueryDetError(f"--start-level {start}: not one of the model's levels above the "
                             f"finest ({', '.join(map(str, model.levels[1:]))})")
-    graphs = _graph_modules(model, start)
+    graphs = export_graphs(model, start)
     inputs = sample_inputs(model, graphs, sample_batch(model), start)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

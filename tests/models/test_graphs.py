@@ -5,24 +5,13 @@ itself (the runtimes are compared in tests/cli/test_export.py)."""
 import pytest
 import torch
 
-from querydet_models.graph_infer import GraphDetector, graph_name, level_shape
+from querydet_models.graph_infer import GraphDetector, level_shape
 from querydet_models.graphs import (CoarseGraph, DenseGraph, FineDenseGraph, FineSparseGraph,
-                                    export_refusal, fine_levels)
-from querydet_models.sparse import TowerPlan, dilate_keys, neighbour_rows
+                                    export_graphs, export_refusal, sparse_tables)
+from querydet_models.sparse import TowerPlan
 
 from ..conftest import tiny_model, with_random_heads
 from .test_faster_rcnn import frcnn_model
-
-
-def _graphs(model, start):
-    graphs = {"dense": (DenseGraph(model), ["batch"]), "coarse": (CoarseGraph(model, start), ["batch"])}
-    for lvl in fine_levels(model, start):
-        q = lvl > model.levels[0]
-        graphs[graph_name("dense", lvl, q)] = (FineDenseGraph(model, lvl, q), ["inner"])
-        graphs[graph_name("dense", lvl, False)] = (FineDenseGraph(model, lvl, False), ["inner"])
-        sparse = FineSparseGraph(model, lvl, q)
-        graphs[graph_name("sparse", lvl, q)] = (sparse, sparse.input_names())
-    return graphs
 
 
 def torch_runner(graphs, calls):
@@ -49,11 +38,9 @@ def test_sparse_graph_rows_equal_the_dense_heads_at_the_keys(detector):
             sparse = FineSparseGraph(model, lvl, q)
             n, _, h, w = inner[f"inner_P{lvl}"].shape
             keys = torch.unique(torch.randint(0, n * h * w, (60,)))
-            plan = TowerPlan.exact(keys, (n, h, w), sparse.depth)
-            ring = dilate_keys(plan.sets[0], (n, h, w), 1)
-            tables = [plan.neighbours(j) for j in range(1, sparse.depth + 1)]
-            rows = sparse(inner[f"inner_P{lvl}"], ring, neighbour_rows(plan.sets[0], ring, (n, h, w)),
-                          *tables)
+            inputs = sparse_tables(TowerPlan.exact(keys, (n, h, w), sparse.depth))
+            inputs["inner"] = inner[f"inner_P{lvl}"]
+            rows = sparse(*(inputs[name] for name in sparse.input_names()))
             assert len(rows) == len(dense) == (3 if q else 2)
             for r, d in zip(rows, dense):
                 at_keys = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])[keys]  # (Q, C_out)
@@ -74,7 +61,7 @@ def test_level_shapes_follow_the_backbone():
                                                  ("csq", 0.0, 0.3), ("dense", 0.15, 0.3)])
 def test_graph_detector_equals_pytorch(model, images, mode, sigma, fraction):
     calls = []
-    graphs = _graphs(model, 4)
+    graphs = export_graphs(model, 4)
     graph_model = GraphDetector(model, torch_runner(graphs, calls),
                                 {n: m.output_names() for n, (m, _) in graphs.items()}, 4, "fp32")
     kwargs = dict(mode=mode, sigma=sigma, sparse_max_fraction=fraction)
@@ -94,7 +81,7 @@ def test_graph_detector_equals_pytorch(model, images, mode, sigma, fraction):
 
 
 def test_graph_detector_refuses_what_is_not_exported(model, images):
-    graphs = _graphs(model, 4)
+    graphs = export_graphs(model, 4)
     graph_model = GraphDetector(model, torch_runner(graphs, []),
                                 {n: m.output_names() for n, (m, _) in graphs.items()}, 4, "fp32")
     for kwargs, words in [({"mode": "cq"}, "not exported"), ({"context": "5x5"}, "exact"),
