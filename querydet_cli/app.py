@@ -50,9 +50,9 @@ def detect(
     coco_gt: Annotated[Optional[Path], typer.Option(help="COCO ground truth: COCO results take its image ids, matched by file name")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="Print seconds per pipeline stage on stderr (also with -v; always in --json)")] = False,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Run the model on Ray: auto (a running cluster, else a local one) or ADDRESS (host:port); pip install 'querydet[ray]'")] = None,
-    workers: Annotated[int, typer.Option(min=1, max=4096, help="Ray actors, each holding the model once")] = 2,
+    workers: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Tiles computed at once: threads here (default: 2 on a CPU of 2 or more cores, 1 on CUDA), or Ray actors with --ray (default 2), each holding the model once")] = None,
     gpus_per_worker: Annotated[float, typer.Option(min=0.0, max=16.0, help="GPUs per Ray actor (0: CPU actors)")] = 0.0,
-    threads_per_worker: Annotated[int, typer.Option(min=1, max=256, help="torch threads (and Ray CPUs) per actor")] = 1,
+    threads_per_worker: Annotated[Optional[int], typer.Option(min=1, max=256, help="torch threads per worker (default: torch's threads shared out; 1 per Ray actor, and its Ray CPUs)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (not with -o -)")] = False,
     gsd: Annotated[str, typer.Option("--gsd", help="Ground resolution to read rasters at: auto (the model's training GSD), native (the raster's own pixels) or metres per pixel")] = "auto",
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: each tile in its eight dihedral views (8x the compute), the answers voted into one")] = False,
@@ -67,8 +67,8 @@ def detect(
     from .writers import format_for
 
     out_format = format_for(output, fmt.value if fmt else None)
-    _check_detect_usage(output, ray, workers, gpus_per_worker, threads_per_worker, json_out,
-                        no_csq, mode, overlap, tile_size, resume, save_vis)
+    _check_detect_usage(output, ray, gpus_per_worker, json_out, no_csq, mode, overlap,
+                        tile_size, resume, save_vis)
     band_list = _parse_bands(bands)
     from .gsd import check_input_gsd, parse_gsd_option
 
@@ -89,9 +89,7 @@ def detect(
                    rfc7946=rfc7946, resume=resume, save_vis=str(save_vis) if save_vis else None,
                    precision=precision.value if precision else None, profile=profile,
                    gsd=gsd_option, input_gsd=input_gsd, tta=tta)
-    ray_settings = None if ray is None else dict(address=ray, workers=workers,
-                                                 gpus_per_worker=gpus_per_worker,
-                                                 threads_per_worker=threads_per_worker)
+    ray_settings = _workers(options, ray, workers, gpus_per_worker, threads_per_worker)
     _check_runtime_usage(weights, runtime.value, options, ray)
     summary = _detect_locked(paths, output, out_format, options, weights, device.value, coco_gt,
                              ray_settings, quiet, runtime.value)
@@ -203,12 +201,23 @@ def _check_runtime_usage(weights: Optional[Path], runtime: str, options: dict,
         raise QueryDetError(f"--runtime {chosen}: {err}") from None
 
 
-def _check_detect_usage(output: str, ray, workers: int, gpus_per_worker: float,
-                        threads_per_worker: int, json_out: bool, no_csq: bool, mode, overlap: int,
-                        tile_size: int, resume: bool, save_vis: Optional[Path]) -> None:
+def _workers(options: dict, ray: Optional[str], workers: Optional[int], gpus: float,
+             threads: Optional[int]) -> Optional[dict]:
+    """Where `detect`'s tiles are computed: the Ray settings with --ray (2 actors of one
+    thread by default), else None, and the local workers and threads put into `options`."""
+    if ray is None:
+        options |= dict(workers=workers, threads=threads)
+        return None
+    return dict(address=ray, workers=workers or 2, gpus_per_worker=gpus,
+                threads_per_worker=threads or 1)
+
+
+def _check_detect_usage(output: str, ray, gpus_per_worker: float, json_out: bool,
+                        no_csq: bool, mode, overlap: int, tile_size: int, resume: bool,
+                        save_vis: Optional[Path]) -> None:
     """`detect` options that contradict each other: one line each, before anything is made."""
-    if ray is None and (workers != 2 or gpus_per_worker or threads_per_worker != 1):
-        raise QueryDetError("--workers, --gpus-per-worker and --threads-per-worker go with --ray")
+    if ray is None and gpus_per_worker:
+        raise QueryDetError("--gpus-per-worker goes with --ray")
     if ray is not None:
         import importlib.util
 

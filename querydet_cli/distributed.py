@@ -130,6 +130,8 @@ class RayProducer:
         self.weights_ref = ray.put(Path(weights).read_bytes())  # held for retries
         opts = {k: v for k, v in asdict(options).items()
                 if k not in ("resume", "save_vis", "image_ids")}
+        # an actor computes one tile at a time on its own threads
+        opts |= {"workers": 1, "threads": settings.threads_per_worker}
         worker = ray.remote(DetectWorker)
         run_id = uuid.uuid4().hex[:8]
         # a dead actor is restarted and its unit retried (the driver never sees the failure)

@@ -26,7 +26,8 @@ def run_key(inputs: list[str], options: "DetectOptions", cfg: Config, model: Any
     `--resume` refuses a journal whose key differs: other weights or a changed input would
     mix two runs' detections in one output."""
     data = json.dumps({"inputs": inputs, "identity": [input_identity(p) for p in inputs],
-                       "options": asdict(options) | {"resume": None},
+                       "options": asdict(options) | {"resume": None, "workers": None,
+                                                    "threads": None},
                        "config": cfg.to_dict(), "weights": weights_digest(model),
                        "tiling": TILING_VERSION},
                       sort_keys=True, default=str)

@@ -4,11 +4,14 @@ Stages: read (waiting for the reader thread's next window: decode that did not o
 preprocess, backbone, fpn, coarse heads (the dense levels, query head included), sparse heads
 (the queried levels; also the levels a busy tile ran densely), postprocess (decode, NMS), merge
 (cross-tile), write (journal, then the output file), setup (opening rasters, planning tiles) and
-other (the rest of the main thread: progress bar, bookkeeping). They add up to the wall time.
+other (the rest of the main thread: progress bar, bookkeeping). They add up to the wall time
+when one worker computes the tiles (`detect --profile` runs one); with several, the compute
+stages are the workers' summed seconds.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -29,6 +32,7 @@ class Profile:
         self.reader_seconds = 0.0  # the reader thread's time in reads (overlaps compute)
         self.scales: list[tuple[float, float]] = []  # source pixels per model pixel, per input
         self.sync = None  # a callable that waits for the device (CUDA), set by the caller
+        self._lock = threading.Lock()  # several tile workers add to one profile
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -40,16 +44,24 @@ class Profile:
         finally:
             if self.sync is not None:
                 self.sync()
-            self.seconds[name] += time.perf_counter() - t0
+            self.add(name, time.perf_counter() - t0)
 
     def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] += seconds
+        with self._lock:
+            self.seconds[name] += seconds
+
+    def count(self, **counts: int) -> None:
+        """Add to the counters (tiles, tile_pixels, pixels, tiles_dense_by_decision)."""
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
 
     def move(self, source: str, target: str, seconds: float) -> None:
         """Re-assign time measured inside `source` to `target` (e.g. FPN time inside the heads)."""
-        seconds = min(seconds, self.seconds[source])
-        self.seconds[source] -= seconds
-        self.seconds[target] += seconds
+        with self._lock:
+            seconds = min(seconds, self.seconds[source])
+            self.seconds[source] -= seconds
+            self.seconds[target] += seconds
 
     def close(self, wall: float) -> dict[str, object]:
         """The report: seconds and share per stage; `other` is what the stages did not cover."""

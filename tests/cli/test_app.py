@@ -130,7 +130,7 @@ def test_new_options_reject_bad_values_with_one_line_and_leave_nothing(tmp_path)
         (["tile", "--labels", tmp_path / "l.gpkg", "--out", work / "c"], "rasters are given"),
         (["train", "--init", tmp_path / "none.pt", "--out", work / "r"], "checkpoint not found"),
         (["detect", tif, "-o", "-", "--json"], "--json prints a summary"),
-        (["detect", tif, "-o", work / "o.geojson", "--workers", "3"], "go with --ray"),
+        (["detect", tif, "-o", work / "o.geojson", "--gpus-per-worker", "1"], "goes with --ray"),
         (["detect", tif, "-o", work / "o.json", "--coco-gt", tmp_path / "none.json"],
          "--coco-gt: file not found"),
         (["bench-detect", "--peer", "yolo", "--sizes", ""], "--peer"),

@@ -272,7 +272,7 @@ def test_profile_stages_add_up_to_the_wall_time(tmp_path):
     cfg = dc_replace(cfg, model=dc_replace(cfg.model, num_classes=3, backbone="resnet18",
                                            fpn_channels=32), class_names=("a", "b", "c"))
     summary = run_detect(model, cfg, [str(path)], str(tmp_path / "o.geojson"), "geojson",
-                         DetectOptions(tile_size=128, overlap=16, batch_size=2), CPU)
+                         DetectOptions(tile_size=128, overlap=16, batch_size=2, profile=True), CPU)
     prof = summary.profile
     stages = prof["stages"]
     named = sum(v["s"] for k, v in stages.items() if k != "other")
@@ -315,3 +315,63 @@ def test_a_run_passes_its_precision_per_call_and_leaves_the_model_as_it_was(tmp_
     summary = run_detect(model, cfg, [str(sample_scene())], str(tmp_path / "o.ndjson"), "ndjson",
                          DetectOptions(precision=other), CPU)
     assert summary.precision == other and model.precision == before
+
+
+def _sample_run(tmp_path, name, model, cfg, **opts):
+    from querydet_cli.resources import sample_scene
+
+    out = tmp_path / f"{name}.ndjson"
+    run_detect(model, cfg, [str(sample_scene())], str(out), "ndjson",
+               DetectOptions(tile_size=256, overlap=32, **opts), CPU)
+    return out.read_bytes()
+
+
+def test_two_workers_give_the_same_bytes_and_leave_torch_threads_as_they_were(tmp_path):
+    """Tiles computed two at once (the CPU default) come back in tile order with the very
+    values of one worker: 25 tiles of the sample scene, batches of one and of two."""
+    from querydet_cli.engine import load_model
+    from querydet_cli.producer import TileProducer
+    from querydet_cli.resources import sample_model
+
+    model, cfg = load_model(sample_model(), "cpu")
+    threads = torch.get_num_threads()
+    for batch in (1, 2):
+        one = _sample_run(tmp_path, f"one{batch}", model, cfg, workers=1, batch_size=batch)
+        two = _sample_run(tmp_path, f"two{batch}", model, cfg, workers=2, threads=1,
+                          batch_size=batch)
+        assert one == two and one.count(b"\n") > 20
+    assert torch.get_num_threads() == threads
+    producer = TileProducer(model, cfg, DetectOptions(workers=3, profile=True), CPU)
+    assert producer.workers == 1  # --profile: stage times that add up need one worker
+
+
+def test_resume_with_two_workers_after_an_interrupt_equals_one_uninterrupted_run(tmp_path):
+    import threading
+
+    from querydet_cli.engine import load_model
+    from querydet_cli.resources import sample_model
+
+    model, cfg = load_model(sample_model(), "cpu")
+    reference = _sample_run(tmp_path, "reference", model, cfg, workers=1)
+    real, calls, lock = model.predict_levels, [0], threading.Lock()
+
+    def interrupted(*args, **kwargs):
+        with lock:
+            calls[0] += 1
+            if calls[0] > 9:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    model.predict_levels = interrupted
+    with pytest.raises(DetectInterrupted):
+        _sample_run(tmp_path, "resumed", model, cfg, workers=2)
+    model.predict_levels = real
+    assert _sample_run(tmp_path, "resumed", model, cfg, workers=2, resume=True) == reference
+
+
+def test_the_run_key_does_not_depend_on_workers():
+    from querydet_cli.identity import run_key
+
+    keys = {run_key(["a.tif"], DetectOptions(workers=w, threads=t), CFG) for w, t in
+            ((None, None), (1, 2), (2, 1), (4, 4))}
+    assert len(keys) == 1
