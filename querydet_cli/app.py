@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -308,7 +309,38 @@ from . import cli_train, cli_bench, cli_view, cli_export  # noqa: E402,F401,I001
 
 
 def main() -> None:
-    """Console entry point: a user's mistake is one line on stderr and exit code 2."""
+    """Console entry point: a user's mistake is one line on stderr and exit code 2.
+
+    The process ends without the interpreter's teardown of every module: once the command is
+    done (outputs closed and renamed, exit handlers run), unloading torch only costs time
+    (measured: 0.35-0.55 s of a `querydet detect` that takes 2.5 s on a small image)."""
+    try:
+        _main()
+    except SystemExit as done:
+        code = done.code
+    else:
+        code = 0
+    if not isinstance(code, int):  # sys.exit("message") or sys.exit(None)
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    """Flush, run the exit handlers (logging, Ray, temporary files), then exit at once."""
+    import atexit
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError, OSError):  # a reader that left (| head)
+            pass
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
+def _main() -> None:
     try:  # typer >= 0.2x carries its own copy of click
         from typer._click import exceptions as click
     except ImportError:
