@@ -85,34 +85,15 @@ class TileConsumer:
         finished tile row; returns the number emitted. `results` (tile, detections, heatmap)
         come from the run's producer; `tiles` is the input's plan (`src` attached)."""
         self.profile.scales.append(src.scale)
-        info = self._info = src.info()  # read once: _emit runs for every released tile row
+        self._info = src.info()  # read once: _emit runs for every released tile row
         # a second handle, for this thread only: the reader thread owns `src` while it runs
         self._probe = src.reopen()
-        starts = row_starts(tiles)
-        last_row = max(starts)
-        rows_done = int(state.get("rows_done", 0))
         merger = TileMerger(self.opts.merge_metric, self.opts.merge_threshold)
         if state.get("pending"):
             merger.restore(state["pending"])
-        per_row = {r: sum(1 for t in tiles if t.row == r) for r in starts}
-        finished = {r: 0 for r in starts}
+        rows = _RowRelease(tiles, int(state.get("rows_done", 0)))
+        self.rows = rows.done
         emitted = 0
-        next_row = rows_done
-        self.rows = (rows_done, len(starts))  # tile rows done, of all (for an interrupt message)
-
-        def release_rows() -> None:
-            nonlocal next_row, emitted
-            while next_row <= last_row and finished[next_row] == per_row[next_row]:
-                below = starts[next_row + 1] if next_row < last_row else None
-                with self.profile.stage("merge"):
-                    final = merger.release(below)
-                    pending = merger.snapshot()
-                with self.profile.stage("write"):
-                    emitted += self._emit(final, src, image_id, emit, vis)
-                    checkpoint({"rows_done": next_row + 1, "pending": pending})
-                next_row += 1
-                self.rows = (next_row, len(starts))
-
         try:
             for tile, found, heat in results:
                 if progress:
@@ -124,11 +105,26 @@ class TileConsumer:
                         emitted += self._emit(final, src, image_id, emit, vis)
                     if vis is not None:
                         vis.add_heat(tile, heat)
-                finished[tile.row] += 1
-                release_rows()
-            release_rows()
+                rows.finished(tile)
+                emitted += self._release(rows, merger, src, image_id, emit, checkpoint, vis)
+            emitted += self._release(rows, merger, src, image_id, emit, checkpoint, vis)
         finally:
             self._probe.close()
+        return emitted
+
+    def _release(self, rows: "_RowRelease", merger: TileMerger, src: RasterSource,
+                 image_id: int, emit: Callable[[list[dict]], None],
+                 checkpoint: Callable[[dict[str, Any]], None], vis: "Overview | None") -> int:
+        """Emit what every finished tile row makes final, and checkpoint after each row."""
+        emitted = 0
+        for row, below in rows.releasable():
+            with self.profile.stage("merge"):
+                final = merger.release(below)
+                pending = merger.snapshot()
+            with self.profile.stage("write"):
+                emitted += self._emit(final, src, image_id, emit, vis)
+                checkpoint({"rows_done": row + 1, "pending": pending})
+            self.rows = rows.done
         return emitted
 
     def _emit(self, dets: Detections, src: RasterSource, image_id: int,
@@ -164,6 +160,34 @@ class TileConsumer:
         if vis is not None:
             vis.add_boxes(dets)
         return len(records)
+
+
+class _RowRelease:
+    """Which tile rows of one input are finished, and which can be released in order: a row
+    is released once all its tiles are in and every row above it is released."""
+
+    def __init__(self, tiles: list[Tile], rows_done: int) -> None:
+        self.starts = row_starts(tiles)
+        self.per_row = {r: sum(1 for t in tiles if t.row == r) for r in self.starts}
+        self.count = {r: 0 for r in self.starts}
+        self.next_row = rows_done
+
+    @property
+    def done(self) -> tuple[int, int]:
+        """Tile rows released, of all (for an interrupt message)."""
+        return self.next_row, len(self.starts)
+
+    def finished(self, tile: Tile) -> None:
+        self.count[tile.row] += 1
+
+    def releasable(self) -> Iterable[tuple[int, int | None]]:
+        """(row, the first pixel row of the row below it or None) for each row that can go now,
+        in order."""
+        last = max(self.starts)
+        while self.next_row <= last and self.count[self.next_row] == self.per_row[self.next_row]:
+            row = self.next_row
+            self.next_row = row + 1
+            yield row, (self.starts[row + 1] if row < last else None)
 
 
 def run_detect(model: FPNDetector, cfg: Config, inputs: list[str], output: str, fmt: str,
