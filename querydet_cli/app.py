@@ -50,7 +50,7 @@ def detect(
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
     coco_gt: Annotated[Optional[Path], typer.Option(help="COCO ground truth: COCO results take its image ids, matched by file name")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="Print seconds per pipeline stage on stderr (also with -v; always in --json)")] = False,
-    ray: Annotated[Optional[str], typer.Option("--ray", help="Run the model on Ray: auto (a running cluster, else a local one) or ADDRESS (host:port); pip install 'querydet[ray]'")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run the model on Ray: auto (a running cluster, else a local one) or ADDRESS (host:port); pip install 'querydet\\[ray]'")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Tiles computed at once: threads here (default: 2 on a CPU of 2 or more cores, 1 on CUDA), or Ray actors with --ray (default 2), each holding the model once")] = None,
     gpus_per_worker: Annotated[float, typer.Option(min=0.0, max=16.0, help="GPUs per Ray actor (0: CPU actors)")] = 0.0,
     threads_per_worker: Annotated[Optional[int], typer.Option(min=1, max=256, help="torch threads per worker (default: torch's threads shared out; 1 per Ray actor, and its Ray CPUs)")] = None,

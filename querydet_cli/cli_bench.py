@@ -86,7 +86,7 @@ def bench_detect(
     batch_size: Annotated[Optional[int], typer.Option(min=1, max=256, help="Tiles per batch (default: 1 on the CPU, 4 on CUDA)")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
     precision: Annotated[str, typer.Option(help="Precisions for the throughput rows, comma-separated (the first is the reference)")] = "fp32,auto",
-    peer: Annotated[Optional[str], typer.Option(help="sahi: the same raster and weights through SAHI, in the same run (pip install 'querydet[bench]')")] = None,
+    peer: Annotated[Optional[str], typer.Option(help="sahi: the same raster and weights through SAHI, in the same run (pip install 'querydet\\[bench]')")] = None,
     truth: Annotated[Optional[Path], typer.Option(help="COCO ground truth of --raster, for AP in the --peer rows")] = None,
     rounds: Annotated[int, typer.Option(min=1, max=20, help="Interleaved rounds of the --peer / --ray-rasters comparisons (median)")] = 3,
     scene: Annotated[Optional[str], typer.Option(help="Instead of --raster: a synthetic busy (objects everywhere) or survey (objects in a tenth, nodata collar) GeoTIFF with its ground truth, written to --workdir")] = None,

@@ -145,3 +145,24 @@ def test_new_options_reject_bad_values_with_one_line_and_leave_nothing(tmp_path)
         assert len(lines) == 1 and lines[0].startswith("querydet: error: ") and needle in lines[0], \
             (args, proc.stderr)
         assert list(work.iterdir()) == [], args  # a usage error leaves nothing behind
+
+
+def test_help_texts_show_square_brackets_as_written():
+    """Typer's help goes through rich markup, where `querydet[ray]` would print as `querydet`:
+    every bracket in an option's help must be escaped, and the escaped ones show up whole."""
+    import re
+
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    shown = 0
+    for name, command in commands.items():
+        for param in command.params:
+            text = getattr(param, "help", None) or ""
+            assert not re.search(r"(?<!\\)\[[A-Za-z_/ ]+\]", text), f"{name} {param.name}: {text}"
+            for extra in re.findall(r"'querydet\\\[(\w+)\]'", text):
+                result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"},
+                                       terminal_width=400)
+                assert f"'querydet[{extra}]'" in result.output, (name, extra)
+                shown += 1
+    assert shown >= 2  # detect --ray, bench-detect --peer
