@@ -210,5 +210,7 @@ def _one_raster_bench(peer: Optional[str], raster: str, weights: str, truth: Opt
         raise QueryDetError("--whole-process times querydet against a peer: add --peer sahi")
     from .bench_whole import format_whole, run_whole_process
 
-    report = run_whole_process(raster, weights, truth, rounds)
+    # querydet's rows at the asked tile plan; SAHI's slices stay 1024 / 128, as its users run it
+    plan = ["--tile-size", str(tile_size), "--overlap", str(overlap)]
+    report = run_whole_process(raster, weights, truth, rounds, detect_args=plan)
     print(json.dumps(report) if json_out else format_whole(report))

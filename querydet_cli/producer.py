@@ -75,7 +75,7 @@ class DetectOptions:
     input_gsd: float | None = None  # metres per pixel of inputs without a georeference
     tta: bool = False  # each tile seen in its eight dihedral views, the answers voted into one
     # tiles computed at once, each batch on one worker thread (None: by device, see
-    # default_workers) and torch threads per worker (None: the cores shared out); neither
+    # worker_count) and torch threads per worker (None: the cores shared out); neither
     # changes a single output value, so neither is part of a journal's run key
     workers: int | None = None
     threads: int | None = None
@@ -115,19 +115,21 @@ def default_batch_size(device: torch.device) -> int:
     return 4 if device.type == "cuda" else 1
 
 
-def default_workers(device: torch.device, model: Any) -> int:
-    """Tiles computed at once when not given (each worker then gets an equal share of torch's
-    threads).
+def worker_count(options: "DetectOptions", device: torch.device, model: Any) -> int:
+    """Tiles computed at once (each worker then gets an equal share of torch's threads).
 
-    On the CPU two tiles are computed at once, each on half of torch's threads: the heads'
-    64-channel convolutions and the small levels do not keep two threads busy inside one op,
-    two tiles side by side do (measured: busy 1024 px tiles, 2 cores, 1.17x in bf16 and 1.25x
-    in fp32 over one tile on two threads; bit-identical outputs). One worker on CUDA, for an
-    exported model (its runtime has its own threads) and where torch has one thread."""
-    if device.type != "cpu" or not isinstance(model, torch.nn.Module) \
-            or torch.get_num_threads() < 2:
+    On the CPU two tiles are computed at once by default, each on half of torch's threads: the
+    heads' 64-channel convolutions and the small levels do not keep two threads busy inside one
+    op, two tiles side by side do (measured: busy 1024 px tiles, 2 cores, 1.17x in bf16 and
+    1.25x in fp32 over one tile on two threads; bit-identical outputs). One worker with
+    `--profile` (stage times that add up to the wall time), for an exported model (its runtime
+    has threads of its own) whatever `options.workers` says; by default also on CUDA and where
+    torch has one thread."""
+    if options.profile or not isinstance(model, torch.nn.Module):
         return 1
-    return 2
+    if options.workers:
+        return options.workers
+    return 1 if device.type != "cpu" or torch.get_num_threads() < 2 else 2
 
 
 class InputPlanner:
@@ -214,14 +216,8 @@ class TileProducer:
         self.cfg = cfg
         if options.batch_size is None:
             options = replace(options, batch_size=default_batch_size(device))
-        if options.profile or not isinstance(model, torch.nn.Module):
-            # stage times that add up to the wall time need one worker; an exported model's
-            # runtime has threads of its own
-            workers = 1
-        else:
-            workers = options.workers or default_workers(device, model)
-        self.workers = workers
-        self.threads = options.threads or max(1, torch.get_num_threads() // workers)
+        self.workers = worker_count(options, device, model)
+        self.threads = options.threads or max(1, torch.get_num_threads() // self.workers)
         self.opts = options
         self.device = device
         self.mode = {k: v for k, v in (("mode", options.mode), ("sigma", options.sigma),

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import rasterio
@@ -123,3 +124,34 @@ def test_whole_process_rows_time_each_side_in_its_own_process(tmp_path):
     assert report["ratios"]["defaults"] == pytest.approx(
         rows["sahi_fp32"]["wall_s"] / rows["querydet"]["wall_s"])
     assert "SAHI / querydet, defaults" in format_whole(report)
+
+
+def test_whole_process_takes_the_tile_plan_for_querydet_rows_only(tmp_path, monkeypatch):
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from querydet_cli import bench_whole
+    from querydet_cli.app import app
+    from querydet_cli.resources import sample_scene
+
+    ran = []
+
+    def fake_run(cmd, **kwargs):  # record each side's command; write an empty result
+        ran.append(cmd)
+        out = Path(cmd[cmd.index("-o") + 1]) if "-o" in cmd else Path(cmd[5])
+        out.write_text("" if "-o" in cmd else "[]")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench_whole.subprocess, "run", fake_run)
+    result = CliRunner().invoke(app, ["bench-detect", "--sizes", "", "--peer", "sahi",
+                                      "--whole-process", "--raster", str(sample_scene()),
+                                      "--rounds", "1", "--tile-size", "512", "--overlap", "64",
+                                      "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    ours = [c for c in ran if "detect" in c]
+    peers = [c for c in ran if "querydet_cli.peer" in c]
+    assert len(ours) == 2 and len(peers) == 2
+    for cmd in ours:
+        assert cmd[cmd.index("--tile-size") + 1] == "512" and cmd[cmd.index("--overlap") + 1] == "64"
+    assert not any("--tile-size" in c for c in peers)
