@@ -28,13 +28,14 @@ ROWS = {  # name: (side, precision)
 
 
 def _command(side: str, precision: str | None, raster: str, weights: str, out: Path,
-             detect_args: list[str]) -> list[str]:
+             detect_args: list[str], device: str) -> list[str]:
+    """One row's command line; both sides on `device` (cpu or cuda)."""
     if side == "querydet":
         cmd = [sys.executable, "-m", "querydet_cli", "detect", raster, "-o", str(out), "--quiet",
-               "--weights", weights, *detect_args]
+               "--weights", weights, "--device", device, *detect_args]
         return cmd + (["--precision", precision] if precision else [])
     return [sys.executable, "-m", "querydet_cli.peer", raster, weights, str(out),
-            "--precision", precision or "fp32"]
+            "--precision", precision or "fp32", "--device", device]
 
 
 def _read(side: str, out: Path) -> list[dict[str, Any]]:
@@ -47,7 +48,7 @@ def _read(side: str, out: Path) -> list[dict[str, Any]]:
 
 def run_whole_process(raster: str, weights: str, truth: Path | None, rounds: int,
                       detect_args: list[str] | None = None,
-                      rows: tuple[str, ...] = tuple(ROWS)) -> dict[str, Any]:
+                      rows: tuple[str, ...] = tuple(ROWS), device: str = "cpu") -> dict[str, Any]:
     """Median whole-process seconds per row, AP and duplicates, and the ratios against SAHI."""
     from .engine import load_model
 
@@ -59,7 +60,7 @@ def run_whole_process(raster: str, weights: str, truth: Path | None, rounds: int
             for name in rows:
                 side, precision = ROWS[name]
                 out = Path(tmp) / f"{name}.{'json' if side == 'sahi' else 'ndjson'}"
-                cmd = _command(side, precision, raster, weights, out, detect_args or [])
+                cmd = _command(side, precision, raster, weights, out, detect_args or [], device)
                 t0 = time.perf_counter()
                 run = subprocess.run(cmd, capture_output=True, text=True)
                 times[name].append(time.perf_counter() - t0)
@@ -69,7 +70,8 @@ def run_whole_process(raster: str, weights: str, truth: Path | None, rounds: int
                     found[name] = _score(side, out, truth, cfg, raster)
     for name, ts in times.items():
         found[name] |= {"wall_s": statistics.median(ts), "wall_s_all": [round(t, 2) for t in ts]}
-    return {"raster": raster, "rounds": rounds, "rows": found, "ratios": _ratios(found)}
+    return {"raster": raster, "rounds": rounds, "device": device, "rows": found,
+            "ratios": _ratios(found)}
 
 
 def _score(side: str, out: Path, truth: Path | None, cfg, raster: str) -> dict[str, Any]:
@@ -98,7 +100,8 @@ def _ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def format_whole(report: dict[str, Any]) -> str:
-    lines = [f"whole process ({report['rounds']} rounds, median), {report['raster']}",
+    lines = [f"whole process on {report.get('device', 'cpu')} ({report['rounds']} rounds, median), "
+             f"{report['raster']}",
              f"{'row':<16}{'wall s':>9}{'AP':>8}{'AP50':>8}{'dups':>6}{'dets':>8}"]
     for name, row in report["rows"].items():
         lines.append(f"{name:<16}{row['wall_s']:>9.2f}{row.get('AP', float('nan')):>8.3f}"

@@ -142,7 +142,7 @@ def bench_detect(
         _sahi_base()  # says how to install SAHI when it is missing
     if whole_process or runtimes:
         _one_raster_bench(peer, raster_path, w, truth, rounds, json_out, runtimes, export, workdir,
-                          tile_size, overlap)
+                          tile_size, overlap, dev)
         return
     report = run(size_list, w, workdir, raster_path or None, dev, tile_size, overlap, batch_size,
                  precisions, peer=peer, truth=truth, rounds=rounds, ray_rasters=ray_rasters,
@@ -190,7 +190,7 @@ def _scene_raster(scene: str, size: int, workdir: Path) -> tuple[str, Path]:
 
 def _one_raster_bench(peer: Optional[str], raster: str, weights: str, truth: Optional[Path],
                       rounds: int, json_out: bool, runtimes: bool, export: Optional[Path],
-                      workdir: Path, tile_size: int, overlap: int) -> None:
+                      workdir: Path, tile_size: int, overlap: int, device: str = "cpu") -> None:
     """bench-detect --peer sahi --whole-process (bench_whole.py) or --runtimes
     (bench_runtime.py)."""
     if not raster:
@@ -212,5 +212,6 @@ def _one_raster_bench(peer: Optional[str], raster: str, weights: str, truth: Opt
 
     # querydet's rows at the asked tile plan; SAHI's slices stay 1024 / 128, as its users run it
     plan = ["--tile-size", str(tile_size), "--overlap", str(overlap)]
-    report = run_whole_process(raster, weights, truth, rounds, detect_args=plan)
+    report = run_whole_process(raster, weights, truth, rounds, detect_args=plan,
+                               device="cuda" if device.startswith("cuda") else "cpu")
     print(json.dumps(report) if json_out else format_whole(report))

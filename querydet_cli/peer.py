@@ -100,7 +100,8 @@ def sahi_detect(raster: str, model: Any, class_names: list[str], device: torch.d
 
 def main(argv: list[str] | None = None) -> None:
     """SAHI as its users run it, as a script: `python -m querydet_cli.peer RASTER WEIGHTS OUT
-    [--precision fp32|bf16] [--slice 1024] [--overlap 128] [--confidence 0.3]`; the model
+    [--precision fp32|bf16] [--slice 1024] [--overlap 128] [--confidence 0.3] [--device cpu|cuda]`;
+    the model
     loaded by querydet's own loader (BN folded, channels_last), dense, SAHI's GREEDYNMM / IoS 0.5;
     COCO-style results (xyxy bbox, score, class_id) written as JSON. For whole-process timing
     (`bench-detect --peer sahi --whole-process`)."""
@@ -117,10 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slice", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=128)
     p.add_argument("--confidence", type=float, default=0.3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = p.parse_args(argv)
-    model, cfg = load_model(a.weights, "cpu")
+    model, cfg = load_model(a.weights, a.device)
     model.set_precision(a.precision)
-    dets, _ = sahi_detect(a.raster, model, list(cfg.names()), torch.device("cpu"),
+    dets, _ = sahi_detect(a.raster, model, list(cfg.names()), torch.device(a.device),
                           tile_size=a.slice, overlap=a.overlap, confidence=a.confidence,
                           postprocess="GREEDYNMM", metric="IOS", threshold=0.5)
     with open(a.out, "w") as fh:

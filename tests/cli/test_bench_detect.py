@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 from dataclasses import replace
 
+import pytest
 import rasterio
 import torch
 
@@ -155,3 +156,21 @@ def test_whole_process_takes_the_tile_plan_for_querydet_rows_only(tmp_path, monk
     for cmd in ours:
         assert cmd[cmd.index("--tile-size") + 1] == "512" and cmd[cmd.index("--overlap") + 1] == "64"
     assert not any("--tile-size" in c for c in peers)
+    # both sides run on the device the bench resolved (here the CPU)
+    assert all(c[c.index("--device") + 1] == "cpu" for c in ran)
+
+
+def test_whole_process_runs_both_sides_on_the_asked_device(tmp_path):
+    from querydet_cli.bench_whole import _command
+
+    for side in ("querydet", "sahi"):
+        cmd = _command(side, "bf16", "r.tif", "w.pt", tmp_path / "o", [], "cuda")
+        assert cmd[cmd.index("--device") + 1] == "cuda"
+        assert cmd[cmd.index("--precision") + 1] == "bf16"
+
+
+def test_peer_script_takes_a_device():
+    from querydet_cli import peer
+
+    with pytest.raises(SystemExit):  # argparse: an unknown device is a usage error
+        peer.main(["r.tif", "w.pt", "o.json", "--device", "tpu"])
