@@ -32,6 +32,7 @@ from .producer import DetectOptions, InputPlanner, Producer, TileDetections, Til
 from .profile import Profile
 from .raster import RasterSource
 from .tiling import Tile, row_starts
+from .validity import NO_DATA, TileValidity
 from .writers import GEO_FORMATS, OutputWriter, pixel_box_ring, read_records, to_lonlat
 
 log = logging.getLogger("querydet")
@@ -85,62 +86,62 @@ class TileConsumer:
         finished tile row; returns the number emitted. `results` (tile, detections, heatmap)
         come from the run's producer; `tiles` is the input's plan (`src` attached)."""
         self.profile.scales.append(src.scale)
-        self._info = src.info()  # read once: _emit runs for every released tile row
-        # a second handle, for this thread only: the reader thread owns `src` while it runs
-        self._probe = src.reopen()
         merger = TileMerger(self.opts.merge_metric, self.opts.merge_threshold)
+        validity = TileValidity()  # the masks of tiles that pending detections can reach
         if state.get("pending"):
             merger.restore(state["pending"])
+        validity.restore(state.get("masks", {}), tiles)
         rows = _RowRelease(tiles, int(state.get("rows_done", 0)))
         self.rows = rows.done
+        # src.info() read once: _emit runs for every released tile row
+        out = _Outlet(src, src.info(), image_id, emit, checkpoint, vis, validity)
         emitted = 0
-        try:
-            for tile, found, heat in results:
-                if progress:
-                    progress(1)
-                if found is not None:
-                    with self.profile.stage("merge"):
-                        final = merger.add(tile.index, *found)
-                    with self.profile.stage("write"):
-                        emitted += self._emit(final, src, image_id, emit, vis)
-                    if vis is not None:
-                        vis.add_heat(tile, heat)
-                rows.finished(tile)
-                emitted += self._release(rows, merger, src, image_id, emit, checkpoint, vis)
-            emitted += self._release(rows, merger, src, image_id, emit, checkpoint, vis)
-        finally:
-            self._probe.close()
+        for tile, found, heat in results:
+            if progress:
+                progress(1)
+            validity.add(tile, NO_DATA if found is None else found.valid)
+            if found is not None:
+                with self.profile.stage("merge"):
+                    final = merger.add(tile.index, found.boxes, found.scores, found.labels,
+                                       found.cut, found.exclusive)
+                with self.profile.stage("write"):
+                    emitted += self._emit(final, out)
+                if vis is not None:
+                    vis.add_heat(tile, heat)
+            rows.finished(tile)
+            emitted += self._release(rows, merger, out)
+        emitted += self._release(rows, merger, out)
         return emitted
 
-    def _release(self, rows: "_RowRelease", merger: TileMerger, src: RasterSource,
-                 image_id: int, emit: Callable[[list[dict]], None],
-                 checkpoint: Callable[[dict[str, Any]], None], vis: "Overview | None") -> int:
+    def _release(self, rows: "_RowRelease", merger: TileMerger, out: "_Outlet") -> int:
         """Emit what every finished tile row makes final, and checkpoint after each row."""
         emitted = 0
         for row, below in rows.releasable():
             with self.profile.stage("merge"):
                 final = merger.release(below)
                 pending = merger.snapshot()
+                top = merger.top()  # no tile above this can hold a fused box's centre
+                if below is not None:
+                    out.validity.forget_above(below if top is None else min(top, below))
             with self.profile.stage("write"):
-                emitted += self._emit(final, src, image_id, emit, vis)
-                checkpoint({"rows_done": row + 1, "pending": pending})
+                emitted += self._emit(final, out)
+                out.checkpoint({"rows_done": row + 1, "pending": pending,
+                                "masks": out.validity.snapshot()})
             self.rows = rows.done
         return emitted
 
-    def _emit(self, dets: Detections, src: RasterSource, image_id: int,
-              emit: Callable[[list[dict]], None], vis: "Overview | None") -> int:
+    def _emit(self, dets: Detections, out: "_Outlet") -> int:
         if dets.fused is not None and dets.fused.any():
             # a box fused from fragments: each fragment's centre was checked in its tile, but the
             # whole object's centre was not; drop it if it is nodata
             keep = np.ones(len(dets), bool)
             for i in np.nonzero(dets.fused)[0]:
                 x1, y1, x2, y2 = dets.boxes[i]
-                _, valid = self._probe.read(int((x1 + x2) / 2), int((y1 + y2) / 2), 1, 1)
-                keep[i] = bool(valid[0, 0])
+                keep[i] = out.validity.valid_at(int((x1 + x2) / 2), int((y1 + y2) / 2))
             dets = Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep])
         if not len(dets):
             return 0
-        info = self._info
+        info = out.info
         records = []
         # boxes found on the model's grid, mapped back to the source's pixels and CRS
         for box, score, label in zip(info.to_source(dets.boxes), dets.scores, dets.labels):
@@ -149,17 +150,32 @@ class TileConsumer:
                 ring = pixel_box_ring(box, info.transform)
                 if self.opts.rfc7946:
                     ring = to_lonlat(ring, info.crs)
-            records.append({"source": src.name, "image_id": image_id,
+            records.append({"source": out.src.name, "image_id": out.image_id,
                             "class_id": int(label), "class_name": self.names[int(label)],
                             "category_id": self.category_ids[int(label)],
                             "crs": ("EPSG:4326" if self.opts.rfc7946 else info.crs)
                             if ring is not None else None,
                             "score": round(float(score), 5),
                             "bbox": [round(float(v), 2) for v in box], "geometry": ring})
-        emit(records)
-        if vis is not None:
-            vis.add_boxes(dets)
+        out.emit(records)
+        if out.vis is not None:
+            out.vis.add_boxes(dets)
         return len(records)
+
+
+@dataclass
+class _Outlet:
+    """Where one input's final detections go, and what they are checked against: the source
+    (name and grid only: its pixels are the producer's), the emitter, the checkpoint, the
+    overview and the tiles' valid masks."""
+
+    src: RasterSource
+    info: Any  # src.info()
+    image_id: int
+    emit: Callable[[list[dict]], None]
+    checkpoint: Callable[[dict[str, Any]], None]
+    vis: "Overview | None"
+    validity: TileValidity
 
 
 class _RowRelease:

@@ -95,6 +95,10 @@ class TileMerger:
     def pending(self) -> int:
         return len(self._scores)
 
+    def top(self) -> float | None:
+        """The topmost pixel row of any pending detection (None when none is pending)."""
+        return float(self._boxes[:, 1].min()) if self.pending else None
+
     def add(self, tile_index: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
             truncated: np.ndarray, exclusive: np.ndarray) -> Detections:
         """Take one tile's detections; return those already final (in the exclusive zone)."""

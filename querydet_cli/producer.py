@@ -3,8 +3,9 @@
 A reader thread prefetches windows (at the model's GSD) so disk and compute overlap. Tiles are
 batched through the model (a tile with nodata only where it has data), optionally in eight
 dihedral views (`--tta`), and each tile's detections leave in global pixels with the flags the
-consumer's merge needs (cut by an inner tile edge, in the tile's exclusive area). The same
-class runs locally and on Ray actors (distributed.py).
+consumer's merge needs (cut by an inner tile edge, in the tile's exclusive area) and the tile's
+valid mask (validity.py), so the consumer never reads pixels. The same class runs locally and
+on Ray actors (distributed.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .overview import heat_in_tile, query_heatmaps
 from .profile import Profile
 from .raster import RasterSource
 from .tiling import Tile, make_tiles
+from .validity import pack_valid
 
 log = logging.getLogger("querydet")
 EDGE_TOLERANCE = 2.0  # px: a box this close to an inner tile edge is cut by it
@@ -46,6 +48,8 @@ class TileDetections(NamedTuple):
     labels: np.ndarray  # (n,) int64
     cut: np.ndarray  # (n,) bool: touches an inner tile edge (a fragment)
     exclusive: np.ndarray  # (n,) bool: in the tile's exclusive zone, final at once
+    # the tile's valid pixels (validity.pack_valid): None when all are valid
+    valid: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -430,7 +434,7 @@ class TileProducer:
         ex1, ey1, ex2, ey2 = tile.exclusive
         exclusive = ((boxes[:, 0] >= ex1) & (boxes[:, 1] >= ey1) & (boxes[:, 2] <= ex2)
                      & (boxes[:, 3] <= ey2) & ~cut)
-        return TileDetections(boxes, scores, labels, cut, exclusive)
+        return TileDetections(boxes, scores, labels, cut, exclusive, pack_valid(valid))
 
 
 def batch_mask(masks: list[torch.Tensor] | None, sizes, tensor: torch.Tensor
