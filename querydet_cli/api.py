@@ -24,6 +24,7 @@ from .producer import TileProducer
 from .errors import QueryDetError
 from .gsd import check_input_gsd, parse_gsd_option
 from .raster import RasterSource
+from .tiling import check_plan
 
 if TYPE_CHECKING:
     import geopandas
@@ -105,9 +106,7 @@ class Detector:
         if opts.resume or opts.save_vis or opts.rfc7946:
             raise QueryDetError("resume, save_vis and rfc7946 are options of the CLI's file "
                                 "outputs; the API returns a GeoDataFrame (use .to_crs)")
-        if opts.overlap >= opts.tile_size:
-            raise QueryDetError(f"overlap ({opts.overlap}) must be smaller than tile_size "
-                                f"({opts.tile_size})")
+        check_plan(opts.tile_size, opts.overlap, "tile_size", "overlap")
         records: list[dict[str, Any]] = []
         with _open(image, transform, crs, opts.bands) as src:
             info = src.info()

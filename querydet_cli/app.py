@@ -229,9 +229,9 @@ def _check_detect_usage(output: str, ray, gpus_per_worker: float, json_out: bool
                             "choose one")
     if no_csq and mode not in (None, Mode.dense):
         raise QueryDetError("--no-csq and --mode contradict each other")
-    if overlap > tile_size // 2:
-        raise QueryDetError(f"--overlap ({overlap}) must be at most half of --tile-size "
-                            f"({tile_size})")
+    from .tiling import check_plan
+
+    check_plan(tile_size, overlap)
     if resume and output == "-":
         raise QueryDetError("--resume needs an output file, not stdout")
     if save_vis is not None:

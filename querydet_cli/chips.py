@@ -19,6 +19,7 @@ import numpy as np
 
 from .datasets import Sample
 from .errors import QueryDetError
+from .tiling import check_plan, make_tiles
 
 
 @dataclass(frozen=True)
@@ -36,24 +37,18 @@ def quadrant_windows(width: int, height: int) -> list[Window]:
             Window(0, h0, w0, height - h0), Window(w0, h0, width - w0, height - h0)]
 
 
-def _starts(length: int, size: int, stride: int) -> list[int]:
-    if length <= size:
-        return [0]
-    starts = list(range(0, length - size + 1, stride))
-    if starts[-1] + size < length:
-        starts.append(length - size)  # a last window flush with the edge: every pixel covered
-    return starts
+def sliding_windows(width: int, height: int, size: int, overlap: int) -> list[Window]:
+    """Windows of `size` (smaller only where the image is) every `size - overlap` pixels, the
+    last of each axis flush with the edge: detect's tiler (tiling.py) in fixed windows."""
+    check_plan(size, overlap, "--size")
+    return [Window(t.x, t.y, t.width, t.height)
+            for t in make_tiles(width, height, size, overlap, even=False)]
 
 
-def sliding_windows(width: int, height: int, size: int, overlap: float) -> list[Window]:
-    """Windows of `size` (smaller only where the image is) overlapping by `overlap` of size."""
-    if size < 16:
-        raise QueryDetError(f"--size must be at least 16 pixels, got {size}")
-    if not 0 <= overlap < 1:
-        raise QueryDetError(f"--overlap must be in [0, 1), got {overlap}")
-    stride = max(1, int(round(size * (1 - overlap))))
-    return [Window(x, y, min(size, width - x), min(size, height - y))
-            for y in _starts(height, size, stride) for x in _starts(width, size, stride)]
+def default_overlap(size: int) -> int:
+    """`querydet tile`'s overlap when none is given: a fifth of the chip, in pixels (102 at
+    512)."""
+    return size - int(round(size * 0.8))
 
 
 def clip_boxes(boxes: np.ndarray, window: Window, min_visible: float
@@ -75,7 +70,7 @@ def clip_boxes(boxes: np.ndarray, window: Window, min_visible: float
 
 
 def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path, *,
-              size: int = 512, overlap: float = 0.2, quadrants: bool = False,
+              size: int = 512, overlap: int | None = None, quadrants: bool = False,
               min_visible: float = 0.5, keep_empty: bool = False,
               class_ids: list[int] | None = None,
               bounds: tuple[float, float, float, float] | None = None,
@@ -98,6 +93,9 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
 
     if not 0 < min_visible <= 1:
         raise QueryDetError(f"--min-visible must be in (0, 1], got {min_visible}")
+    overlap = default_overlap(size) if overlap is None else overlap
+    if not quadrants:
+        check_plan(size, overlap, "--size")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     split = {"train": ([], []), "val": ([], [])}  # images, annotations
@@ -152,7 +150,7 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def split_windows(grid: "_ChipGrid", size: int, overlap: float, quadrants: bool,
+def split_windows(grid: "_ChipGrid", size: int, overlap: int, quadrants: bool,
                   val_fraction: float, val_rect: tuple[int, int, int, int] | None
                   ) -> list[tuple[Window, str]]:
     """Chip windows of a grid, each marked "train" or "val".

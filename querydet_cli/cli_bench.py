@@ -104,8 +104,9 @@ def bench_detect(
     size_list = list(comma_list(sizes, "--sizes", int, "numbers like 4096,16384"))
     if any(not 256 <= s <= 65536 for s in size_list):
         raise QueryDetError("--sizes: each size must be in 256..65536")
-    if overlap >= tile_size:
-        raise QueryDetError(f"--overlap ({overlap}) must be smaller than --tile-size ({tile_size})")
+    from .tiling import check_plan
+
+    check_plan(tile_size, overlap)
     if scene not in (None, "busy", "survey"):
         raise QueryDetError(f"--scene: {scene!r} is not one of busy, survey")
     if scene is not None:

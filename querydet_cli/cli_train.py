@@ -158,7 +158,7 @@ def tile(
     images: Annotated[Optional[Path], typer.Option(help="Image folder of the COCO JSON (default: images/ beside it)")] = None,
     visdrone: Annotated[Optional[Path], typer.Option(help="A VisDrone-DET folder (images/, annotations/) instead of COCO")] = None,
     size: Annotated[int, typer.Option(min=32, max=16384, help="Chip size in pixels (sliding windows)")] = 512,
-    overlap: Annotated[float, typer.Option(min=0.0, max=0.95, help="Overlap between neighbouring chips, fraction of size")] = 0.2,
+    overlap: Annotated[Optional[int], typer.Option(help="Overlap between neighbouring chips in pixels, at most half of --size, as detect's --overlap (default: a fifth of --size, 102 at 512)")] = None,
     quadrants: Annotated[bool, typer.Option(help="The paper's VisDrone split: four equal quadrants")] = False,
     min_visible: Annotated[float, typer.Option(min=0.0, max=1.0, help="Keep a clipped box if at least this fraction is visible")] = 0.5,
     keep_empty: Annotated[bool, typer.Option(help="Also write chips without objects")] = False,
@@ -173,6 +173,10 @@ def tile(
                             "--annotations (COCO JSON) or --visdrone (folder)")
     if bool(rasters) != (labels is not None):
         raise QueryDetError("rasters are given with --labels, and only with it")
+    if overlap is not None and not quadrants:
+        from .tiling import check_plan
+
+        check_plan(size, overlap, "--size")
     box = _parse_bounds(bounds, "--bounds") if bounds is not None else None
     from .gsd import check_input_gsd
 

@@ -1,4 +1,6 @@
-"""Inference tiles over a large raster, each with the core region it owns.
+"""Tiles over a large raster, each with the core region it owns: detect's tiles and, as fixed
+windows (`even=False`), `querydet tile`'s training chips. One plan, one rule (`check_plan`), one
+unit: pixels.
 
 Tiles of at most `size` pixels overlap their neighbours by at least `overlap` pixels. Along each
 axis the fewest tiles that can do so are spread evenly, all of one extent, the smallest multiple
@@ -39,18 +41,36 @@ class Tile:
                 self.y + self.height < raster_height)
 
 
-def _axis(length: int, size: int, overlap: int, align: int = 1
+def check_plan(size: int, overlap: int, size_option: str = "--tile-size",
+               overlap_option: str = "--overlap") -> None:
+    """The one rule for a tile (or chip) plan, in pixels: tiles of at least 32 pixels, neighbours
+    overlapping by 0 to half a tile. Commands check it before anything is created; the option
+    names are the caller's."""
+    if size < 32:
+        raise QueryDetError(f"{size_option} must be at least 32 pixels, got {size}")
+    if overlap < 0 or overlap > size // 2:
+        raise QueryDetError(f"{overlap_option} ({overlap}) must be at most half of {size_option} "
+                            f"({size}) and not negative, in pixels")
+
+
+def _axis(length: int, size: int, overlap: int, align: int = 1, even: bool = True
           ) -> list[tuple[int, int, int, int, int, int]]:
     """(start, extent, core_start, core_end, exclusive_start, exclusive_end) along one axis."""
     if length <= size:
         return [(0, length, 0, length, 0, length)]
-    count = -(-(length - overlap) // (size - overlap))  # fewest tiles of `size` that cover
-    # the smallest extent at which `count` tiles overlapping by `overlap` cover the axis
-    extent = -(-(length + (count - 1) * overlap) // count)
-    extent = min(size, -(-extent // align) * align)
-    # even spacing; each step <= extent - overlap, since count * extent - (count - 1) * overlap
-    # >= length, and the step is an integer
-    starts = [i * (length - extent) // (count - 1) for i in range(count)]
+    if even:
+        count = -(-(length - overlap) // (size - overlap))  # fewest tiles of `size` that cover
+        # the smallest extent at which `count` tiles overlapping by `overlap` cover the axis
+        extent = -(-(length + (count - 1) * overlap) // count)
+        extent = min(size, -(-extent // align) * align)
+        # even spacing; each step <= extent - overlap, since count * extent - (count - 1) *
+        # overlap >= length, and the step is an integer
+        starts = [i * (length - extent) // (count - 1) for i in range(count)]
+    else:  # windows of `size` every size - overlap pixels, the last one flush with the edge
+        extent = size
+        starts = list(range(0, length - size + 1, size - overlap))
+        if starts[-1] + size < length:
+            starts.append(length - size)
     out = []
     for i, s in enumerate(starts):
         core_start = 0 if i == 0 else (s + starts[i - 1] + extent) // 2  # middle of the overlap
@@ -61,16 +81,15 @@ def _axis(length: int, size: int, overlap: int, align: int = 1
     return out
 
 
-def make_tiles(width: int, height: int, size: int, overlap: int, align: int = 1) -> list[Tile]:
+def make_tiles(width: int, height: int, size: int, overlap: int, align: int = 1,
+               even: bool = True) -> list[Tile]:
     """Row-major tiles covering a width x height raster: at most `size` pixels a side, extents a
-    multiple of `align` where possible, neighbours overlapping by at least `overlap`."""
-    if size < 32:
-        raise QueryDetError(f"--tile-size must be at least 32 pixels, got {size}")
-    if not 0 <= overlap < size // 2 + 1 or overlap >= size:
-        raise QueryDetError(f"--overlap must be in 0..{size // 2} pixels for {size}-pixel tiles, "
-                            f"got {overlap}")
-    cols = _axis(width, size, overlap, align)
-    rows = _axis(height, size, overlap, align)
+    multiple of `align` where possible, neighbours overlapping by at least `overlap` (pixels).
+    `even=False`: fixed windows of `size` (training chips), the last of each axis moved back
+    flush with the edge."""
+    check_plan(size, overlap)
+    cols = _axis(width, size, overlap, align, even)
+    rows = _axis(height, size, overlap, align, even)
     tiles = []
     for r, (y, h, cy1, cy2, ey1, ey2) in enumerate(rows):
         for x, w, cx1, cx2, ex1, ex2 in cols:

@@ -18,14 +18,23 @@ def test_quadrants_cover_the_image_once():
 
 
 def test_sliding_windows_overlap_and_reach_the_edges():
-    wins = sliding_windows(1000, 300, 400, 0.25)
+    wins = sliding_windows(1000, 300, 400, 100)  # overlap in pixels, as detect's
     xs = sorted({w.x for w in wins})
     assert xs == [0, 300, 600]  # stride 300; last window flush with the right edge
     assert all(w.x + w.width <= 1000 for w in wins)
     assert max(w.x + w.width for w in wins) == 1000
     assert {w.height for w in wins} == {300}  # the image is shorter than a chip
-    with pytest.raises(QueryDetError):
-        sliding_windows(100, 100, 50, 1.0)
+    with pytest.raises(QueryDetError, match="--overlap .30. must be at most half of --size"):
+        sliding_windows(100, 100, 50, 30)
+
+
+def test_default_chip_overlap_is_a_fifth_of_the_chip_in_pixels():
+    from querydet_cli.chips import default_overlap
+
+    assert default_overlap(512) == 102 and default_overlap(128) == 26
+    # the stride the old fraction 0.2 gave, round(size * 0.8), at every size
+    for size in range(32, 2049):
+        assert size - default_overlap(size) == round(size * 0.8)
 
 
 def test_clip_boxes_visible_fraction():
@@ -52,7 +61,7 @@ def test_geotiff_chips_keep_georeference(tmp_path):
         dst.write(data)
     sample = Sample(src_path, np.array([[210, 110, 230, 120]], np.float32), np.array([0]),
                     width=400, height=300)
-    ann = cut_chips([sample], ["car"], tmp_path / "chips", size=200, overlap=0.0)
+    ann = cut_chips([sample], ["car"], tmp_path / "chips", size=200, overlap=0)
     samples, names, problems = load_coco(ann)
     coco = json.loads(ann.read_text())
     chip = next(im for im in coco["images"] if im["window"] == [200, 100, 200, 200])

@@ -57,7 +57,7 @@ def test_the_spatial_split_shares_no_pixel(tmp_path, how):
     sample = _raster(tmp_path / "site.tif")
     kwargs = {"val_fraction": 0.25} if how == "fraction" else \
         {"val_bounds": (4e5 + 10, 3e6 - 20, 4e5 + 20, 3e6 - 10)}  # pixels 100..200 x 100..200
-    cut_chips([sample], ["tree"], tmp_path / "chips", size=64, overlap=0.5, keep_empty=True,
+    cut_chips([sample], ["tree"], tmp_path / "chips", size=64, overlap=32, keep_empty=True,
               **kwargs)
     train_w, train = _windows(tmp_path / "chips" / "annotations.json")
     val_w, val = _windows(tmp_path / "chips" / "val.json")
@@ -138,7 +138,7 @@ def test_a_class_of_the_same_name_keeps_its_predictor():
 
 def test_train_init_uses_the_finetune_recipe_and_logs_lines_to_a_file(tmp_path):
     sample = _raster(tmp_path / "site.tif", size=256)
-    cut_chips([sample], ["tree"], tmp_path / "chips", size=96, overlap=0.25, val_fraction=0.25)
+    cut_chips([sample], ["tree"], tmp_path / "chips", size=96, overlap=24, val_fraction=0.25)
     log = tmp_path / "train.log"
     with open(log, "w") as err:
         proc = subprocess.run(

@@ -278,7 +278,7 @@ def test_tile_cuts_chips_at_a_chosen_gsd(tmp_path):
     path = _write(tmp_path / "src.tif", data, from_origin(1000, 2000, 0.1, 0.1))
     sample = Sample(path, np.array([[200, 100, 260, 140]], np.float32), np.array([0]),
                     image_id=1, width=400, height=400)
-    gt = cut_chips([sample], ["tree"], tmp_path / "chips", size=100, overlap=0.0, gsd=0.2)
+    gt = cut_chips([sample], ["tree"], tmp_path / "chips", size=100, overlap=0, gsd=0.2)
     coco = json.loads(gt.read_text())
     image = next(im for im in coco["images"]
                  if any(a["image_id"] == im["id"] and not a["iscrowd"] for a in coco["annotations"]))

@@ -208,3 +208,36 @@ def test_a_cropped_tiles_heatmap_lands_where_its_pixels_are():
     expected = np.zeros((16, 16), np.float32)
     expected[2:8, 4:10] = 1
     assert (out == expected).all()
+
+
+def test_one_overlap_rule_in_pixels_for_every_door(tmp_path):
+    """detect, bench-detect, tile and the Python API refuse an overlap over half a tile with
+    the same sentence (each naming its own options), before anything is created."""
+    from typer.testing import CliRunner
+
+    from querydet_cli.api import Detector
+    from querydet_cli.config import Config
+    from querydet_cli.app import app
+    from querydet_cli.errors import QueryDetError
+    from querydet_cli.resources import sample_scene
+
+    from .oracle import OracleModel
+
+    scene = str(sample_scene())
+    doors = {
+        "detect": (["detect", scene, "-o", str(tmp_path / "d" / "o.geojson"), "--tile-size", "256",
+                    "--overlap", "129"], "--overlap (129) must be at most half of --tile-size (256)"),
+        "bench-detect": (["bench-detect", "--sizes", "", "--tile-size", "256", "--overlap", "129",
+                          "--workdir", str(tmp_path / "b")],
+                         "--overlap (129) must be at most half of --tile-size (256)"),
+        "tile": (["tile", scene, "--labels", scene, "--size", "256", "--overlap", "129", "--out",
+                  str(tmp_path / "t")], "--overlap (129) must be at most half of --size (256)"),
+    }
+    for name, (args, words) in doors.items():
+        result = CliRunner().invoke(app, args)
+        assert isinstance(result.exception, QueryDetError), (name, result.output)
+        assert words in str(result.exception), (name, str(result.exception))
+    assert list(tmp_path.iterdir()) == []  # nothing created by any of them
+    detector = Detector.from_model(OracleModel(), Config(), tile_size=256, overlap=129)
+    with pytest.raises(QueryDetError, match=r"overlap \(129\) must be at most half of tile_size"):
+        detector.detect(np.zeros((300, 300, 3), np.uint8))
