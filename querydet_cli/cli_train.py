@@ -66,6 +66,10 @@ def train(
                        train_root=train_root, train_annotations=train_annotations, gsd=gsd)
     if val_annotations is not None:
         cfg = with_changes(cfg, "data", val_annotations=val_annotations, val_root=val_root)
+    _refuse_unread_data(cfg.data.dataset, {"--train-annotations": train_annotations,
+                                           "--train-root": train_root,
+                                           "--val-annotations": val_annotations,
+                                           "--val-root": val_root})
     if (recipe or (Recipe.finetune if init is not None else Recipe.config)) == Recipe.finetune:
         from .training import finetune_recipe
 
@@ -81,6 +85,16 @@ def train(
     dev = resolve_device(device.value)
     summary = run_training(cfg, out, device=str(dev), resume=resume, init=init)
     print(json.dumps(summary))
+
+
+def _refuse_unread_data(dataset: str, given: dict[str, str | None]) -> None:
+    """Data options that this run's dataset would not read are a usage error, not ignored:
+    synthetic scenes are generated, so a COCO file or folder given with them means the user
+    forgot --dataset."""
+    named = [name for name, value in given.items() if value is not None]
+    if named and dataset == "synthetic":
+        raise QueryDetError(f"{named[0]} is read with --dataset coco or visdrone, but this run's "
+                            "dataset is synthetic (generated scenes): add --dataset coco")
 
 
 @app.command(name="eval")
@@ -122,6 +136,8 @@ def evaluate(
         cfg = replace(cfg, data=load_config(config).data)
     cfg = with_changes(cfg, "data", dataset=dataset.value if dataset else None, val_root=val_root,
                        val_annotations=val_annotations)
+    _refuse_unread_data(cfg.data.dataset, {"--val-annotations": val_annotations,
+                                           "--val-root": val_root})
     out.mkdir(parents=True, exist_ok=True)
     samples, _, problems = load_split(cfg, "val", out)
     report_problems(problems)

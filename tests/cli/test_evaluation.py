@@ -72,3 +72,21 @@ def test_cli_bad_inputs_raise_user_errors(tmp_path):
                  ["train", "--dataset", "imagenet", "--out", str(tmp_path / "r")]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and "Invalid value" in result.output, args
+
+
+def test_data_options_the_dataset_would_not_read_are_refused(tmp_path):
+    """A COCO file given to a run whose dataset is synthetic was silently ignored: train went on
+    generating scenes and eval reported on them. Both now refuse in one line, before creating
+    anything."""
+    _, _, weights = tiny(tmp_path)  # its config's dataset is synthetic
+    cases = [
+        ["train", "--train-annotations", str(tmp_path / "chips.json"), "--out", str(tmp_path / "r")],
+        ["train", "--val-annotations", str(tmp_path / "val.json"), "--out", str(tmp_path / "r")],
+        ["eval", "--weights", str(weights), "--val-annotations", str(tmp_path / "val.json"),
+         "--out", str(tmp_path / "e")],
+    ]
+    for args in cases:
+        result = runner.invoke(app, args)
+        assert isinstance(result.exception, QueryDetError), (args, result.output)
+        assert "add --dataset coco" in str(result.exception)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
