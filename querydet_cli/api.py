@@ -47,7 +47,7 @@ class Detector:
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto",
                  runtime: str = "auto", **options: Any) -> None:
-        from .engine import load_model, resolve_device
+        from .loading import load_model, resolve_device
         from .resources import sample_model
         from .runtime import is_export
 
@@ -68,7 +68,7 @@ class Detector:
     def from_model(cls, model: Any, config: Any, device: str = "cpu", **options: Any
                    ) -> "Detector":
         """Wrap a model already in memory (e.g. just trained) with its `Config`."""
-        from .engine import resolve_device
+        from .loading import resolve_device
 
         self = cls.__new__(cls)
         self.device = resolve_device(device)

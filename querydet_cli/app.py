@@ -124,7 +124,7 @@ def info(
     json_out: Annotated[bool, typer.Option("--json", help="Everything as JSON, the full config included")] = False,
 ) -> None:
     """What a model is: its classes, the ground resolution (GSD) it was trained at, its config and training data."""
-    from .engine import format_model_info, model_info
+    from .loading import format_model_info, model_info
     from .resources import sample_model
 
     found = model_info(weights or sample_model())
@@ -142,7 +142,8 @@ def _detect_locked(paths: list[str], output: str, out_format: str, options: dict
 
     with claim_output(output) if output != "-" else contextlib.nullcontext() as lock:
         from .detect import DetectInterrupted, DetectOptions, run_detect
-        from .engine import load_model, progress_bar, resolve_device
+        from .loading import load_model, resolve_device
+        from .progress import progress_bar
         from .resources import sample_model
 
         image_ids = None
@@ -159,7 +160,7 @@ def _detect_locked(paths: list[str], output: str, out_format: str, options: dict
         opts = DetectOptions(**options, image_ids=image_ids)
         producer = None  # the model runs here; with --ray, on Ray actors
         if ray_settings is not None:
-            from .distributed import RayProducer, RaySettings
+            from .ray_producer import RayProducer, RaySettings
 
             producer = RayProducer(RaySettings(**ray_settings), weights or sample_model(), opts,
                                    str(dev))

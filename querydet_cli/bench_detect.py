@@ -171,7 +171,7 @@ def run_throughput_bench(raster: str, weights: str, device: str, tile_size: int,
     from querydet_models.precision import resolve_precision
 
     from .detect import DetectOptions, run_detect
-    from .engine import load_model
+    from .loading import load_model
 
     model, cfg = load_model(weights, device)
     resolved: list[str] = []
@@ -270,8 +270,8 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
     import torch
 
     from .detect import DetectOptions, run_detect
-    from .engine import load_model
-    from .peer import sahi_detect
+    from .loading import load_model
+    from .sahi_peer import sahi_detect
     from .tiling import make_tiles
 
     model, cfg = load_model(weights, device)
@@ -335,8 +335,8 @@ def run_ray_scaling(count: int, size: int, weights: str, workdir: Path, tile_siz
     import torch
 
     from .detect import DetectOptions, run_detect
-    from .distributed import RayProducer, RaySettings, import_ray
-    from .engine import load_model
+    from .ray_producer import RayProducer, RaySettings, import_ray
+    from .loading import load_model
 
     ray = import_ray()
     rasters = []

@@ -93,7 +93,7 @@ def run_runtime_bench(raster: str, weights: str, export: Path | None, truth: Pat
     """Median in-process and whole-process seconds, AP and duplicates per runtime row."""
     from .bench_whole import _score
     from .detect import DetectOptions
-    from .engine import load_model
+    from .loading import load_model
 
     export = export or prepare_export(weights, workdir)
     rows = available_rows(export)

@@ -1,7 +1,7 @@
 """`bench-detect --peer sahi --whole-process`: each side a fresh process, timed as `time` would.
 
 querydet is `querydet detect RASTER -o OUT.ndjson` at its defaults and at --precision fp32; SAHI is
-`python -m querydet_cli.peer` (a user's SAHI script: the same checkpoint loaded by querydet's
+`python -m querydet_cli.sahi_peer` (a user's SAHI script: the same checkpoint loaded by querydet's
 loader, `get_sliced_prediction`, 1024 px slices with 128 overlap, GREEDYNMM / IoS 0.5 at 0.3) in
 fp32 and with the same bf16 model. Imports, model load, reading and writing are all inside each
 figure. Rows run interleaved, `rounds` times; the medians are reported, with AP and seam
@@ -34,7 +34,7 @@ def _command(side: str, precision: str | None, raster: str, weights: str, out: P
         cmd = [sys.executable, "-m", "querydet_cli", "detect", raster, "-o", str(out), "--quiet",
                "--weights", weights, "--device", device, *detect_args]
         return cmd + (["--precision", precision] if precision else [])
-    return [sys.executable, "-m", "querydet_cli.peer", raster, weights, str(out),
+    return [sys.executable, "-m", "querydet_cli.sahi_peer", raster, weights, str(out),
             "--precision", precision or "fp32", "--device", device]
 
 
@@ -50,7 +50,7 @@ def run_whole_process(raster: str, weights: str, truth: Path | None, rounds: int
                       detect_args: list[str] | None = None,
                       rows: tuple[str, ...] = tuple(ROWS), device: str = "cpu") -> dict[str, Any]:
     """Median whole-process seconds per row, AP and duplicates, and the ratios against SAHI."""
-    from .engine import load_model
+    from .loading import load_model
 
     _, cfg = load_model(weights, "cpu")
     found: dict[str, dict[str, Any]] = {}

@@ -46,7 +46,7 @@ def bench(
         raise QueryDetError(f"--backends: unknown backend {bad[0] if bad else '(none)'} (allowed: torch, spconv)")
     precisions = _precision_list(precision)
     from .bench import BenchOptions, format_report, run_bench
-    from .engine import load_model, resolve_device
+    from .loading import load_model, resolve_device
 
     dev = resolve_device(device.value)
     model = None
@@ -123,7 +123,7 @@ def bench_detect(
     if not Path(w).is_file():
         raise QueryDetError(f"checkpoint not found: {w}")
     from .bench_detect import format_report, run
-    from .engine import resolve_device
+    from .loading import resolve_device
 
     dev = str(resolve_device(device.value))
     if peer not in (None, "sahi"):
@@ -138,7 +138,7 @@ def bench_detect(
         if importlib.util.find_spec("ray") is None:
             raise QueryDetError("--ray-rasters needs Ray: pip install 'querydet[ray]'")
     if peer:
-        from .peer import _sahi_base
+        from .sahi_peer import _sahi_base
 
         _sahi_base()  # says how to install SAHI when it is missing
     if whole_process or runtimes:

@@ -79,7 +79,7 @@ def train(
     cfg = with_changes(cfg, "train", max_iter=max_iter, batch_size=batch_size, base_lr=lr,
                        workers=workers, seed=seed, epochs=epochs, eval_period=eval_period,
                        early_stop=early_stop)
-    from .engine import resolve_device
+    from .loading import resolve_device
     from .training import train as run_training
 
     dev = resolve_device(device.value)
@@ -120,7 +120,7 @@ def evaluate(
         raise QueryDetError(f"--sigma: every value must be in [0, 1], got {sigma!r}")
     _folder_option(out, "--out")
     from .config import load_config, with_changes
-    from .engine import load_model, resolve_device
+    from .loading import load_model, resolve_device
     from .evaluation import evaluate as run_eval
     from .evaluation import format_table, plot_tradeoff, save_review, save_visualisations
     from .training import load_split, report_problems

@@ -214,7 +214,7 @@ def run_detect(model: FPNDetector, cfg: Config, inputs: list[str], output: str, 
     """Detect on every input into one output; a bad input is reported and skipped.
 
     `producer`: where the tiles are computed; None runs `model` here (`TileProducer`). A
-    `distributed.RayProducer` runs it on Ray actors while this process merges and writes,
+    `ray_producer.RayProducer` runs it on Ray actors while this process merges and writes,
     exactly as without Ray."""
     if output == "-" and options.resume:
         raise QueryDetError("--resume needs an output file, not stdout")

@@ -145,7 +145,7 @@ def export_model(weights: str | Path, out: str | Path, fmt: str = "onnx",
                  start_level: int | None = None, calibrate: str | None = None,
                  calibrate_count: int = 32) -> ExportReport:
     """Write the export of `weights` to folder `out` (see the module docstring)."""
-    from .engine import load_model
+    from .loading import load_model
     from .runtime import OnnxRuntimeRunner, OpenVinoRunner
 
     if fmt not in ("onnx", "openvino"):

@@ -5,7 +5,7 @@ batched through the model (a tile with nodata only where it has data), optionall
 dihedral views (`--tta`), and each tile's detections leave in global pixels with the flags the
 consumer's merge needs (cut by an inner tile edge, in the tile's exclusive area) and the tile's
 valid mask (validity.py), so the consumer never reads pixels. The same class runs locally and
-on Ray actors (distributed.py).
+on Ray actors (ray_producer.py).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class InputPlanner:
 
 class Producer(Protocol):
     """What the consumer (detect.py) asks of a producer: per-tile detections of each input, in
-    tile order. `TileProducer` runs here; `distributed.RayProducer` on Ray actors. The caller
+    tile order. `TileProducer` runs here; `ray_producer.RayProducer` on Ray actors. The caller
     (CLI, Python API) chooses one; the pipeline never names Ray."""
 
     profile: Profile

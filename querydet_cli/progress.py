@@ -103,3 +103,8 @@ def _clock(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress_bar(name: str, total_tiles: int):
+    """Tiles of one raster on stderr: a bar on a terminal, plain lines into a log file."""
+    return progress(total_tiles, name, unit="tile", leave=False)

@@ -49,6 +49,15 @@ def _cli(*args):
                           text=True, timeout=120)
 
 
+def _cli_each(commands):
+    """Each command line in its own process, four at a time (each case has its own folders, so
+    the "leaves nothing behind" checks cannot race); the results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda args: _cli(*map(str, args)), commands))
+
+
 def test_user_errors_are_one_line_with_exit_2(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
@@ -67,21 +76,27 @@ def test_cli_conventions_version_configs_devices(tmp_path):
     listing = _cli("configs").stdout.splitlines()
     assert any(line.split()[:3] == ["querydet_r50_visdrone", "retinanet", "resnet50"]
                for line in listing)
-    for args, needle in ((["--device", "gpu"], "'gpu' is not one of 'auto', 'cpu', 'cuda'"),
-                         (["--mode", "fast"], "'fast' is not one of"),
-                         (["--context", "13x13"], "'13x13' is not one of"),
-                         (["--merge-threshold", "-1"], "'--merge-threshold'"),
-                         (["--tile-size", "0"], "'--tile-size'"),
-                         (["--overlap", "1024"], "--overlap (1024) must be at most half"),
-                         (["--overlap", "-1"], "'--overlap'"),
-                         (["--bands", "0"], "--bands: one band"),
-                         (["--bands", "1,2"], "--bands: one band"),
-                         (["--format", "shp"], "'shp' is not one of")):
-        proc = _cli("detect", str(tmp_path / "x.tif"), "-o", str(tmp_path / "o.geojson"), *args)
+    cases = ((["--device", "gpu"], "'gpu' is not one of 'auto', 'cpu', 'cuda'"),
+             (["--mode", "fast"], "'fast' is not one of"),
+             (["--context", "13x13"], "'13x13' is not one of"),
+             (["--merge-threshold", "-1"], "'--merge-threshold'"),
+             (["--tile-size", "0"], "'--tile-size'"),
+             (["--overlap", "1024"], "--overlap (1024) must be at most half"),
+             (["--overlap", "-1"], "'--overlap'"),
+             (["--bands", "0"], "--bands: one band"),
+             (["--bands", "1,2"], "--bands: one band"),
+             (["--format", "shp"], "'shp' is not one of"))
+    cases = [(tmp_path / f"case{i}", args, needle) for i, (args, needle) in enumerate(cases)]
+    for where, _, _ in cases:
+        where.mkdir()
+    procs = _cli_each([["detect", where / "x.tif", "-o", where / "o.geojson", *args]
+                       for where, args, _ in cases])
+    for (where, args, needle), proc in zip(cases, procs):
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("querydet: error: ") and needle in lines[0]
-        assert not list(tmp_path.iterdir())  # a usage error leaves nothing behind
+        assert not list(where.iterdir())  # a usage error leaves nothing behind
+        where.rmdir()
     (tmp_path / "adir").mkdir()
     proc = _cli("detect", str(tmp_path / "x.tif"), "-o", str(tmp_path / "adir"), "--format",
                 "geojson")
@@ -93,7 +108,7 @@ def test_resolve_device():
     import pytest
     import torch
 
-    from querydet_cli.engine import resolve_device
+    from querydet_cli.loading import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
@@ -106,40 +121,42 @@ def test_resolve_device():
 
 def test_new_options_reject_bad_values_with_one_line_and_leave_nothing(tmp_path):
     import geopandas as gpd
+    from rasterio.transform import Affine
     from shapely.geometry import box
 
     from tests.cli.oracle import paint, write_tif
-
-    work = tmp_path / "work"
-    work.mkdir()
-    from rasterio.transform import Affine
 
     tif = write_tif(tmp_path / "a.tif", paint(64, 64, []), Affine(1, 0, 0, 0, -1, 0))
     gpd.GeoDataFrame({"label": ["x"]}, geometry=[box(1, -20, 10, -2)]).to_file(tmp_path / "nocrs.gpkg")
     gpd.GeoDataFrame({"label": ["x"]}, geometry=[box(1, -20, 10, -2)],
                      crs="EPSG:32633").to_file(tmp_path / "l.gpkg")
-    cases = [
-        (["tile", tif, "--labels", tmp_path / "missing.gpkg", "--out", work / "c"], "file not found"),
-        (["tile", tif, "--labels", tmp_path / "nocrs.gpkg", "--out", work / "c"], "has no CRS"),
-        (["tile", tif, "--labels", tmp_path / "l.gpkg", "--label-field", "species", "--out",
-          work / "c"], "'species' is not a field"),
-        (["tile", tif, "--labels", tmp_path / "l.gpkg", "--bounds", "1,2,3", "--out", work / "c"],
-         "--bounds"),
-        (["tile", tif, "--labels", tmp_path / "l.gpkg", "--classes", ",", "--out", work / "c"],
-         "--classes"),
-        (["tile", "--labels", tmp_path / "l.gpkg", "--out", work / "c"], "rasters are given"),
-        (["train", "--init", tmp_path / "none.pt", "--out", work / "r"], "checkpoint not found"),
-        (["detect", tif, "-o", "-", "--json"], "--json prints a summary"),
-        (["detect", tif, "-o", work / "o.geojson", "--gpus-per-worker", "1"], "goes with --ray"),
-        (["detect", tif, "-o", work / "o.json", "--coco-gt", tmp_path / "none.json"],
-         "--coco-gt: file not found"),
-        (["bench-detect", "--peer", "yolo", "--sizes", ""], "--peer"),
-        (["bench-detect", "--scene", "city", "--sizes", ""], "--scene"),
-        (["bench-detect", "--truth", tmp_path / "none.json", "--sizes", ""], "--truth"),
-        (["bench", "--precision", "fp8"], "--precision: 'fp8'"),
-    ]
-    for args, needle in cases:
-        proc = _cli(*map(str, args))
+
+    def cases(work):  # each case writes (if it wrongly did) into its own folder `work`
+        return [
+            (["tile", tif, "--labels", tmp_path / "missing.gpkg", "--out", work / "c"], "file not found"),
+            (["tile", tif, "--labels", tmp_path / "nocrs.gpkg", "--out", work / "c"], "has no CRS"),
+            (["tile", tif, "--labels", tmp_path / "l.gpkg", "--label-field", "species", "--out",
+              work / "c"], "'species' is not a field"),
+            (["tile", tif, "--labels", tmp_path / "l.gpkg", "--bounds", "1,2,3", "--out", work / "c"],
+             "--bounds"),
+            (["tile", tif, "--labels", tmp_path / "l.gpkg", "--classes", ",", "--out", work / "c"],
+             "--classes"),
+            (["tile", "--labels", tmp_path / "l.gpkg", "--out", work / "c"], "rasters are given"),
+            (["train", "--init", tmp_path / "none.pt", "--out", work / "r"], "checkpoint not found"),
+            (["detect", tif, "-o", "-", "--json"], "--json prints a summary"),
+            (["detect", tif, "-o", work / "o.geojson", "--gpus-per-worker", "1"], "goes with --ray"),
+            (["detect", tif, "-o", work / "o.json", "--coco-gt", tmp_path / "none.json"],
+             "--coco-gt: file not found"),
+            (["bench-detect", "--peer", "yolo", "--sizes", ""], "--peer"),
+            (["bench-detect", "--scene", "city", "--sizes", ""], "--scene"),
+            (["bench-detect", "--truth", tmp_path / "none.json", "--sizes", ""], "--truth"),
+            (["bench", "--precision", "fp8"], "--precision: 'fp8'"),
+        ]
+    works = [tmp_path / f"work{i}" for i in range(len(cases(tmp_path)))]
+    for work in works:
+        work.mkdir()
+    each = [cases(work)[i] for i, work in enumerate(works)]
+    for (args, needle), proc, work in zip(each, _cli_each([args for args, _ in each]), works):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, (args, proc.stderr)
         assert len(lines) == 1 and lines[0].startswith("querydet: error: ") and needle in lines[0], \

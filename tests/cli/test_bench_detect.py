@@ -151,7 +151,7 @@ def test_whole_process_takes_the_tile_plan_for_querydet_rows_only(tmp_path, monk
                                       "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     ours = [c for c in ran if "detect" in c]
-    peers = [c for c in ran if "querydet_cli.peer" in c]
+    peers = [c for c in ran if "querydet_cli.sahi_peer" in c]
     assert len(ours) == 2 and len(peers) == 2
     for cmd in ours:
         assert cmd[cmd.index("--tile-size") + 1] == "512" and cmd[cmd.index("--overlap") + 1] == "64"
@@ -170,7 +170,7 @@ def test_whole_process_runs_both_sides_on_the_asked_device(tmp_path):
 
 
 def test_peer_script_takes_a_device():
-    from querydet_cli import peer
+    from querydet_cli import sahi_peer
 
     with pytest.raises(SystemExit):  # argparse: an unknown device is a usage error
-        peer.main(["r.tif", "w.pt", "o.json", "--device", "tpu"])
+        sahi_peer.main(["r.tif", "w.pt", "o.json", "--device", "tpu"])

@@ -306,7 +306,7 @@ def test_resume_after_every_row_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_a_run_passes_its_precision_per_call_and_leaves_the_model_as_it_was(tmp_path):
-    from querydet_cli.engine import load_model
+    from querydet_cli.loading import load_model
     from querydet_cli.resources import sample_model, sample_scene
 
     model, cfg = load_model(sample_model(), "cpu")
@@ -329,7 +329,7 @@ def _sample_run(tmp_path, name, model, cfg, **opts):
 def test_two_workers_give_the_same_bytes_and_leave_torch_threads_as_they_were(tmp_path):
     """Tiles computed two at once (the CPU default) come back in tile order with the very
     values of one worker: 25 tiles of the sample scene, batches of one and of two."""
-    from querydet_cli.engine import load_model
+    from querydet_cli.loading import load_model
     from querydet_cli.producer import TileProducer
     from querydet_cli.resources import sample_model
 
@@ -348,7 +348,7 @@ def test_two_workers_give_the_same_bytes_and_leave_torch_threads_as_they_were(tm
 def test_resume_with_two_workers_after_an_interrupt_equals_one_uninterrupted_run(tmp_path):
     import threading
 
-    from querydet_cli.engine import load_model
+    from querydet_cli.loading import load_model
     from querydet_cli.resources import sample_model
 
     model, cfg = load_model(sample_model(), "cpu")

@@ -92,7 +92,7 @@ def test_model_best_is_the_checkpoint_with_the_best_validation_ap(tmp_path):
     assert saved["extra"]["iteration"] == best["iter"] == summary["best_iteration"]
     assert saved["extra"]["val_AP50"] == pytest.approx(best["val_AP50"])
     # evaluated again from the file, the saved model scores what was logged
-    from querydet_cli.engine import load_model
+    from querydet_cli.loading import load_model
 
     model, saved_cfg = load_model(tmp_path / "model_best.pt")
     again = Validator(saved_cfg, tmp_path, torch.device("cpu"))
@@ -120,7 +120,7 @@ def test_a_schedule_in_epochs_sets_iterations_and_steps():
 
 
 def test_a_class_of_the_same_name_keeps_its_predictor():
-    from querydet_cli.engine import load_model
+    from querydet_cli.loading import load_model
     from querydet_models.querydet import build_querydet
 
     old, cfg = load_model(sample_model())

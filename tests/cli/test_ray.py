@@ -17,8 +17,8 @@ ray = pytest.importorskip("ray")
 
 from querydet_cli.config import Config  # noqa: E402
 from querydet_cli.detect import DetectOptions, run_detect  # noqa: E402
-from querydet_cli.distributed import RayProducer, RaySettings  # noqa: E402
-from querydet_cli.engine import load_model  # noqa: E402
+from querydet_cli.ray_producer import RayProducer, RaySettings  # noqa: E402
+from querydet_cli.loading import load_model  # noqa: E402
 from querydet_models.checkpoint import save_checkpoint  # noqa: E402
 from querydet_models.config import ModelConfig  # noqa: E402
 from tests.cli.oracle import paint, read_ndjson, write_tif  # noqa: E402

@@ -17,7 +17,7 @@ from querydet_cli.config import load_config
 from querydet_cli.datasets import load_coco
 from querydet_cli.detect import DetectOptions, run_detect
 from querydet_cli.identity import coco_image_ids
-from querydet_cli.engine import load_model
+from querydet_cli.loading import load_model
 from querydet_cli.errors import QueryDetError
 from querydet_cli.training import train
 from querydet_cli.vector_labels import load_vector_labels

@@ -1,4 +1,5 @@
-"""Importable functions behind the CLI commands: files and configs in, models and reports out."""
+"""A model for a command: the device, the checkpoint loaded into its inference form, and what a
+checkpoint says about itself (`querydet info`)."""
 
 from __future__ import annotations
 
@@ -116,10 +117,3 @@ def format_model_info(info: dict) -> str:
              f"trained on  {data['dataset']}" + (f": {where}" if where else ""),
              f"parameters  {info['parameters']:,}"]
     return "\n".join(lines)
-
-
-def progress_bar(name: str, total_tiles: int):
-    """Tiles of one raster on stderr: a bar on a terminal, plain lines into a log file."""
-    from .progress import progress
-
-    return progress(total_tiles, name, unit="tile", leave=False)

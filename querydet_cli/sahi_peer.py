@@ -99,7 +99,7 @@ def sahi_detect(raster: str, model: Any, class_names: list[str], device: torch.d
 
 
 def main(argv: list[str] | None = None) -> None:
-    """SAHI as its users run it, as a script: `python -m querydet_cli.peer RASTER WEIGHTS OUT
+    """SAHI as its users run it, as a script: `python -m querydet_cli.sahi_peer RASTER WEIGHTS OUT
     [--precision fp32|bf16] [--slice 1024] [--overlap 128] [--confidence 0.3] [--device cpu|cuda]`;
     the model
     loaded by querydet's own loader (BN folded, channels_last), dense, SAHI's GREEDYNMM / IoS 0.5;
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    from .engine import load_model
+    from .loading import load_model
 
-    p = argparse.ArgumentParser(prog="python -m querydet_cli.peer")
+    p = argparse.ArgumentParser(prog="python -m querydet_cli.sahi_peer")
     p.add_argument("raster")
     p.add_argument("weights")
     p.add_argument("out")

@@ -75,7 +75,7 @@ class DetectWorker:
         import torch
 
         from .producer import DetectOptions, TileProducer
-        from .engine import load_model
+        from .loading import load_model
 
         with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
             tmp.write(checkpoint)
