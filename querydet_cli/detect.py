@@ -77,6 +77,11 @@ class TileConsumer:
         self.category_ids = cfg.category_ids()
         self.rows = (0, 0)  # tile rows done, of all (for an interrupt message)
 
+    def begin(self, rows_done: int) -> None:
+        """A new input, `rows_done` of its tile rows finished by an earlier run (--resume): what
+        an interrupt before its first tile says."""
+        self.rows = (rows_done, 0)
+
     def run(self, src: RasterSource, image_id: int, emit: Callable[[list[dict]], None],
             checkpoint: Callable[[dict[str, Any]], None], state: dict[str, Any],
             results: Iterable[tuple[Tile, "TileDetections | None", Any]],
@@ -306,7 +311,7 @@ class _Run:
             self.summary.done += 1
             return
         self.current = path
-        detector.rows = (int(state.get("rows_done", 0)), 0)
+        detector.begin(int(state.get("rows_done", 0)))
         try:
             setup = time.perf_counter()
             with RasterSource(path, options.bands) as src:
