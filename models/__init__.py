@@ -4,6 +4,9 @@
   the query head (`QueryDet`, `QueryFCOS`, `QueryFasterRCNN`, all `FPNDetector`s).
 - `ModelConfig`, `InferenceConfig`: the frozen configs those are built from.
 - `LevelOutput`: what `FPNDetector.predict_levels` returns per FPN level.
+- `run_stages(model, images, ..., stage=timer)`: one inference pass stage by stage, a timing
+  hook around each (`InferencePass`: detections, levels, batch shape); what `forward_inference`
+  runs, for a PyTorch model or its exported graphs.
 - `save_checkpoint`, `load_checkpoint`, `CheckpointError`, `copy_matching_weights`.
 - `ModelError`, `ModelInputError`: what bad inputs raise.
 - `spconv_available()`, `query_target_map(...)`.
@@ -27,6 +30,7 @@ _WHERE = {
     "ModelError": "errors",
     "spconv_available": "sparse",
     "query_target_map": "query_targets",
+    "run_stages": "stages", "InferencePass": "stages",
 }
 
 __all__ = sorted(_WHERE)

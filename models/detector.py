@@ -24,6 +24,7 @@ from .losses import query_loss
 from .precision import compute_context, fold_batchnorm, resolve_precision
 from .query_infer import LevelOutput, QueryInference, QueryOptions
 from .query_targets import query_target_map
+from .stages import run_stages
 
 
 class ModelInputError(ModelError):
@@ -207,9 +208,7 @@ class FPNDetector(nn.Module):
         `mode` takes the keyword arguments of `predict_levels`. Runs in `self.precision`.
         """
         with self.compute():
-            batch, sizes = self.preprocess(images)
-            features = self.extract_features(batch)
-            return self.detections(self.predict_levels(features, **mode), sizes, features)
+            return run_stages(self, images, **mode).detections
 
     # -- inference form ---------------------------------------------------------------------------
     def resolved_precision(self, precision: str = "auto") -> str:

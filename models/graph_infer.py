@@ -23,6 +23,7 @@ from .graphs import BRANCH_ORDER, graph_name, sparse_tables  # noqa: F401 (graph
 from .query_infer import (LevelOutput, QueryInference, QueryOptions, plan_macs, rows_of_map,
                           tower_macs, unique_towers)
 from .sparse import TowerPlan
+from .stages import run_stages
 
 GraphRunner = Callable[[str, dict[str, np.ndarray]], list[np.ndarray]]
 
@@ -197,9 +198,7 @@ class GraphDetector:
     def forward_inference(self, images, **mode) -> list[dict[str, torch.Tensor]]:
         """Detections per image, as `FPNDetector.forward_inference`."""
         with self.compute():
-            batch, sizes = self.preprocess(images)
-            features = self.extract_features(batch)
-            return self.detections(self.predict_levels(features, **mode), sizes, features)
+            return run_stages(self, images, **mode).detections
 
     __call__ = forward_inference
 

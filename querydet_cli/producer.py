@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Protocol
 import numpy as np
 import torch
 
-from querydet_models import FPNDetector
+from querydet_models import FPNDetector, run_stages
 
 from .augment import TTA_VIEWS, dihedral, undo_dihedral, vote
 from .config import Config
@@ -263,7 +263,7 @@ class TileProducer:
                           for (_, p, _), (x0, y0, x1, y1) in zip(batch, crops)]
             masks = [torch.from_numpy(np.ascontiguousarray(v[y0:y1, x0:x1]))
                      for (_, _, v), (x0, y0, x1, y1) in zip(batch, crops)]
-            dets, levels, tensor = self._forward(images, masks=masks)
+            dets, levels, batch_shape = self._forward(images, masks=masks)
             prof.count(tiles=len(batch),
                        tile_pixels=sum(t.width * t.height for t, _, _ in batch))
             if self.opts.tta:  # the seven other dihedral views, each mapped back and voted
@@ -286,37 +286,30 @@ class TileProducer:
                         det["boxes"] = det["boxes"] + det["boxes"].new_tensor([x0, y0, x0, y0])
         # the query heatmap is only drawn with --save-vis: no per-tile work nobody asked for
         heats = query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
-        heats = [None if h is None else heat_in_tile(h, tensor.shape[-2:], c, t.height, t.width)
+        heats = [None if h is None else heat_in_tile(h, batch_shape, c, t.height, t.width)
                  for h, c, (t, _, _) in zip(heats, crops, batch)]
         return list(zip(dets, heats))
 
     def _forward(self, images: list[torch.Tensor], count: bool = True,
                  masks: list[torch.Tensor] | None = None):
-        """The model's stages on a list of (3, h, w) images, timed per stage: detections per
-        image (tile pixels of the crop), the levels, and the padded batch. `masks`: each
-        image's valid pixels (queries fire only where there is data). `count`: add the pixels
+        """The model's stages (models/stages.py) on a list of (3, h, w) images, each timed as a
+        stage of the profile: detections per image (tile pixels of the crop), the levels, and
+        the padded batch's (H, W). `masks`: each image's valid pixels. `count`: add the pixels
         and CSQ's decisions to the profile (not for the extra views of --tta)."""
         prof = self.profile
-        with prof.stage("preprocess"):
-            tensor, sizes = self.model.preprocess(images)
-            valid = batch_mask(masks, sizes, tensor)
-            if count:
-                prof.count(pixels=sum(h * w for h, w in sizes))
-        with prof.stage("backbone"):
-            features = self.model.extract_features(tensor)
-        with prof.stage("coarse_heads"):
-            levels = self.model.predict_levels(features, **self.mode, valid=valid)
+        done = run_stages(self.model, images, masks=masks,
+                          score_threshold=self.opts.score_threshold, stage=prof.stage,
+                          **self.mode)
+        if count:
+            prof.count(pixels=sum(h * w for h, w in done.sizes))
         # split the heads' time by level kind, FPN time apart (measured inside the levels)
-        for lv in levels:
+        for lv in done.levels:
             prof.move("coarse_heads", "fpn", lv.fpn_seconds)
             if not lv.is_dense or lv.decided_dense:
                 prof.move("coarse_heads", "sparse_heads", lv.seconds)
-        if count and any(lv.decided_dense for lv in levels):
+        if count and any(lv.decided_dense for lv in done.levels):
             prof.count(tiles_dense_by_decision=len(images))
-        with prof.stage("postprocess"):
-            dets = self.model.detections(levels, sizes, features,
-                                         score_threshold=self.opts.score_threshold)
-        return dets, levels, tensor
+        return done.detections, done.levels, done.batch_shape
 
     def produce(self, src: RasterSource, tiles: list[Tile], info=None
                 ) -> Iterator[tuple[Tile, "TileDetections | None", np.ndarray | None]]:
@@ -435,25 +428,6 @@ class TileProducer:
         exclusive = ((boxes[:, 0] >= ex1) & (boxes[:, 1] >= ey1) & (boxes[:, 2] <= ex2)
                      & (boxes[:, 3] <= ey2) & ~cut)
         return TileDetections(boxes, scores, labels, cut, exclusive, pack_valid(valid))
-
-
-def batch_mask(masks: list[torch.Tensor] | None, sizes, tensor: torch.Tensor
-               ) -> torch.Tensor | None:
-    """(N, H, W) bool over the padded batch: each image's valid pixels, padding invalid. None
-    (no masking) without masks, or when preprocessing resized an image."""
-    if masks is None or not isinstance(tensor, torch.Tensor) or \
-            any(tuple(m.shape) != tuple(s) for m, s in zip(masks, sizes)):
-        return None
-    if all(bool(m.all()) for m in masks):
-        return None  # nothing to mask: the outputs are those of a run without masks
-    n, _, h, w = tensor.shape
-    valid = torch.zeros(n, h, w, dtype=torch.bool, device=tensor.device)
-    for i, m in enumerate(masks):
-        if bool(m.all()):  # an image full of data is queried as without a mask, padding too
-            valid[i] = True
-        else:
-            valid[i, :m.shape[0], :m.shape[1]] = m.to(tensor.device)
-    return valid
 
 
 def data_window(valid: np.ndarray, align: int = 1) -> tuple[int, int, int, int]:
