@@ -1,5 +1,5 @@
 """The `querydet view --serve` figures in the README: tile latency per zoom and the server's
-memory on a large GeoTIFF (written here by bench_detect.write_big_raster unless given).
+memory on a large GeoTIFF (written here by synthetic.write_big_raster unless given).
 
     python docs/measure_view_serve.py [RASTER] [--side 16384]
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from querydet_cli.bench_detect import write_big_raster
+from querydet_cli.synthetic import write_big_raster
 
 
 def boxes(path: Path, n: int, side: int) -> None:

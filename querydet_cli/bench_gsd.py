@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .bench_detect import raster_ap, write_big_raster
+from .bench_detect import raster_ap
+from .synthetic import write_big_raster
 from .synthetic import PIXEL_SIZE
 
 

@@ -28,7 +28,7 @@ CALIBRATION_SEED = 7  # the measured scenes use seed 0
 
 def prepare_export(weights: str, workdir: Path) -> Path:
     """The checkpoint's export with int8 graphs, calibrated on a raster of another seed."""
-    from .bench_detect import write_big_raster
+    from .synthetic import write_big_raster
     from .export import export_model
     from .runtime import file_digest, is_export, read_manifest
 

@@ -175,7 +175,7 @@ def bench_gsd(
 
 def _scene_raster(scene: str, size: int, workdir: Path) -> tuple[str, Path]:
     """bench-detect --scene: the synthetic busy or survey raster and its truth, written once."""
-    from .bench_detect import write_big_raster, write_survey_raster
+    from .synthetic import write_big_raster, write_survey_raster
 
     workdir.mkdir(parents=True, exist_ok=True)
     raster = workdir / f"{scene}_{size}.tif"

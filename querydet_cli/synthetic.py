@@ -4,6 +4,9 @@ Deterministic by seed. Textured ground, roads, and five classes: cars and trucks
 the roads, in clusters such as queues and car parks, or scattered), people (a few pixels),
 trees (round canopies) and buildings (the large objects, 40-110 px). Since no public dataset can
 be downloaded at run time, this is what the tests, the bundled sample and the README demo use.
+The benches' large rasters are built from these scenes too: `write_big_raster` (objects
+everywhere) and `write_survey_raster` (objects in a tenth, a nodata collar around a rotated
+footprint), written block by block, with their COCO truth.
 """
 
 from __future__ import annotations
@@ -237,4 +240,103 @@ def write_dataset(out_dir: str | Path, num_scenes: int, size: int = 512, seed: i
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(coco))
     tmp.replace(path)
+    return path
+
+
+def write_big_raster(path: Path, size: int, seed: int = 0, block: int = 512,
+                     truth: Path | None = None) -> Path:
+    """A size x size RGB GeoTIFF built from 16 synthetic scenes repeated, written block by block.
+
+    With `truth`, also a COCO JSON of its objects (the scenes' boxes, shifted and clipped)."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    made = [make_scene(block, seed * 100 + i) for i in range(16)]
+    scenes = [img.transpose(2, 0, 1) for img, _ in made]
+    annotations = []
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
+               "crs": CRS, "transform": from_origin(*ORIGIN, PIXEL_SIZE, PIXEL_SIZE),
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+               "BIGTIFF": "IF_SAFER"}
+    with rasterio.open(path, "w", **profile) as dst:
+        k = 0
+        for y in range(0, size, block):
+            for x in range(0, size, block):
+                h, w = min(block, size - y), min(block, size - x)
+                dst.write(scenes[k % 16][:, :h, :w], window=Window(x, y, w, h))
+                for obj in made[k % 16][1]:
+                    x1, y1 = obj.box[0] + x, obj.box[1] + y
+                    x2, y2 = min(obj.box[2] + x, x + w), min(obj.box[3] + y, y + h)
+                    if x2 - x1 >= 2 and y2 - y1 >= 2:
+                        annotations.append({"id": len(annotations) + 1, "image_id": 1,
+                                            "category_id": obj.label + 1,
+                                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                            "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+                k += 1
+    if truth is not None:
+        from .synthetic import CLASSES
+
+        truth.write_text(json.dumps({
+            "images": [{"id": 1, "file_name": path.name, "width": size, "height": size}],
+            "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}))
+    return path
+
+
+def write_survey_raster(path: Path, size: int, truth: Path, seed: int = 0, block: int = 512,
+                        busy_fraction: float = 0.1, angle: float = 20.0) -> Path:
+    """A survey-like GeoTIFF: objects in about `busy_fraction` of the blocks, empty ground
+    elsewhere, and a nodata collar (0) around a footprint rotated by `angle` degrees; with its
+    COCO ground truth (objects centred inside the footprint)."""
+    import math
+
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+
+    rng = np.random.default_rng(seed)
+    scenes = [make_scene(block, seed * 100 + i) for i in range(8)]
+    grounds = [np.clip(_ground(np.random.default_rng(seed * 100 + 50 + i), block), 1, 255)
+               .astype(np.uint8) for i in range(4)]
+    c, half = size / 2, size * 0.36
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+
+    def inside(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        u = (x - c) * cos + (y - c) * sin
+        v = -(x - c) * sin + (y - c) * cos
+        return (np.abs(u) <= half) & (np.abs(v) <= half)
+
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
+               "crs": CRS, "transform": from_origin(*ORIGIN, PIXEL_SIZE, PIXEL_SIZE),
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+               "nodata": 0, "BIGTIFF": "IF_SAFER"}
+    annotations = []
+    with rasterio.open(path, "w", **profile) as dst:
+        for y in range(0, size, block):
+            for x in range(0, size, block):
+                h, w = min(block, size - y), min(block, size - x)
+                if rng.random() < busy_fraction:
+                    img, objects = scenes[int(rng.integers(len(scenes)))]
+                    img = np.clip(img, 1, 255).astype(np.uint8)
+                else:
+                    img, objects = grounds[int(rng.integers(len(grounds)))], []
+                tile = img[:h, :w].transpose(2, 0, 1).copy()  # (3, h, w)
+                ys, xs = np.mgrid[y:y + h, x:x + w]
+                tile[:, ~inside(xs + 0.5, ys + 0.5)] = 0  # the nodata collar
+                dst.write(tile, window=Window(x, y, w, h))
+                for obj in objects:
+                    x1, y1 = obj.box[0] + x, obj.box[1] + y
+                    x2, y2 = min(obj.box[2] + x, x + w), min(obj.box[3] + y, y + h)
+                    cx, cy = np.array([(x1 + x2) / 2]), np.array([(y1 + y2) / 2])
+                    if x2 - x1 >= 2 and y2 - y1 >= 2 and inside(cx, cy)[0]:
+                        annotations.append({"id": len(annotations) + 1, "image_id": 1,
+                                            "category_id": obj.label + 1,
+                                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                            "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    truth.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": path.name, "width": size, "height": size}],
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}))
     return path

@@ -9,7 +9,8 @@ import torch
 from querydet_models.checkpoint import save_checkpoint
 from querydet_models.config import ModelConfig
 from querydet_models.querydet import build_querydet
-from querydet_cli.bench_detect import run, write_big_raster
+from querydet_cli.bench_detect import run
+from querydet_cli.synthetic import write_big_raster
 from querydet_cli.config import Config
 
 
@@ -41,7 +42,7 @@ def test_survey_raster_has_a_nodata_collar_and_truth_inside(tmp_path):
 
     import numpy as np
 
-    from querydet_cli.bench_detect import write_survey_raster
+    from querydet_cli.synthetic import write_survey_raster
 
     path = write_survey_raster(tmp_path / "s.tif", 1024, tmp_path / "s.json", block=256,
                                busy_fraction=0.5)

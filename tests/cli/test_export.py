@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from querydet_cli.app import app
-from querydet_cli.bench_detect import raster_ap, write_big_raster
+from querydet_cli.bench_detect import raster_ap
+from querydet_cli.synthetic import write_big_raster
 from querydet_cli.errors import QueryDetError
 from querydet_cli.resources import sample_model, sample_scene
 

@@ -15,7 +15,7 @@ import torch
 from rasterio.enums import ColorInterp
 from rasterio.transform import Affine
 
-from querydet_cli.bench_detect import write_big_raster
+from querydet_cli.synthetic import write_big_raster
 from querydet_cli.config import Config
 from querydet_cli.detect import DetectOptions, run_detect
 from querydet_cli.locking import OutputLock, claim_output

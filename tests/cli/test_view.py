@@ -233,7 +233,7 @@ def test_serve_without_rio_tiler_says_how(tmp_path, sample_run):
 
 
 def _write_raster(path: Path, side: int) -> None:
-    from querydet_cli.bench_detect import write_big_raster
+    from querydet_cli.synthetic import write_big_raster
 
     write_big_raster(path, side)
 
