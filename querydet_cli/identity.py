@@ -14,6 +14,7 @@ import torch
 
 from .config import Config
 from .errors import QueryDetError
+from .journal import JOURNAL_VERSION
 from .tiling import TILING_VERSION
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ def run_key(inputs: list[str], options: "DetectOptions", cfg: Config, model: Any
                        "options": asdict(options) | {"resume": None, "workers": None,
                                                     "threads": None},
                        "config": cfg.to_dict(), "weights": weights_digest(model),
-                       "tiling": TILING_VERSION},
+                       "tiling": TILING_VERSION, "journal": JOURNAL_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()
 

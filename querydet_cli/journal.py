@@ -15,6 +15,10 @@ from typing import Any
 from .errors import QueryDetError
 from .locking import OutputLock, journal_dir
 
+# part of a run's key (identity.run_key): a journal of another format is not continued.
+# 2: each checkpoint carries the valid masks of the tiles pending detections can reach
+JOURNAL_VERSION = 2
+
 
 class Journal:
     """Final detections and progress of a run, beside the output, for atomic writes and --resume.
@@ -50,8 +54,8 @@ class Journal:
             if state.get("key") != key:
                 self.lock.release()
                 raise QueryDetError("--resume: the interrupted run used other inputs (or they "
-                                    "changed since), options or weights; run again without "
-                                    "--resume")
+                                    "changed since), options or weights, or another querydet; "
+                                    "run again without --resume")
             self.state = state
             self._truncate_records(state.get("records_bytes", 0))
         else:

@@ -375,3 +375,13 @@ def test_the_run_key_does_not_depend_on_workers():
     keys = {run_key(["a.tif"], DetectOptions(workers=w, threads=t), CFG) for w, t in
             ((None, None), (1, 2), (2, 1), (4, 4))}
     assert len(keys) == 1
+
+
+def test_a_journal_of_another_format_is_not_continued(monkeypatch):
+    """Checkpoints now carry the tiles' valid masks: a journal written before (without them)
+    has another run key, so --resume refuses it instead of checking fused boxes without masks."""
+    from querydet_cli import identity
+
+    now = identity.run_key(["a.tif"], DetectOptions(), CFG)
+    monkeypatch.setattr(identity, "JOURNAL_VERSION", identity.JOURNAL_VERSION - 1)
+    assert identity.run_key(["a.tif"], DetectOptions(), CFG) != now
