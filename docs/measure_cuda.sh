@@ -1,0 +1,66 @@
+#!/bin/bash
+# The CUDA measurements a lent GPU session runs, in one call of about 5 minutes (the lease is 15
+# minutes of device time, start-up included). Run from the repository root on the GPU machine:
+#
+#   bash docs/measure_cuda.sh            # DEV=cpu SIZE=1024 to try the script here first
+#
+# The machine has torch but not querydet's GIS dependencies. Before the call, download them for
+# its Python (3.12 there) into .whl/ (git-ignored via .git/info/exclude, carried with the call):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#     rasterio affine click-plugins cligj pyproj shapely pycocotools sahi fire termcolor
+# (about 47 MB; the working tree and .whl together must stay under 64 MiB). Everything this
+# script writes goes to $OUT as at most 8 files, which is what the device tool brings back.
+#
+# What it answers (issue 23, first CUDA figures in the README): where a whole `querydet detect`
+# run's seconds go on the GPU (`--profile`), and querydet against SAHI as a user times them on
+# the object-dense and the survey raster. Ground truth is not scored here: pycocotools on a
+# busy 8192^2 raster takes minutes of CPU that the lease does not have.
+set -u
+export PYTHONUNBUFFERED=1
+DEV=${DEV:-cuda}
+SIZE=${SIZE:-8192}
+OUT=${OUT:-/tmp/measure_cuda_out}
+mkdir -p "$OUT"
+T0=$(date +%s)
+say() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+# the installed names of the checkout's folders (pyproject's package-dir)
+[ -e querydet_models ] || ln -s models querydet_models
+[ -e querydet_cli/configs ] || ln -s ../configs querydet_cli/configs
+[ -e querydet_cli/sample_data ] || ln -s ../sample_data querydet_cli/sample_data
+Q="python3 -m querydet_cli"
+W=/tmp/measure_cuda
+mkdir -p $W
+{
+    nvidia-smi -L 2>/dev/null
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    python3 -c "from querydet_models import spconv_available; print('spconv', spconv_available())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+say "rasters ${SIZE}^2"
+python3 -c "
+from pathlib import Path
+from querydet_cli.synthetic import write_big_raster, write_survey_raster
+write_big_raster(Path('$W/busy.tif'), $SIZE, truth=Path('$W/busy.json'))
+write_survey_raster(Path('$W/survey.tif'), $SIZE, Path('$W/survey.json'))
+"
+for scene in busy survey; do
+    say "profile $scene"
+    { time $Q detect $W/$scene.tif -o $W/$scene.ndjson --device $DEV --profile; } \
+        >> "$OUT/profile.txt" 2>&1
+done
+tail -40 "$OUT/profile.txt"
+for scene in busy survey; do
+    say "whole process against SAHI, $scene"
+    timeout 200 $Q bench-detect --sizes '' --device $DEV --raster $W/$scene.tif --peer sahi \
+        --whole-process --rounds 2 --workdir $W --json > "$OUT/whole-$scene.json" 2>> "$OUT/log.txt"
+    head -c 1500 "$OUT/whole-$scene.json"; echo
+done
+say done
