@@ -101,10 +101,9 @@ def sahi_detect(raster: str, model: Any, class_names: list[str], device: torch.d
 def main(argv: list[str] | None = None) -> None:
     """SAHI as its users run it, as a script: `python -m querydet_cli.sahi_peer RASTER WEIGHTS OUT
     [--precision fp32|bf16] [--slice 1024] [--overlap 128] [--confidence 0.3] [--device cpu|cuda]`;
-    the model
-    loaded by querydet's own loader (BN folded, channels_last), dense, SAHI's GREEDYNMM / IoS 0.5;
-    COCO-style results (xyxy bbox, score, class_id) written as JSON. For whole-process timing
-    (`bench-detect --peer sahi --whole-process`)."""
+    the model loaded by querydet's own loader (BN folded, channels_last), dense, SAHI's
+    GREEDYNMM / IoS 0.5; COCO-style results (xyxy bbox, score, class_id) written as JSON. For
+    whole-process timing (`bench-detect --peer sahi --whole-process`)."""
     import argparse
     import json
 

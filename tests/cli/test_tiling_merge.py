@@ -237,6 +237,10 @@ def test_one_overlap_rule_in_pixels_for_every_door(tmp_path):
         result = CliRunner().invoke(app, args)
         assert isinstance(result.exception, QueryDetError), (name, result.output)
         assert words in str(result.exception), (name, str(result.exception))
+    # tile's overlap was a fraction before: one is now refused as a usage error (exit 2)
+    result = CliRunner().invoke(app, ["tile", scene, "--labels", scene, "--overlap", "0.2",
+                                      "--out", str(tmp_path / "t")])
+    assert result.exit_code == 2 and "'--overlap'" in result.output
     assert list(tmp_path.iterdir()) == []  # nothing created by any of them
     detector = Detector.from_model(OracleModel(), Config(), tile_size=256, overlap=129)
     with pytest.raises(QueryDetError, match=r"overlap \(129\) must be at most half of tile_size"):
