@@ -36,7 +36,7 @@ from .fpn import Pyramid
 from .heads import Branch, RPNHead
 from .losses import anchor_targets
 from .matcher import Matcher
-from .postprocess import clip_boxes, image_bounds
+from .postprocess import clip_boxes, detection_budget, image_bounds
 from .query_infer import LevelOutput, rows_of_map
 from .sparse import ravel, unravel
 
@@ -252,10 +252,12 @@ class QueryFasterRCNN(FPNDetector):
         d = self.inference_for(score_threshold)
         heads = self.roi_heads
         heads.score_thresh, heads.nms_thresh = d.score_threshold, d.nms_iou
-        heads.detections_per_img = d.max_detections
+        heads.detections_per_img = max(detection_budget(d.max_detections, size)
+                                       for size in image_sizes)
         results, _ = heads(self.roi_feature_maps(features, rois), rois, image_sizes)
         out = []
-        for r in results:
+        for r, size in zip(results, image_sizes):  # each image its own budget (sorted by score)
+            r = {k: v[:detection_budget(d.max_detections, size)] for k, v in r.items()}
             boxes = r["boxes"]
             levels = (self.roi_mapper([boxes]) + ROI_LEVELS[0] if boxes.numel()
                       else torch.zeros(0, dtype=torch.int64, device=boxes.device))

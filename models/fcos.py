@@ -238,7 +238,7 @@ class QueryFCOS(FPNDetector):
                 per_image[i].append((clip_boxes(boxes, image_sizes[i]), scores[keep], label,
                                      torch.full_like(label, out.level)))
         device = outputs[0].cls.device if outputs else torch.device("cpu")
-        return merge_with_nms(per_image, device, d.nms_iou, d.max_detections)
+        return merge_with_nms(per_image, device, d.nms_iou, d.max_detections, image_sizes)
 
 
 __all__ = ["QueryFCOS", "fcos_targets", "regression_ranges", "level_points", "centerness_target"]

@@ -47,6 +47,18 @@ def level_budget(topk: int, shape: tuple[int, int, int]) -> int:
     return max(topk, -(-topk * height * width // BUDGET_POSITIONS))
 
 
+# `max_detections` is the budget of an image of up to this many pixels (a 1024 x 1024 tile, the
+# default); a larger image gets a proportional one, as a larger level map gets more candidates.
+# A fixed 300 cut a busy 1741 px tile's ~350 objects to the best 300 scores.
+BUDGET_PIXELS = 1024 * 1024
+
+
+def detection_budget(max_detections: int, size: tuple[int, int]) -> int:
+    """Detections kept for an image of `size` (height, width) after NMS."""
+    height, width = size
+    return max(max_detections, -(-max_detections * height * width // BUDGET_PIXELS))
+
+
 def top_candidates(scores: torch.Tensor, score_threshold: float, topk: int) -> torch.Tensor:
     """Indices of the flat `scores` above the threshold, at most the `topk` best."""
     keep = torch.nonzero(scores > score_threshold).squeeze(1)
@@ -56,15 +68,17 @@ def top_candidates(scores: torch.Tensor, score_threshold: float, topk: int) -> t
 
 
 def merge_with_nms(per_image: list[list[tuple[torch.Tensor, ...]]], device: torch.device,
-                   nms_iou: float, max_detections: int) -> list[dict[str, torch.Tensor]]:
-    """Per image: concatenate (boxes, scores, labels, levels) parts, class-aware NMS, keep the best."""
+                   nms_iou: float, max_detections: int, image_sizes: list[tuple[int, int]]
+                   ) -> list[dict[str, torch.Tensor]]:
+    """Per image: concatenate (boxes, scores, labels, levels) parts, class-aware NMS, keep the
+    best (`detection_budget` of the image's size)."""
     results = []
-    for parts in per_image:
+    for parts, size in zip(per_image, image_sizes):
         if not parts:
             results.append(empty_detections(device))
             continue
         boxes, scores, labels, lvls = (torch.cat(t) for t in zip(*parts))
-        keep = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]
+        keep = batched_nms(boxes, scores, labels, nms_iou)[:detection_budget(max_detections, size)]
         results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
                         "levels": lvls[keep]})
     return results
@@ -113,4 +127,4 @@ def detections_from_levels(
             lvl = torch.full_like(label, out.level)
             per_image[i].append((boxes, scores[keep], label, lvl))
     device = levels[0].cls.device if levels else torch.device("cpu")
-    return merge_with_nms(per_image, device, nms_iou, max_detections)
+    return merge_with_nms(per_image, device, nms_iou, max_detections, image_sizes)

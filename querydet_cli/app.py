@@ -92,6 +92,9 @@ def detect(
                    gsd=gsd_option, input_gsd=input_gsd, tta=tta)
     ray_settings = _workers(options, ray, workers, gpus_per_worker, threads_per_worker)
     _check_runtime_usage(weights, runtime.value, options, ray)
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # every tile's activations reuse the last one's pages (allocator.py)
     summary = _detect_locked(paths, output, out_format, options, weights, device.value, coco_gt,
                              ray_settings, quiet, runtime.value)
     _report(summary, output, profile, json_out)

@@ -1,10 +1,11 @@
-"""Post-processing: the per-level candidate budget grows with the level map."""
+"""Post-processing: the per-level candidate budget grows with the level map, the detection
+budget with the image."""
 
 import dataclasses
 
 import torch
 
-from querydet_models.postprocess import BUDGET_POSITIONS, level_budget
+from querydet_models.postprocess import BUDGET_PIXELS, BUDGET_POSITIONS, detection_budget, level_budget
 from querydet_models.query_infer import LevelOutput
 from tests.conftest import tiny_model
 
@@ -49,3 +50,23 @@ def test_many_objects_on_a_big_map_are_not_cut_by_the_candidate_cap():
     small = torch.tensor([y * 128 + x for y in range(8, 128, 20) for x in range(8, 128, 24)])
     det = model.detections([_level(model, 128, 128, small)], [(512, 512)])[0]
     assert len(det["scores"]) <= -(-100 // model.anchors.num_anchors) < len(small)
+
+
+def test_detection_budget_is_max_detections_up_to_a_1024_tile_and_proportional_beyond():
+    assert detection_budget(300, (1024, 1024)) == 300
+    assert detection_budget(300, (928, 1024)) == 300
+    assert detection_budget(300, (2048, 2048)) == 1200
+    assert detection_budget(300, (1760, 1760)) == -(-300 * 1760 * 1760 // BUDGET_PIXELS)
+
+
+def test_a_big_tile_keeps_more_objects_than_max_detections():
+    """60 far-apart objects on a 2048 px image whose model keeps at most 20 detections: the
+    image-sized budget (80) keeps all 60; the same map on a 1024 px image keeps 20."""
+    model = tiny_model()
+    model.inference = dataclasses.replace(model.inference, topk_per_level=100_000,
+                                          max_detections=20, score_threshold=0.3)
+    hot = torch.tensor([y * 256 + x for y in range(8, 256, 24) for x in range(8, 256, 40)])[:60]
+    assert len(hot) == 60
+    level = _level(model, 256, 256, hot)
+    assert len(model.detections([level], [(2048, 2048)])[0]["scores"]) == 60
+    assert len(model.detections([level], [(1024, 1024)])[0]["scores"]) == 20
