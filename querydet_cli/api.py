@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from .detect import DetectOptions, TileConsumer
-from .producer import TileProducer
+from .producer import TileProducer, with_device_defaults
 from .errors import QueryDetError
 from .gsd import check_input_gsd, parse_gsd_option
 from .raster import RasterSource
@@ -102,7 +102,7 @@ class Detector:
         import geopandas as gpd
         from shapely.geometry import Polygon, box
 
-        opts = _options(self.options, options)
+        opts = with_device_defaults(_options(self.options, options), self.device)
         if opts.resume or opts.save_vis or opts.rfc7946:
             raise QueryDetError("resume, save_vis and rfc7946 are options of the CLI's file "
                                 "outputs; the API returns a GeoDataFrame (use .to_crs)")

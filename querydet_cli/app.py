@@ -36,7 +36,7 @@ def detect(
     context: Annotated[Optional[str], typer.Option(callback=_context, help="exact or 1x1..11x11 (paper submanifold)")] = None,
     backend: Annotated[Optional[Backend], typer.Option(help="Sparse backend (default: the checkpoint's)")] = None,
     score_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Drop detections scoring below this (eval uses the config's 0.05 for AP)")] = 0.3,
-    tile_size: Annotated[int, typer.Option(min=64, max=8192, help="Tile side in pixels")] = 1024,
+    tile_size: Annotated[Optional[int], typer.Option(min=64, max=8192, help="Tile side in pixels (default: 2304 on the CPU, 1024 on CUDA)")] = None,
     overlap: Annotated[int, typer.Option(min=0, help="Tile overlap in pixels")] = 128,
     batch_size: Annotated[Optional[int], typer.Option(min=1, max=256, help="Tiles per batch (default: 1 on the CPU, 4 on CUDA)")] = None,
     bands: Annotated[Optional[str], typer.Option(help="Bands to use, 1-based, e.g. 3,2,1 (default: RGB / first three)")] = None,
@@ -92,9 +92,6 @@ def detect(
                    gsd=gsd_option, input_gsd=input_gsd, tta=tta)
     ray_settings = _workers(options, ray, workers, gpus_per_worker, threads_per_worker)
     _check_runtime_usage(weights, runtime.value, options, ray)
-    from .allocator import keep_freed_memory
-
-    keep_freed_memory()  # every tile's activations reuse the last one's pages (allocator.py)
     summary = _detect_locked(paths, output, out_format, options, weights, device.value, coco_gt,
                              ray_settings, quiet, runtime.value)
     _report(summary, output, profile, json_out)
@@ -144,7 +141,7 @@ def _detect_locked(paths: list[str], output: str, out_format: str, options: dict
     from .locking import claim_output
 
     with claim_output(output) if output != "-" else contextlib.nullcontext() as lock:
-        from .detect import DetectInterrupted, DetectOptions, run_detect
+        from .detect import DetectInterrupted, DetectOptions, run_detect, with_device_defaults
         from .loading import load_model, resolve_device
         from .progress import progress_bar
         from .resources import sample_model
@@ -155,12 +152,15 @@ def _detect_locked(paths: list[str], output: str, out_format: str, options: dict
 
             image_ids = coco_image_ids(coco_gt, paths)
         dev = resolve_device(device)
+        from .allocator import keep_freed_memory
         from .runtime import is_export
 
+        keep_freed_memory()  # every tile's activations reuse the last one's pages (allocator.py)
         if weights is not None and is_export(weights):
             dev = resolve_device("cpu")  # exported models run on the CPU
         model, cfg = load_model(weights or sample_model(), dev, runtime, options["precision"])
-        opts = DetectOptions(**options, image_ids=image_ids)
+        # the tile size left to the device is fixed here, so Ray's actors plan as this side does
+        opts = with_device_defaults(DetectOptions(**options, image_ids=image_ids), dev)
         producer = None  # the model runs here; with --ray, on Ray actors
         if ray_settings is not None:
             from .ray_producer import RayProducer, RaySettings
@@ -218,7 +218,7 @@ def _workers(options: dict, ray: Optional[str], workers: Optional[int], gpus: fl
 
 
 def _check_detect_usage(output: str, ray, gpus_per_worker: float, json_out: bool,
-                        no_csq: bool, mode, overlap: int, tile_size: int, resume: bool,
+                        no_csq: bool, mode, overlap: int, tile_size: int | None, resume: bool,
                         save_vis: Optional[Path]) -> None:
     """`detect` options that contradict each other: one line each, before anything is made."""
     if ray is None and gpus_per_worker:
@@ -235,7 +235,10 @@ def _check_detect_usage(output: str, ray, gpus_per_worker: float, json_out: bool
         raise QueryDetError("--no-csq and --mode contradict each other")
     from .tiling import check_plan
 
-    check_plan(tile_size, overlap)
+    if tile_size is None and overlap > 512:  # the smallest default tile (CUDA's) bounds it
+        raise QueryDetError(f"--overlap ({overlap}) above 512 needs a --tile-size of at least "
+                            "twice it (the default tile is 1024 px on CUDA)")
+    check_plan(tile_size or 1024, overlap)
     if resume and output == "-":
         raise QueryDetError("--resume needs an output file, not stdout")
     if save_vis is not None:

@@ -22,6 +22,8 @@ import numpy as np
 from .errors import QueryDetError
 from .synthetic import write_big_raster
 
+SAHI_SLICE, SAHI_OVERLAP = 1024, 128  # SAHI's slices as its users run them, whatever querydet's
+
 
 def peak_rss_of(cmd: list[str]) -> tuple[float, float, int]:
     """Run a command; return its peak RSS in MiB, wall seconds and exit code."""
@@ -163,9 +165,11 @@ def duplicate_count(truth: Path, dets: list[dict[str, Any]], category_ids: list[
 
 def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overlap: int,
                    batch_size: int, rounds: int = 3, truth: Path | None = None,
-                   score_threshold: float = 0.3) -> dict[str, Any]:
+                   score_threshold: float = 0.3,
+                   sahi_plan: tuple[int, int] = (SAHI_SLICE, SAHI_OVERLAP)) -> dict[str, Any]:
     """`detect` (default precision and fp32) against SAHI with the same weights (fp32, dense,
-    its greedy IoS merge), rounds interleaved, median wall seconds, reading included."""
+    its greedy IoS merge, by default 1024 px slices with 128 overlap as its users run them), rounds
+    interleaved, median wall seconds, reading included."""
     import rasterio
     import torch
 
@@ -205,7 +209,8 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
                             [(t.x, t.y, t.x + t.width, t.y + t.height) for t in tiles])
             model.set_precision("fp32")
             t0 = time.perf_counter()
-            dets, _ = sahi_detect(raster, model, names, dev, tile_size=tile_size, overlap=overlap,
+            dets, _ = sahi_detect(raster, model, names, dev, tile_size=sahi_plan[0],
+                                  overlap=sahi_plan[1],
                                   confidence=score_threshold, postprocess="GREEDYNMM",
                                   metric="IOS", threshold=0.5)
             times.setdefault("sahi_fp32", []).append(time.perf_counter() - t0)
@@ -215,8 +220,9 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
                     rows["sahi_fp32"] |= raster_ap(truth, dets, cfg.category_ids())
                     from sahi.slicing import get_slice_bboxes
 
-                    slices = get_slice_bboxes(height, width, tile_size, tile_size, False,
-                                              overlap / tile_size, overlap / tile_size)
+                    side, over = sahi_plan
+                    slices = get_slice_bboxes(height, width, side, side, False, over / side,
+                                              over / side)
                     rows["sahi_fp32"] |= duplicate_count(truth, dets, cfg.category_ids(), slices)
     for name, ts in times.items():
         rows[name]["wall_s"] = statistics.median(ts)

@@ -81,7 +81,7 @@ def bench_detect(
     sizes: Annotated[str, typer.Option(help="Synthetic GeoTIFF sides for the memory test, comma-separated ('' to skip)")] = "4096,16384",
     raster: Annotated[Optional[str], typer.Option(help="Raster for the CSQ vs dense throughput test (default: the bundled sample scene; '' to skip)")] = None,
     workdir: Annotated[Path, typer.Option(help="Where the synthetic rasters and outputs go")] = Path("runs/bench-detect"),
-    tile_size: Annotated[int, typer.Option(min=64, max=8192, help="Tile side")] = 1024,
+    tile_size: Annotated[Optional[int], typer.Option(min=64, max=8192, help="querydet's tile side (default: detect's, 2304 on the CPU, 1024 on CUDA); SAHI's slices stay 1024 with 128 overlap, as its users run it")] = None,
     overlap: Annotated[int, typer.Option(min=0, help="Tile overlap")] = 128,
     batch_size: Annotated[Optional[int], typer.Option(min=1, max=256, help="Tiles per batch (default: 1 on the CPU, 4 on CUDA)")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
@@ -106,7 +106,7 @@ def bench_detect(
         raise QueryDetError("--sizes: each size must be in 256..65536")
     from .tiling import check_plan
 
-    check_plan(tile_size, overlap)
+    check_plan(tile_size or 1024, overlap)
     if scene not in (None, "busy", "survey"):
         raise QueryDetError(f"--scene: {scene!r} is not one of busy, survey")
     if scene is not None:
@@ -145,6 +145,11 @@ def bench_detect(
         _one_raster_bench(peer, raster_path, w, truth, rounds, json_out, runtimes, export, workdir,
                           tile_size, overlap, dev)
         return
+    import torch
+
+    from .producer import default_tile_size
+
+    tile_size = tile_size or default_tile_size(torch.device(dev))
     report = run(size_list, w, workdir, raster_path or None, dev, tile_size, overlap, batch_size,
                  precisions, peer=peer, truth=truth, rounds=rounds, ray_rasters=ray_rasters,
                  ray_size=ray_size)
@@ -191,7 +196,8 @@ def _scene_raster(scene: str, size: int, workdir: Path) -> tuple[str, Path]:
 
 def _one_raster_bench(peer: Optional[str], raster: str, weights: str, truth: Optional[Path],
                       rounds: int, json_out: bool, runtimes: bool, export: Optional[Path],
-                      workdir: Path, tile_size: int, overlap: int, device: str = "cpu") -> None:
+                      workdir: Path, tile_size: int | None, overlap: int, device: str = "cpu"
+                      ) -> None:
     """bench-detect --peer sahi --whole-process (bench_whole.py) or --runtimes
     (bench_runtime.py)."""
     if not raster:
@@ -203,8 +209,12 @@ def _one_raster_bench(peer: Optional[str], raster: str, weights: str, truth: Opt
         if export is not None and not is_export(export):
             raise QueryDetError(f"--export {export}: not a folder written by querydet export")
         workdir.mkdir(parents=True, exist_ok=True)
-        report = run_runtime_bench(raster, weights, export, truth, rounds, workdir, tile_size,
-                                   overlap)
+        import torch
+
+        from .producer import default_tile_size
+
+        report = run_runtime_bench(raster, weights, export, truth, rounds, workdir,
+                                   tile_size or default_tile_size(torch.device("cpu")), overlap)
         print(json.dumps(report) if json_out else format_runtime(report))
         return
     if peer != "sahi":
@@ -212,7 +222,7 @@ def _one_raster_bench(peer: Optional[str], raster: str, weights: str, truth: Opt
     from .bench_whole import format_whole, run_whole_process
 
     # querydet's rows at the asked tile plan; SAHI's slices stay 1024 / 128, as its users run it
-    plan = ["--tile-size", str(tile_size), "--overlap", str(overlap)]
+    plan = (["--tile-size", str(tile_size)] if tile_size else []) + ["--overlap", str(overlap)]
     report = run_whole_process(raster, weights, truth, rounds, detect_args=plan,
                                device="cuda" if device.startswith("cuda") else "cpu")
     print(json.dumps(report) if json_out else format_whole(report))

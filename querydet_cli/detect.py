@@ -28,7 +28,8 @@ from .journal import Journal
 from .locking import OutputLock
 from .merge import Detections, TileMerger
 from .overview import Overview
-from .producer import DetectOptions, InputPlanner, Producer, TileDetections, TileProducer  # noqa: F401
+from .producer import (DetectOptions, InputPlanner, Producer, TileDetections,  # noqa: F401
+                       TileProducer, with_device_defaults)
 from .profile import Profile
 from .raster import RasterSource
 from .tiling import Tile, row_starts
@@ -223,6 +224,7 @@ def run_detect(model: FPNDetector, cfg: Config, inputs: list[str], output: str, 
     exactly as without Ray."""
     if output == "-" and options.resume:
         raise QueryDetError("--resume needs an output file, not stdout")
+    options = with_device_defaults(options, device)
     producer = producer or TileProducer(model, cfg, options, device)
     planner = InputPlanner(cfg.data.gsd, getattr(model, "size_divisibility", 1), options)
     consumer = TileConsumer(cfg, options, getattr(producer, "profile", None) or Profile())

@@ -54,7 +54,7 @@ class TileDetections(NamedTuple):
 
 @dataclass(frozen=True)
 class DetectOptions:
-    tile_size: int = 1024
+    tile_size: int | None = None  # None: by device (see default_tile_size)
     overlap: int = 128
     batch_size: int | None = None  # None: by device (see default_batch_size)
     mode: str | None = None
@@ -118,6 +118,25 @@ def default_batch_size(device: torch.device) -> int:
     4 on CUDA (an H200: 14, 17, 19 and 21 Mpx/s dense fp32 at batch 1, 2, 4 and 8; 8 is left
     to large cards, see the README)."""
     return 4 if device.type == "cuda" else 1
+
+
+def default_tile_size(device: torch.device) -> int:
+    """Tile side when none is given: 2304 on the CPU, 1024 on CUDA.
+
+    On the CPU the heads run near the cores' peak, so only fewer pixels help: the 128 px overlaps
+    of 1024 px tiles compute an 8192^2 raster's pixels 1.26 times (81 tiles), 2304 px tiles
+    1.10 times (16 tiles of 2144). Measured whole process, busy 8192^2 raster, 2 cores, 2
+    rounds: 20.2 s against 22.5 s in bf16, 37.7 against 42.8 s in fp32; AP 0.694 against
+    0.695, 0 duplicates either way; peak memory 2.3 against 1.1 GB. CUDA keeps 1024 px tiles in
+    batches of 4, the plan measured there (README, GPU section)."""
+    return 1024 if device.type == "cuda" else 2304
+
+
+def with_device_defaults(options: "DetectOptions", device: torch.device) -> "DetectOptions":
+    """`options` with the tile size left to the device filled in."""
+    if options.tile_size is None:
+        return replace(options, tile_size=default_tile_size(device))
+    return options
 
 
 def worker_count(options: "DetectOptions", device: torch.device, model: Any) -> int:
@@ -219,6 +238,7 @@ class TileProducer:
                  device: torch.device) -> None:
         self.model = model
         self.cfg = cfg
+        options = with_device_defaults(options, device)
         if options.batch_size is None:
             options = replace(options, batch_size=default_batch_size(device))
         self.workers = worker_count(options, device, model)

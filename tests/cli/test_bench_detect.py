@@ -73,7 +73,7 @@ def test_peer_bench_runs_sahi_with_the_same_weights(tmp_path):
     truth = tmp_path / "t.json"
     raster = write_big_raster(tmp_path / "t.tif", 512, block=256, truth=truth)
     report = run_peer_bench(str(raster), str(weights), "cpu", 256, 32, 2, rounds=1, truth=truth,
-                            score_threshold=0.0)
+                            score_threshold=0.0, sahi_plan=(256, 32))
     rows = report["rows"]
     assert set(rows) == {"querydet", "querydet_fp32", "sahi_fp32"}
     for row in rows.values():
