@@ -152,10 +152,12 @@ def _detect_locked(paths: list[str], output: str, out_format: str, options: dict
 
             image_ids = coco_image_ids(coco_gt, paths)
         dev = resolve_device(device)
-        from .allocator import keep_freed_memory
         from .runtime import is_export
 
-        keep_freed_memory()  # every tile's activations reuse the last one's pages (allocator.py)
+        if _OWN_PROCESS:  # every tile's activations reuse the last one's pages (allocator.py)
+            from .allocator import keep_freed_memory
+
+            keep_freed_memory()
         if weights is not None and is_export(weights):
             dev = resolve_device("cpu")  # exported models run on the CPU
         model, cfg = load_model(weights or sample_model(), dev, runtime, options["precision"])
@@ -315,12 +317,19 @@ def _report(summary, output: str, profile: bool, json_out: bool) -> None:
 from . import cli_train, cli_bench, cli_view, cli_export  # noqa: E402,F401,I001
 
 
+# True when this process is the `querydet` command (main), not a library or a test runner
+# calling the app: only then does detect change how the process allocates (allocator.py)
+_OWN_PROCESS = False
+
+
 def main() -> None:
     """Console entry point: a user's mistake is one line on stderr and exit code 2.
 
     The process ends without the interpreter's teardown of every module: once the command is
     done (outputs closed and renamed, exit handlers run), unloading torch only costs time
     (measured: 0.35-0.55 s of a `querydet detect` that takes 2.5 s on a small image)."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     try:
         _main()
     except SystemExit as done:
