@@ -13,7 +13,8 @@
 # script writes goes to $OUT as at most 8 files, which is what the device tool brings back.
 #
 # What it answers (issue 23, first CUDA figures in the README): where a whole `querydet detect`
-# run's seconds go on the GPU (`--profile`), and querydet against SAHI as a user times them on
+# run's seconds go on the GPU (`--profile`), whether the CPU's 2304 px tiles beat CUDA's 1024
+# there, and querydet against SAHI as a user times them on
 # the object-dense and the survey raster. Ground truth is not scored here: pycocotools on a
 # busy 8192^2 raster takes minutes of CPU that the lease does not have.
 set -u
@@ -55,6 +56,12 @@ for scene in busy survey; do
     say "profile $scene"
     { time $Q detect $W/$scene.tif -o $W/$scene.ndjson --device $DEV --profile; } \
         >> "$OUT/profile.txt" 2>&1
+done
+# the CPU's tile plan (2304 px) on the GPU, whole process: is 1024 still the right CUDA default?
+for tile in 1024 2304; do
+    say "busy, --tile-size $tile"
+    { time $Q detect $W/busy.tif -o $W/busy_$tile.ndjson --device $DEV --quiet \
+        --tile-size $tile; } >> "$OUT/profile.txt" 2>&1
 done
 tail -40 "$OUT/profile.txt"
 for scene in busy survey; do
