@@ -6,12 +6,13 @@ freed heap top back to the system above its trim threshold, so the next tile tou
 a page fault and a zeroed 4 kB page each. Measured on the busy 4096^2 raster, `querydet detect`
 at its defaults (bf16, 1024 px tiles), 2 cores: 0.5-1.0 million minor faults and 1.2-2.0 s of
 system time in a 7.8-8.2 s run. With blocks taken from the heap and the heap kept, 0.18 million
-faults and 0.5-0.8 s. The same settings exist as environment variables (`MALLOC_MMAP_MAX_`,
-`MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`); `mallopt` sets them from inside the process.
+faults and 0.5-0.8 s. The same settings exist as environment variables (`MALLOC_ARENA_MAX`,
+`MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`), read when a process starts;
+`mallopt` sets them from inside it.
 
 The process then keeps its peak heap until it ends: right for a command that runs tiles until
-it exits, wrong for a library inside someone else's process, so only the CLI's `detect` asks
-for it, never an import.
+it exits, wrong for a library inside someone else's process, so only `querydet detect` run as
+its own process asks for it (app.main), never an import or the app called from another program.
 """
 
 from __future__ import annotations

@@ -235,12 +235,9 @@ def _check_detect_usage(output: str, ray, gpus_per_worker: float, json_out: bool
                             "choose one")
     if no_csq and mode not in (None, Mode.dense):
         raise QueryDetError("--no-csq and --mode contradict each other")
-    from .tiling import check_plan
+    from .tiling import check_default_plan
 
-    if tile_size is None and overlap > 512:  # the smallest default tile (CUDA's) bounds it
-        raise QueryDetError(f"--overlap ({overlap}) above 512 needs a --tile-size of at least "
-                            "twice it (the default tile is 1024 px on CUDA)")
-    check_plan(tile_size or 1024, overlap)
+    check_default_plan(tile_size, overlap)
     if resume and output == "-":
         raise QueryDetError("--resume needs an output file, not stdout")
     if save_vis is not None:

@@ -104,9 +104,9 @@ def bench_detect(
     size_list = list(comma_list(sizes, "--sizes", int, "numbers like 4096,16384"))
     if any(not 256 <= s <= 65536 for s in size_list):
         raise QueryDetError("--sizes: each size must be in 256..65536")
-    from .tiling import check_plan
+    from .tiling import check_default_plan
 
-    check_plan(tile_size or 1024, overlap)
+    check_default_plan(tile_size, overlap)
     if scene not in (None, "busy", "survey"):
         raise QueryDetError(f"--scene: {scene!r} is not one of busy, survey")
     if scene is not None:
@@ -145,11 +145,7 @@ def bench_detect(
         _one_raster_bench(peer, raster_path, w, truth, rounds, json_out, runtimes, export, workdir,
                           tile_size, overlap, dev)
         return
-    import torch
-
-    from .producer import default_tile_size
-
-    tile_size = tile_size or default_tile_size(torch.device(dev))
+    tile_size = tile_size or _default_tile(dev)
     report = run(size_list, w, workdir, raster_path or None, dev, tile_size, overlap, batch_size,
                  precisions, peer=peer, truth=truth, rounds=rounds, ray_rasters=ray_rasters,
                  ray_size=ray_size)
@@ -194,6 +190,15 @@ def _scene_raster(scene: str, size: int, workdir: Path) -> tuple[str, Path]:
     return str(raster), truth
 
 
+def _default_tile(device: str) -> int:
+    """detect's tile side on `device` (exported models run on the CPU)."""
+    import torch
+
+    from .producer import default_tile_size
+
+    return default_tile_size(torch.device(device))
+
+
 def _one_raster_bench(peer: Optional[str], raster: str, weights: str, truth: Optional[Path],
                       rounds: int, json_out: bool, runtimes: bool, export: Optional[Path],
                       workdir: Path, tile_size: int | None, overlap: int, device: str = "cpu"
@@ -209,12 +214,8 @@ def _one_raster_bench(peer: Optional[str], raster: str, weights: str, truth: Opt
         if export is not None and not is_export(export):
             raise QueryDetError(f"--export {export}: not a folder written by querydet export")
         workdir.mkdir(parents=True, exist_ok=True)
-        import torch
-
-        from .producer import default_tile_size
-
         report = run_runtime_bench(raster, weights, export, truth, rounds, workdir,
-                                   tile_size or default_tile_size(torch.device("cpu")), overlap)
+                                   tile_size or _default_tile("cpu"), overlap)
         print(json.dumps(report) if json_out else format_runtime(report))
         return
     if peer != "sahi":

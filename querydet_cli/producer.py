@@ -54,9 +54,9 @@ class TileDetections(NamedTuple):
 
 @dataclass(frozen=True)
 class DetectOptions:
-    tile_size: int | None = None  # None: by device (see default_tile_size)
+    tile_size: int | None = None  # None: by device (with_device_defaults)
     overlap: int = 128
-    batch_size: int | None = None  # None: by device (see default_batch_size)
+    batch_size: int | None = None  # None: by device (with_device_defaults)
     mode: str | None = None
     sigma: float | None = None
     context: str | None = None
@@ -133,10 +133,11 @@ def default_tile_size(device: torch.device) -> int:
 
 
 def with_device_defaults(options: "DetectOptions", device: torch.device) -> "DetectOptions":
-    """`options` with the tile size left to the device filled in."""
-    if options.tile_size is None:
-        return replace(options, tile_size=default_tile_size(device))
-    return options
+    """`options` with what was left to the device (tile size, batch size) filled in."""
+    left = {"tile_size": default_tile_size(device) if options.tile_size is None else None,
+            "batch_size": default_batch_size(device) if options.batch_size is None else None}
+    left = {k: v for k, v in left.items() if v is not None}
+    return replace(options, **left) if left else options
 
 
 def worker_count(options: "DetectOptions", device: torch.device, model: Any) -> int:
@@ -239,8 +240,6 @@ class TileProducer:
         self.model = model
         self.cfg = cfg
         options = with_device_defaults(options, device)
-        if options.batch_size is None:
-            options = replace(options, batch_size=default_batch_size(device))
         self.workers = worker_count(options, device, model)
         self.threads = options.threads or max(1, torch.get_num_threads() // self.workers)
         self.opts = options

@@ -53,6 +53,20 @@ def check_plan(size: int, overlap: int, size_option: str = "--tile-size",
                             f"({size}) and not negative, in pixels")
 
 
+# the smallest of the devices' default tile sides (CUDA's; the CPU's is 2304, producer.py): an
+# overlap is checked against it when no tile size is given
+SMALLEST_DEFAULT_TILE = 1024
+
+
+def check_default_plan(size: int | None, overlap: int) -> None:
+    """`check_plan` for a command whose `--tile-size` may be left to the device (None)."""
+    if size is None and overlap > SMALLEST_DEFAULT_TILE // 2:
+        raise QueryDetError(f"--overlap ({overlap}) above {SMALLEST_DEFAULT_TILE // 2} needs a "
+                            "--tile-size of at least twice it (the default tile is "
+                            f"{SMALLEST_DEFAULT_TILE} px on CUDA)")
+    check_plan(size or SMALLEST_DEFAULT_TILE, overlap)
+
+
 def _axis(length: int, size: int, overlap: int, align: int = 1, even: bool = True
           ) -> list[tuple[int, int, int, int, int, int]]:
     """(start, extent, core_start, core_end, exclusive_start, exclusive_end) along one axis."""

@@ -15,8 +15,11 @@ def test_default_tile_size_by_device():
     assert default_tile_size(torch.device("cuda")) == 1024
     assert with_device_defaults(DetectOptions(), torch.device("cpu")).tile_size == 2304
     assert with_device_defaults(DetectOptions(), torch.device("cuda")).tile_size == 1024
-    given = DetectOptions(tile_size=512)
+    given = DetectOptions(tile_size=512, batch_size=2)
     assert with_device_defaults(given, torch.device("cpu")) is given
+    assert with_device_defaults(DetectOptions(tile_size=512), torch.device("cpu")).tile_size == 512
+    assert with_device_defaults(DetectOptions(), torch.device("cpu")).batch_size == 1
+    assert with_device_defaults(DetectOptions(), torch.device("cuda")).batch_size == 4
 
 
 def test_an_8192_raster_is_16_tiles_on_the_cpu_and_81_on_cuda():
@@ -48,3 +51,19 @@ def test_the_api_plans_the_default_tiles(monkeypatch):
     detector.detect(image)
     detector.detect(image, tile_size=512)
     assert seen == [2304, 512]
+
+
+def test_an_overlap_the_default_tile_cannot_hold_is_refused_by_detect_and_bench(tmp_path):
+    """Without --tile-size, the smallest device default (1024) bounds --overlap: one line, exit
+    2, nothing created, in detect and bench-detect alike."""
+    from tests.cli.test_app import _cli_each
+
+    work = tmp_path / "w"
+    procs = _cli_each([["detect", tmp_path / "x.tif", "-o", work / "o.geojson", "--overlap", "600"],
+                       ["bench-detect", "--sizes", "", "--workdir", work, "--overlap", "600"]])
+    for proc in procs:
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip() == ("querydet: error: --overlap (600) above 512 needs a "
+                                       "--tile-size of at least twice it (the default tile is "
+                                       "1024 px on CUDA)")
+    assert not work.exists()
