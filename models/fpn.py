@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .sparse import TowerPlan, dilate_keys, gather_positions, ravel, sparse_conv_torch, unravel
+from .sparse import (TowerPlan, dilate_keys, gather_positions, ravel, sparse_conv_torch,
+                     unique_positions, unravel)
 
 
 class FPN(nn.Module):
@@ -121,7 +122,7 @@ class Pyramid:
             yy = (y * coarse[1]) // shape[1]
             xx = (x * coarse[2]) // shape[2]
             parent = ravel(n, yy, xx, coarse)
-            uniq, inverse = torch.unique(parent, return_inverse=True)
+            uniq, inverse = unique_positions(parent, coarse)
             lateral = lateral + self._inner_rows(level + 1, uniq)[inverse]
         return lateral
 

@@ -370,17 +370,32 @@ class QueryInference:
                 + outputs * sum(b.macs_per_position() for b in branches.values()))
 
 
+def _any_pool(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, H, W) bool -> (N, ceil(H / factor), ceil(W / factor)): any True in each block."""
+    if factor == 1:
+        return mask
+    n, h, w = mask.shape
+    hh, ww = -(-h // factor), -(-w // factor)
+    padded = mask.new_zeros(n, hh * factor, ww * factor)
+    padded[:, :h, :w] = mask
+    return padded.view(n, hh, factor, ww, factor).any(dim=4).any(dim=2)  # (N, hh, ww)
+
+
 def valid_cells(valid: torch.Tensor, features: Pyramid) -> dict[int, torch.Tensor]:
-    """Per level, flat (N*H*W,) bool: the cells that cover at least one valid input pixel."""
-    n, h, w = valid.shape
-    mask = valid.to(torch.float32).view(n, 1, h, w)
+    """Per level, flat (N*H*W,) bool: the cells that cover at least one valid input pixel.
+
+    A cell of P_l covers the 2x2 cells of P_(l-1) under it, so each level is pooled from the
+    one below (bool blocks, not a float max-pool of the whole image per level)."""
     cells = {}
-    for lvl in features.levels:
-        _, lh, lw = features.shape(lvl)
+    grid, stride = valid.bool(), 1
+    for lvl in sorted(features.levels):
+        grid = _any_pool(grid, 2 ** lvl // stride)  # (N, ceil(H / 2^l), ceil(W / 2^l))
         stride = 2 ** lvl
-        grown = F.max_pool2d(mask, stride, stride, ceil_mode=True) if stride > 1 else mask
-        grown = F.pad(grown, (0, max(0, lw - grown.shape[-1]), 0, max(0, lh - grown.shape[-2])))
-        cells[lvl] = grown[:, 0, :lh, :lw].reshape(-1) > 0
+        n, lh, lw = features.shape(lvl)
+        cell = grid.new_zeros(n, lh, lw)
+        h, w = min(lh, grid.shape[1]), min(lw, grid.shape[2])
+        cell[:, :h, :w] = grid[:, :h, :w]
+        cells[lvl] = cell.view(-1)
     return cells
 
 
