@@ -21,7 +21,8 @@ from .errors import ModelError
 from .fpn import FPN, Pyramid
 from .heads import Branch, branch_maps
 from .losses import query_loss
-from .precision import compute_context, fold_batchnorm, resolve_precision
+from .precision import (compute_context, fold_batchnorm, fuse_conv_activations,
+                        resolve_precision)
 from .query_infer import LevelOutput, QueryInference, QueryOptions
 from .query_targets import query_target_map
 from .stages import run_stages
@@ -223,12 +224,14 @@ class FPNDetector(nn.Module):
 
     def prepare_inference(self, precision: str = "auto", channels_last: bool = True) -> str:
         """Turn the model into its inference form, in place: eval mode, every batch norm (frozen,
-        or trainable with its running statistics) folded into the conv before it, weights and
+        or trainable with its running statistics) folded into the conv before it, each conv and
+        the ReLU or ReLU6 after it one op on the CPU (`fuse_conv_activations`), weights and
         inputs channels_last (NHWC: measured faster for the convolutions in fp32 and bf16 on
         this CPU, and the layout tensor cores want), and the precision resolved. Not for
         training afterwards."""
         self.eval()
         self.folded_batchnorms = fold_batchnorm(self.backbone)
+        self.fused_activations = fuse_conv_activations(self.backbone)
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)

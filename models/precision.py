@@ -4,7 +4,9 @@
 AMX) and on CUDA devices that support it, float16 on other CUDA devices, float32 otherwise.
 `fold_batchnorm` turns every conv followed by a batch norm (FrozenBatchNorm2d, or a
 BatchNorm2d with running statistics, as in eval mode) into one conv with a bias (the BN's affine
-map folded into the weights), so inference runs one op where two ran.
+map folded into the weights), so inference runs one op where two ran. `fuse_conv_activations`
+then makes each conv followed by a ReLU or ReLU6 one oneDNN convolution with the activation as
+its post-op on the CPU, so the activation is not a separate pass over the map.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from . import _torchvision  # noqa: F401  (first: torchvision without torch._dynamo)
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -108,3 +111,73 @@ def fold_batchnorm(module: nn.Module) -> int:
                         fold(child, names[bn_name])
                         setattr(parent, bn_name, nn.Identity())
     return folded
+
+
+# activations oneDNN applies inside a convolution: (its post-op name, the op's scalars)
+_POST_OPS = {nn.ReLU: ("relu", []), nn.ReLU6: ("hardtanh", [0.0, 6.0])}
+
+
+class ConvActivation(nn.Conv2d):
+    """A Conv2d and the ReLU or ReLU6 after it, as one op: on the CPU oneDNN's convolution with
+    the activation as a post-op (one pass over the output instead of two: measured on the
+    MobileNetV2 backbone of a 2144 px tile, 2 cores, 0.50 -> 0.43 s in fp32, and 0.86 -> 0.76 s
+    in bf16 on one core); elsewhere, and while tracing for export or when a gradient is asked
+    for, the plain conv and then the activation. The same values either way: the activation is
+    monotonic, so clamping before or after the rounding to bf16 gives the same number.
+
+    Its parameters are the conv's, under the conv's names (a state dict does not change).
+    """
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.ReLU | nn.ReLU6) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                         conv.padding_mode, device="meta")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.six = isinstance(activation, nn.ReLU6)
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
+                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+                and not (torch.is_grad_enabled() and self.weight.requires_grad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused(x):
+            y = super().forward(x)
+            return F.hardtanh(y, 0.0, 6.0) if self.six else F.relu(y)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled("cpu"):  # the op has no autocast rule: cast as conv2d is
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+            y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.hardtanh(y, 0.0, 6.0) if self.six else F.relu(y)
+        name, scalars = _POST_OPS[nn.ReLU6 if self.six else nn.ReLU]
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, list(self.padding), list(self.stride), list(self.dilation),
+            self.groups, name, scalars, "")
+
+
+def fuse_conv_activations(module: nn.Module) -> int:
+    """Make every Conv2d that a ReLU or ReLU6 follows in a Sequential (identities from folded
+    batch norms between them) a `ConvActivation`; returns how many. For inference only, after
+    `fold_batchnorm` (a batch norm between them stops the fusion)."""
+    fused = 0
+    for parent in list(module.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for i, name in enumerate(names):
+            conv = parent._modules[name]
+            if type(conv) is not nn.Conv2d:
+                continue
+            j = i + 1
+            while j < len(names) and isinstance(parent._modules[names[j]], nn.Identity):
+                j += 1
+            if j < len(names) and type(parent._modules[names[j]]) in _POST_OPS:
+                setattr(parent, name, ConvActivation(conv, parent._modules[names[j]]))
+                setattr(parent, names[j], nn.Identity())
+                fused += 1
+    return fused
