@@ -243,20 +243,24 @@ class RasterSource:
             rgba = self.palette[index]  # (h, w, 4)
             valid &= rgba[..., 3] > 0
             data = rgba[..., :3].transpose(2, 0, 1)  # (3, h, w)
-        pixels = np.ma.getdata(data).astype(np.float32)
-        finite = np.isfinite(pixels).all(axis=0)
-        valid &= finite
-        pixels[:, ~finite] = 0
-        if self.stretch is None:
-            pixels /= 255.0
+        data = np.ma.getdata(data)
+        if self.stretch is None:  # 8-bit: cast and scale in one pass; integers are all finite
+            pixels = np.divide(data, np.float32(255.0), dtype=np.float32)
         else:
+            pixels = data.astype(np.float32)
+        if not np.issubdtype(data.dtype, np.integer):
+            finite = np.isfinite(pixels).all(axis=0)
+            valid &= finite
+            pixels[:, ~finite] = 0
+        if self.stretch is not None:
             lo, hi = self.stretch
             pixels = (pixels - lo[:, None, None].astype(np.float32)) / \
                 (hi - lo)[:, None, None].astype(np.float32)
             np.clip(pixels, 0.0, 1.0, out=pixels)
         if pixels.shape[0] == 1:
             pixels = np.repeat(pixels, 3, axis=0)
-        pixels[:, ~valid] = 0.0
+        if not valid.all():
+            np.copyto(pixels, np.float32(0.0), where=~valid)  # one pass, no index arrays
         return pixels, valid
 
     def _read_resampled(self, x: int, y: int, width: int, height: int

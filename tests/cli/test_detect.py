@@ -116,6 +116,25 @@ def test_rgba_alpha_and_nodata_masks(tmp_path):
     assert _boxes(records) == [(10.0, 10.0, 30.0, 30.0)]
 
 
+def test_an_8_bit_window_reads_as_value_over_255_with_nodata_zeroed(tmp_path):
+    """The reader's one-pass cast and scale gives the float32 values of astype then / 255,
+    bit for bit, and zeros where the mask says nodata."""
+    from querydet_cli.raster import RasterSource
+
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, (3, 90, 70), dtype=np.uint8)
+    data[:, 40:, :30] = 7  # nodata
+    path = write_tif(tmp_path / "n.tif", data, Affine(1, 0, 0, 0, -1, 0), nodata=7)
+    with RasterSource(path) as src:
+        pixels, valid = src.read(0, 0, 70, 90)
+    expected_valid = (data != 7).all(axis=0)
+    expected = data.astype(np.float32)
+    expected /= 255.0
+    expected[:, ~expected_valid] = 0.0
+    assert np.array_equal(valid, expected_valid)
+    assert pixels.dtype == np.float32 and pixels.tobytes() == expected.tobytes()
+
+
 def test_plain_images_and_geojson_refusal(tmp_path):
     from PIL import Image
 
