@@ -21,14 +21,15 @@ def _inference_backbone(name):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "shufflenet_v2"])
 def test_fused_backbone_gives_the_same_maps(name, precision):
     net = _inference_backbone(name)
     fused = copy.deepcopy(net)
     count = fuse_conv_activations(fused)
     # MobileNetV2: every Conv2dNormActivation but the projections; ResNet: the stem only (its
-    # blocks call one shared ReLU from forward, not from a Sequential)
-    assert count == {"mobilenet_v2": 34, "resnet18": 1}[name]
+    # blocks call one shared ReLU from forward, not from a Sequential); ShuffleNetV2: the stem
+    # and the 1x1 convs of each block's branches
+    assert count == {"mobilenet_v2": 34, "resnet18": 1, "shufflenet_v2": 36}[name]
     assert sum(isinstance(m, ConvActivation) for m in fused.modules()) == count
     assert not any(isinstance(m, (nn.ReLU6,)) for m in fused.modules())
     x = torch.rand(1, 3, 96, 128).contiguous(memory_format=torch.channels_last)
@@ -36,7 +37,13 @@ def test_fused_backbone_gives_the_same_maps(name, precision):
         before, after = net(x), fused(x)
     for k in before:
         assert after[k].dtype == before[k].dtype
-        assert torch.equal(before[k], after[k]), k
+        if name == "shufflenet_v2" and precision == "fp32":
+            # some of its small fp32 convs do not go to oneDNN in PyTorch's own conv2d: the
+            # same convolution summed in another order, equal to float32 rounding
+            scale = before[k].abs().max()
+            assert float((before[k] - after[k]).abs().max() / scale) < 1e-5, k
+        else:  # the bundled MobileNetV2, a ResNet stem, and everything in bf16: bit for bit
+            assert torch.equal(before[k], after[k]), k
 
 
 def test_the_state_dict_keeps_its_names_and_tensors():
