@@ -105,14 +105,6 @@ def unique_positions(pos: torch.Tensor, shape: tuple[int, int, int]
     return uniq, rows_in(pos, uniq, shape)
 
 
-def lookup_rows(query: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Row of each `query` position in the sorted `table`, or len(table) where absent."""
-    if table.numel() == 0:
-        return torch.full_like(query, 0)
-    idx = torch.searchsorted(table, query).clamp(max=table.numel() - 1)
-    return torch.where(table[idx] == query, idx, torch.full_like(idx, table.numel()))
-
-
 def _row_map(in_pos: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Flat (N * (H + 2) * (W + 2),) map of the grid with a one-position border: the row of each
     of `in_pos` at its position, len(in_pos) (the zero row) everywhere else and on the border."""
@@ -124,27 +116,31 @@ def _row_map(in_pos: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     return table.view(-1)  # (N (H+2) (W+2),)
 
 
+def _in_row_map(pos: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Where positions `pos` of an (N, H, W) grid lie in `_row_map`'s bordered grid, (Q,)."""
+    _, height, width = shape
+    b, y, x = unravel(pos, shape)
+    return (b * (height + 2) + y + 1) * (width + 2) + x + 1  # (Q,)
+
+
 def neighbour_rows(out_pos: torch.Tensor, in_pos: torch.Tensor, shape: tuple[int, int, int]
                    ) -> torch.Tensor:
     """For each output position, the rows in `in_pos` of its 3x3 neighbours, (Q_out, 9).
 
     Neighbours off the map or not in `in_pos` get row len(in_pos), the zero row. Read from a
     map of rows with a border of zero rows: one indexing per table, no search."""
-    _, height, width = shape
-    table = _row_map(in_pos, shape)
-    b, y, x = unravel(out_pos, shape)
-    centre = (b * (height + 2) + y + 1) * (width + 2) + x + 1  # (Q_out,)
+    width = shape[2]
+    centre = _in_row_map(out_pos, shape)  # (Q_out,)
     offsets = torch.tensor([dy * (width + 2) + dx for dy, dx in _OFFSETS_3X3],
                            device=out_pos.device)  # (9,)
-    return table[centre[:, None] + offsets[None, :]]  # (Q_out, 9)
+    return _row_map(in_pos, shape)[centre[:, None] + offsets[None, :]]  # (Q_out, 9)
 
 
 def rows_in(query: torch.Tensor, table: torch.Tensor, shape: tuple[int, int, int]
             ) -> torch.Tensor:
-    """`lookup_rows` for positions of one (N, H, W) grid, read from a map instead of searched."""
-    _, height, width = shape
-    b, y, x = unravel(query, shape)
-    return _row_map(table, shape)[(b * (height + 2) + y + 1) * (width + 2) + x + 1]  # (Q,)
+    """Row of each `query` position within the sorted positions `table` of one (N, H, W) grid,
+    or len(table) where absent: read from a map of rows, not searched."""
+    return _row_map(table, shape)[_in_row_map(query, shape)]  # (Q,)
 
 
 def gather_positions(feature: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

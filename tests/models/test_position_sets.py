@@ -9,11 +9,19 @@ import torch
 from torch.nn import functional as F
 
 from querydet_models.query_infer import valid_cells
-from querydet_models.sparse import (TowerPlan, children_of, dilate_keys, lookup_rows,
-                                    neighbour_rows, ravel, rows_in, unravel)
+from querydet_models.sparse import (TowerPlan, children_of, dilate_keys, neighbour_rows, ravel,
+                                    rows_in, unravel)
 
 OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 SHAPES = [(1, 1, 1), (1, 1, 7), (1, 6, 1), (2, 9, 11), (3, 17, 5), (1, 40, 33)]
+
+
+def lookup_rows(query, table):
+    """The searched row lookup: each query's row in the sorted table, or len(table) if absent."""
+    if table.numel() == 0:
+        return torch.full_like(query, 0)
+    idx = torch.searchsorted(table, query).clamp(max=table.numel() - 1)
+    return torch.where(table[idx] == query, idx, torch.full_like(idx, table.numel()))
 
 
 def reference_dilate(pos, shape, radius):
