@@ -185,7 +185,16 @@ class FPNDetector(nn.Module):
             batch.zero_()  # padding
         for i, img in enumerate(images):
             h, w = sizes[i]
-            batch[i, :, :h, :w] = (img.to(batch.device) - self.pixel_mean[0]) / self.pixel_std[0]
+            img = img.to(batch.device)
+            if torch.promote_types(img.dtype, batch.dtype) != batch.dtype:  # float64: as written
+                batch[i, :, :h, :w] = (img - self.pixel_mean[0]) / self.pixel_std[0]
+                continue
+            # straight into the batch, in place: the same two roundings, without two temporaries
+            # and a copy (a 2304 px tile, one thread, glibc's default malloc: 102 -> 53 ms; in
+            # `detect`, which keeps freed memory, no change a whole run can measure)
+            dst = batch[i, :, :h, :w]  # (3, h, w) view
+            torch.sub(img, self.pixel_mean[0], out=dst)
+            dst.div_(self.pixel_std[0])
         return batch, sizes
 
     def extract_features(self, batch: torch.Tensor) -> Pyramid:

@@ -206,3 +206,24 @@ def test_a_per_call_score_threshold_leaves_the_model_as_it_was(model, images):
     assert model.inference == before
     assert sum(len(d["scores"]) for d in low) > sum(len(d["scores"]) for d in high)
     assert all((d["scores"] >= 0.99).all() for d in high)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_preprocess_normalises_into_the_padded_batch_exactly(channels_last):
+    """Normalised straight into the batch: bit for bit (img - mean) / std in float32 for
+    float32 and float16 images, float64 ones rounded once as before, zeros in the padding."""
+    model = tiny_model()
+    model.channels_last = channels_last
+    gen = torch.Generator().manual_seed(7)
+    images = [torch.rand(3, 70, 90, generator=gen), torch.rand(3, 64, 40, generator=gen).half(),
+              torch.rand(3, 50, 96, generator=gen, dtype=torch.float64)]
+    with torch.inference_mode():
+        batch, sizes = model.preprocess(images)
+    assert sizes == [(70, 90), (64, 40), (50, 96)] and batch.shape == (3, 3, 96, 96)
+    assert batch.is_contiguous(memory_format=torch.channels_last) == channels_last
+    mean, std = model.pixel_mean[0], model.pixel_std[0]
+    for i, img in enumerate(images):
+        h, w = sizes[i]
+        want = ((img - mean) / std).float()
+        assert torch.equal(batch[i, :, :h, :w], want)
+        assert not batch[i, :, h:].any() and not batch[i, :, :, w:].any()
