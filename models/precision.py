@@ -138,6 +138,7 @@ class ConvActivation(nn.Conv2d):
         self.weight = conv.weight
         self.bias = conv.bias
         self.six = isinstance(activation, nn.ReLU6)
+        self.post_op = _POST_OPS[type(activation)]  # (oneDNN's name, its scalars)
 
     def _fused(self, x: torch.Tensor) -> bool:
         # channels_last input only, the layout of the inference form (on NCHW input PyTorch's
@@ -149,21 +150,19 @@ class ConvActivation(nn.Conv2d):
                 and not (torch.is_grad_enabled() and self.weight.requires_grad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fused(x):
-            y = super().forward(x)
-            return F.hardtanh(y, 0.0, 6.0) if self.six else F.relu(y)
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled("cpu"):  # the op has no autocast rule: cast as conv2d is
-            dtype = torch.get_autocast_dtype("cpu")
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
-            y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-            return F.hardtanh(y, 0.0, 6.0) if self.six else F.relu(y)
-        name, scalars = _POST_OPS[nn.ReLU6 if self.six else nn.ReLU]
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, list(self.padding), list(self.stride), list(self.dilation),
-            self.groups, name, scalars, "")
+        if self._fused(x):
+            # the op has no autocast rule: under autocast, cast as conv2d would be cast
+            autocast = torch.is_autocast_enabled("cpu")
+            dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+            if dtype in (torch.float32, torch.bfloat16) and \
+                    (autocast or self.weight.dtype == dtype):
+                bias = None if self.bias is None else self.bias.to(dtype)
+                name, scalars = self.post_op
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x.to(dtype), self.weight.to(dtype), bias, list(self.padding),
+                    list(self.stride), list(self.dilation), self.groups, name, scalars, "")
+        y = super().forward(x)
+        return F.hardtanh(y, 0.0, 6.0) if self.six else F.relu(y)
 
 
 def fuse_conv_activations(module: nn.Module) -> int:

@@ -196,9 +196,10 @@ class TowerPlan:
 
     @classmethod
     def exact(cls, keys: torch.Tensor, shape: tuple[int, int, int], depth: int) -> "TowerPlan":
-        sets = [keys]
-        for _ in range(depth):
-            sets.append(dilate_keys(sets[-1], shape, 1))
+        sets, mask = [keys], _grid_mask(keys, shape)
+        for _ in range(depth):  # one ring more per layer below: one map, grown in place of five
+            mask = _dilate_mask(mask, 1)
+            sets.append(torch.nonzero(mask.view(-1)).view(-1))  # sorted
         return cls(shape, sets[::-1])
 
     @classmethod
