@@ -9,8 +9,8 @@ import numpy as np
 import torch
 torch.set_num_threads(2)
 import albumentations as A
-from querydet_cli.augment import augment
-from querydet_cli.config import AugmentConfig
+from querydet_cli.training.augment import augment
+from querydet_cli.core.config import AugmentConfig
 
 rng = np.random.default_rng(0)
 cfg = AugmentConfig(blur_prob=0.5)

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-import querydet_models.query_infer as query_infer
-from querydet_cli.loading import load_model
-from querydet_cli.raster import RasterSource
-from querydet_cli.resources import sample_model
-from querydet_models.sparse import TowerPlan
+import querydet_models.query.query_infer as query_infer
+from querydet_cli.runtimes.loading import load_model
+from querydet_cli.pipeline.raster import RasterSource
+from querydet_cli.core.resources import sample_model
+from querydet_models.layers.sparse import TowerPlan
 
 TILE, DEPTH = 2304, 5
 WINDOWS = [(0, 0), (2144, 2144), (4288, 2144), (2144, 4288)]

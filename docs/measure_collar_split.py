@@ -11,9 +11,9 @@ import argparse
 
 import numpy as np
 
-from querydet_cli.producer import data_window
-from querydet_cli.raster import RasterSource
-from querydet_cli.tiling import make_tiles
+from querydet_cli.pipeline.producer import data_window
+from querydet_cli.pipeline.raster import RasterSource
+from querydet_cli.pipeline.tiling import make_tiles
 
 ALIGN = 32
 

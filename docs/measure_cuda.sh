@@ -48,7 +48,7 @@ cat "$OUT/env.txt"
 say "rasters ${SIZE}^2"
 python3 -c "
 from pathlib import Path
-from querydet_cli.synthetic import write_big_raster, write_survey_raster
+from querydet_cli.training.synthetic import write_big_raster, write_survey_raster
 write_big_raster(Path('$W/busy.tif'), $SIZE, truth=Path('$W/busy.json'))
 write_survey_raster(Path('$W/survey.tif'), $SIZE, Path('$W/survey.json'))
 "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from querydet_cli.synthetic import write_big_raster
+from querydet_cli.training.synthetic import write_big_raster
 
 
 def boxes(path: Path, n: int, side: int) -> None:

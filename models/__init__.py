@@ -20,17 +20,17 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    "FPNDetector": "detector", "ModelInputError": "detector",
-    "QueryDet": "querydet", "build_querydet": "querydet",
-    "QueryFCOS": "fcos", "QueryFasterRCNN": "faster_rcnn",
+    "FPNDetector": "detectors.detector", "ModelInputError": "detectors.detector",
+    "QueryDet": "detectors.querydet", "build_querydet": "detectors.querydet",
+    "QueryFCOS": "detectors.fcos", "QueryFasterRCNN": "detectors.faster_rcnn",
     "ModelConfig": "config", "InferenceConfig": "config", "ConfigError": "config",
-    "LevelOutput": "query_infer",
+    "LevelOutput": "query.query_infer",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
     "CheckpointError": "checkpoint", "copy_matching_weights": "checkpoint",
     "ModelError": "errors",
-    "spconv_available": "sparse",
-    "query_target_map": "query_targets",
-    "run_stages": "stages", "InferencePass": "stages",
+    "spconv_available": "layers.sparse",
+    "query_target_map": "query.query_targets",
+    "run_stages": "detectors.stages", "InferencePass": "detectors.stages",
 }
 
 __all__ = sorted(_WHERE)

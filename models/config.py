@@ -14,9 +14,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from .backbone_specs import BACKBONES
 from .errors import ModelError
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "shufflenet_v2")
 CONTEXTS = ("exact", "1x1", "3x3", "5x5", "7x7", "9x9", "11x11")
 
 

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from .detect import DetectOptions, TileConsumer
-from .producer import TileProducer, with_device_defaults
-from .errors import QueryDetError
-from .gsd import check_input_gsd, parse_gsd_option
-from .raster import RasterSource
-from .tiling import check_plan
+from .pipeline.detect import DetectOptions, TileConsumer
+from .pipeline.producer import TileProducer, with_device_defaults
+from .core.errors import QueryDetError
+from .outputs.records import Detection
+from .pipeline.gsd import check_input_gsd, parse_gsd_option
+from .pipeline.raster import RasterSource
+from .pipeline.tiling import check_plan
 
 if TYPE_CHECKING:
     import geopandas
@@ -47,9 +48,9 @@ class Detector:
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto",
                  runtime: str = "auto", **options: Any) -> None:
-        from .loading import load_model, resolve_device
-        from .resources import sample_model
-        from .runtime import is_export
+        from .runtimes.loading import load_model, resolve_device
+        from .core.resources import sample_model
+        from .runtimes.runtime import is_export
 
         self.weights = Path(weights) if weights is not None else sample_model()
         self.device = resolve_device("cpu" if is_export(self.weights) else device)
@@ -68,7 +69,7 @@ class Detector:
     def from_model(cls, model: Any, config: Any, device: str = "cpu", **options: Any
                    ) -> "Detector":
         """Wrap a model already in memory (e.g. just trained) with its `Config`."""
-        from .loading import resolve_device
+        from .runtimes.loading import resolve_device
 
         self = cls.__new__(cls)
         self.device = resolve_device(device)
@@ -107,7 +108,7 @@ class Detector:
             raise QueryDetError("resume, save_vis and rfc7946 are options of the CLI's file "
                                 "outputs; the API returns a GeoDataFrame (use .to_crs)")
         check_plan(opts.tile_size, opts.overlap, "tile_size", "overlap")
-        records: list[dict[str, Any]] = []
+        records: list[Detection] = []
         with _open(image, transform, crs, opts.bands) as src:
             info = src.info()
             producer = TileProducer(self.model, self.config, opts, self.device)
@@ -118,12 +119,12 @@ class Detector:
                 producer.results(1, src, tiles), tiles)
         rows = {c: [] for c in COLUMNS}
         geoms = []
-        for r in records:
+        for d in records:
             for c in ("class_id", "class_name", "score"):
-                rows[c].append(r[c])
-            for c, v in zip(("x1", "y1", "x2", "y2"), r["bbox"]):
+                rows[c].append(getattr(d, c))
+            for c, v in zip(("x1", "y1", "x2", "y2"), d.bbox):
                 rows[c].append(v)
-            geoms.append(Polygon(r["geometry"]) if r["geometry"] else box(*r["bbox"]))
+            geoms.append(Polygon(d.geometry) if d.geometry else box(*d.bbox))
         frame = gpd.GeoDataFrame(rows, geometry=geoms,
                                  crs=info.crs if info.georeferenced else None)
         return frame.astype({"class_id": "int64", "score": "float64"})

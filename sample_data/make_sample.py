@@ -11,7 +11,7 @@ from pathlib import Path
 import rasterio
 from rasterio.transform import from_origin
 
-from querydet_cli.synthetic import CLASSES, CRS, ORIGIN, PIXEL_SIZE, make_scene
+from querydet_cli.training.synthetic import CLASSES, CRS, ORIGIN, PIXEL_SIZE, make_scene
 
 HERE = Path(__file__).resolve().parent
 SIZE, SEED = 1024, 777001

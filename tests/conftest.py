@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from querydet_models.config import InferenceConfig, ModelConfig
-from querydet_models.querydet import build_querydet
+from querydet_models.detectors.querydet import build_querydet
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> None:

@@ -4,10 +4,10 @@ import pytest
 import yaml
 
 from querydet_models.config import InferenceConfig, ModelConfig
-from querydet_models.querydet import build_querydet
-from querydet_cli.config import Config, DataConfig, TrainConfig, load_config
-from querydet_cli.resources import config_names, config_path
-from querydet_cli.errors import QueryDetError
+from querydet_models.detectors.querydet import build_querydet
+from querydet_cli.core.config import Config, DataConfig, TrainConfig, load_config
+from querydet_cli.core.resources import config_names, config_path
+from querydet_cli.core.errors import QueryDetError
 
 FILES = [config_path(name) for name in config_names()]
 

@@ -47,7 +47,7 @@ def installed(tmp_path_factory):
 def test_wheel_runs_from_an_empty_folder(installed):
     bindir, work = installed
     files = _run([bindir / "python", "-c",
-                  "from querydet_cli import resources as r; import querydet_models as m; "
+                  "from querydet_cli.core import resources as r; import querydet_models as m; "
                   "print(r.sample_scene()); print(r.sample_model()); print(m.__file__)"],
                  cwd=work).stdout.split()
     for f in files:
@@ -91,7 +91,7 @@ def test_an_export_made_and_run_from_another_folder(installed, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (work / "exported").rename(elsewhere / "exported")  # an export travels as a folder
-    scene = _run([bindir / "python", "-c", "from querydet_cli import resources as r; "
+    scene = _run([bindir / "python", "-c", "from querydet_cli.core import resources as r; "
                   "print(r.sample_scene())"], cwd=elsewhere).stdout.strip()
     proc = _run([bindir / "querydet", "detect", scene, "--weights", "exported", "--runtime",
                  "onnxruntime", "-o", "b.geojson", "--json", "--quiet"], cwd=elsewhere)

@@ -7,13 +7,13 @@ import textwrap
 
 import pytest
 
-from querydet_cli.allocator import _glibc
+from querydet_cli.core.allocator import _glibc
 
 # malloc, touch and free a 64 MB block five times; print the minor page faults it cost (C's
 # malloc directly: numpy asks for huge pages on large arrays, torch's tensors do not)
 SCRIPT = textwrap.dedent("""
     import ctypes, resource, sys
-    from querydet_cli.allocator import _glibc, keep_freed_memory
+    from querydet_cli.core.allocator import _glibc, keep_freed_memory
     libc = _glibc()
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = (ctypes.c_void_p,)
@@ -47,14 +47,16 @@ def test_detect_keeps_freed_memory_only_as_its_own_process(monkeypatch, tmp_path
     it was."""
     from typer.testing import CliRunner
 
-    from querydet_cli import allocator, app as app_module
-    from querydet_cli.resources import sample_scene
+    from querydet_cli import app as app_module
+
+    from querydet_cli.core import allocator
+    from querydet_cli.core.resources import sample_scene
 
     asked = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: asked.append(1) or True)
     for own, expected in ((True, [1]), (False, [])):
         asked.clear()
-        monkeypatch.setattr(app_module, "_OWN_PROCESS", own)
+        monkeypatch.setattr(allocator, "_OWN_PROCESS", own)
         result = CliRunner().invoke(app_module.app, ["detect", str(sample_scene()), "-o",
                                                      str(tmp_path / "d.geojson"), "--quiet"])
         assert result.exit_code == 0, result.output

@@ -10,8 +10,8 @@ from rasterio.transform import Affine
 
 from querydet_cli import Detector
 from querydet_cli.api import channels_first
-from querydet_cli.config import Config
-from querydet_cli.errors import QueryDetError
+from querydet_cli.core.config import Config
+from querydet_cli.core.errors import QueryDetError
 from tests.cli.oracle import OracleModel, paint, write_tif
 
 ROOT = Path(__file__).resolve().parents[2]

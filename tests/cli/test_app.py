@@ -5,8 +5,8 @@ import sys
 from typer.testing import CliRunner
 
 from querydet_cli.app import app
-from querydet_cli.bench import BenchOptions, run_bench
-from querydet_cli.errors import QueryDetError
+from querydet_cli.bench.heads import BenchOptions, run_bench
+from querydet_cli.core.errors import QueryDetError
 
 runner = CliRunner()
 
@@ -109,7 +109,7 @@ def test_resolve_device():
     import pytest
     import torch
 
-    from querydet_cli.loading import resolve_device
+    from querydet_cli.runtimes.loading import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")

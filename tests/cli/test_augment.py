@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from querydet_cli.augment import TTA_VIEWS, augment, dihedral, undo_dihedral, vote
-from querydet_cli.config import AugmentConfig
+from querydet_cli.pipeline.tta import TTA_VIEWS, dihedral, undo_dihedral, vote
+from querydet_cli.training.augment import augment
+from querydet_cli.core.config import AugmentConfig
 
 OFF = AugmentConfig(dihedral=False, brightness=0, contrast=0, saturation=0, hue=0, gamma=0,
                     blur_prob=0, noise_std=0, scale_jitter=0)

@@ -8,10 +8,10 @@ import torch
 
 from querydet_models.checkpoint import save_checkpoint
 from querydet_models.config import ModelConfig
-from querydet_models.querydet import build_querydet
-from querydet_cli.bench_detect import run
-from querydet_cli.synthetic import write_big_raster
-from querydet_cli.config import Config
+from querydet_models.detectors.querydet import build_querydet
+from querydet_cli.bench.detect import run
+from querydet_cli.training.synthetic import write_big_raster
+from querydet_cli.core.config import Config
 
 
 def test_big_raster_is_written_block_by_block(tmp_path):
@@ -42,7 +42,7 @@ def test_survey_raster_has_a_nodata_collar_and_truth_inside(tmp_path):
 
     import numpy as np
 
-    from querydet_cli.synthetic import write_survey_raster
+    from querydet_cli.training.synthetic import write_survey_raster
 
     path = write_survey_raster(tmp_path / "s.tif", 1024, tmp_path / "s.json", block=256,
                                busy_fraction=0.5)
@@ -62,7 +62,7 @@ def test_peer_bench_runs_sahi_with_the_same_weights(tmp_path):
     import pytest
 
     pytest.importorskip("sahi")
-    from querydet_cli.bench_detect import run_peer_bench
+    from querydet_cli.bench.detect import run_peer_bench
 
     cfg = replace(Config(), model=ModelConfig(backbone="resnet18", fpn_channels=16, head_convs=2,
                                               num_classes=5))
@@ -83,7 +83,7 @@ def test_peer_bench_runs_sahi_with_the_same_weights(tmp_path):
 
 
 def test_duplicate_count_counts_extra_matches_of_one_object(tmp_path):
-    from querydet_cli.bench_detect import duplicate_count
+    from querydet_cli.bench.detect import duplicate_count
 
     truth = tmp_path / "t.json"
     truth.write_text(json.dumps({"annotations": [
@@ -111,8 +111,8 @@ def test_whole_process_rows_time_each_side_in_its_own_process(tmp_path):
     import pytest
 
     pytest.importorskip("sahi")
-    from querydet_cli.bench_whole import format_whole, run_whole_process
-    from querydet_cli.resources import sample_model
+    from querydet_cli.bench.whole import format_whole, run_whole_process
+    from querydet_cli.core.resources import sample_model
 
     truth = tmp_path / "t.json"
     raster = write_big_raster(tmp_path / "t.tif", 512, block=256, truth=truth)
@@ -133,9 +133,9 @@ def test_whole_process_takes_the_tile_plan_for_querydet_rows_only(tmp_path, monk
 
     from typer.testing import CliRunner
 
-    from querydet_cli import bench_whole
+    from querydet_cli.bench import whole as bench_whole
     from querydet_cli.app import app
-    from querydet_cli.resources import sample_scene
+    from querydet_cli.core.resources import sample_scene
 
     ran = []
 
@@ -152,7 +152,7 @@ def test_whole_process_takes_the_tile_plan_for_querydet_rows_only(tmp_path, monk
                                       "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     ours = [c for c in ran if "detect" in c]
-    peers = [c for c in ran if "querydet_cli.sahi_peer" in c]
+    peers = [c for c in ran if "querydet_cli.bench.sahi_peer" in c]
     assert len(ours) == 2 and len(peers) == 2
     for cmd in ours:
         assert cmd[cmd.index("--tile-size") + 1] == "512" and cmd[cmd.index("--overlap") + 1] == "64"
@@ -162,7 +162,7 @@ def test_whole_process_takes_the_tile_plan_for_querydet_rows_only(tmp_path, monk
 
 
 def test_whole_process_runs_both_sides_on_the_asked_device(tmp_path):
-    from querydet_cli.bench_whole import _command
+    from querydet_cli.bench.whole import _command
 
     for side in ("querydet", "sahi"):
         cmd = _command(side, "bf16", "r.tif", "w.pt", tmp_path / "o", [], "cuda")
@@ -171,7 +171,7 @@ def test_whole_process_runs_both_sides_on_the_asked_device(tmp_path):
 
 
 def test_peer_script_takes_a_device():
-    from querydet_cli import sahi_peer
+    from querydet_cli.bench import sahi_peer
 
     with pytest.raises(SystemExit):  # argparse: an unknown device is a usage error
         sahi_peer.main(["r.tif", "w.pt", "o.json", "--device", "tpu"])

@@ -6,9 +6,9 @@ import rasterio
 from PIL import Image
 from rasterio.transform import from_origin
 
-from querydet_cli.chips import clip_boxes, quadrant_windows, sliding_windows, Window, cut_chips
-from querydet_cli.datasets import Sample, load_coco
-from querydet_cli.errors import QueryDetError
+from querydet_cli.training.chips import clip_boxes, quadrant_windows, sliding_windows, Window, cut_chips
+from querydet_cli.training.datasets import Sample, load_coco
+from querydet_cli.core.errors import QueryDetError
 
 
 def test_quadrants_cover_the_image_once():
@@ -29,7 +29,7 @@ def test_sliding_windows_overlap_and_reach_the_edges():
 
 
 def test_default_chip_overlap_is_a_fifth_of_the_chip_in_pixels():
-    from querydet_cli.chips import default_overlap
+    from querydet_cli.training.chips import default_overlap
 
     assert default_overlap(512) == 102 and default_overlap(128) == 26
     # the stride the old fraction 0.2 gave, round(size * 0.8), at every size

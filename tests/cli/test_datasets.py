@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from querydet_cli.datasets import DetectionDataset, load_coco, load_visdrone
-from querydet_cli.errors import QueryDetError
+from querydet_cli.training.datasets import DetectionDataset, load_coco, load_visdrone
+from querydet_cli.core.errors import QueryDetError
 
 
 def _img(path, w=100, h=80):

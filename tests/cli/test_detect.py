@@ -8,11 +8,11 @@ import rasterio
 import torch
 from rasterio.transform import Affine
 
-from querydet_cli.config import Config
-from querydet_cli.detect import DetectInterrupted, DetectOptions, run_detect
-from querydet_cli.inputs import expand_inputs
-from querydet_cli.errors import QueryDetError
-from querydet_cli.writers import pixel_box_ring
+from querydet_cli.core.config import Config
+from querydet_cli.pipeline.detect import DetectInterrupted, DetectOptions, run_detect
+from querydet_cli.pipeline.inputs import expand_inputs
+from querydet_cli.core.errors import QueryDetError
+from querydet_cli.outputs.geometry import pixel_box_ring
 from tests.cli.oracle import OracleModel, paint, parse_ndjson, read_ndjson, write_tif
 
 CFG = Config()
@@ -91,7 +91,7 @@ def test_uint16_input_is_stretched(tmp_path):
     data = paint(200, 200, [(10, 10, 30, 30)], dtype="uint16", scale=1)
     data[1] += 1000
     path = write_tif(tmp_path / "u16.tif", data, Affine(1, 0, 0, 0, -1, 0))
-    from querydet_cli.raster import RasterSource
+    from querydet_cli.pipeline.raster import RasterSource
 
     with RasterSource(path) as src:
         pixels, valid = src.read(0, 0, 200, 200)
@@ -119,7 +119,7 @@ def test_rgba_alpha_and_nodata_masks(tmp_path):
 def test_an_8_bit_window_reads_as_value_over_255_with_nodata_zeroed(tmp_path):
     """The reader's one-pass cast and scale gives the float32 values of astype then / 255,
     bit for bit, and zeros where the mask says nodata."""
-    from querydet_cli.raster import RasterSource
+    from querydet_cli.pipeline.raster import RasterSource
 
     rng = np.random.default_rng(5)
     data = rng.integers(0, 256, (3, 90, 70), dtype=np.uint8)
@@ -225,7 +225,7 @@ def test_cli_pipeline_stdin_to_stdout(tmp_path):
 
     from querydet_models.checkpoint import save_checkpoint
     from querydet_models.config import ModelConfig
-    from querydet_models.querydet import build_querydet
+    from querydet_models.detectors.querydet import build_querydet
 
     cfg = replace(Config(), model=ModelConfig(backbone="resnet18", fpn_channels=16, head_convs=2,
                                               num_classes=3))
@@ -255,7 +255,7 @@ def test_float_raster_with_nan_and_inf(tmp_path):
     data[:, 125:135, 125:135] = np.nan  # the second object's centre is not a number
     data[2, 0:5, 0:5] = np.inf
     path = write_tif(tmp_path / "f.tif", data, Affine(1, 0, 0, 0, -1, 0))
-    from querydet_cli.raster import RasterSource
+    from querydet_cli.pipeline.raster import RasterSource
 
     with RasterSource(path) as src:
         pixels, valid = src.read(0, 0, 200, 200)
@@ -325,8 +325,8 @@ def test_resume_after_every_row_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_a_run_passes_its_precision_per_call_and_leaves_the_model_as_it_was(tmp_path):
-    from querydet_cli.loading import load_model
-    from querydet_cli.resources import sample_model, sample_scene
+    from querydet_cli.runtimes.loading import load_model
+    from querydet_cli.core.resources import sample_model, sample_scene
 
     model, cfg = load_model(sample_model(), "cpu")
     before = model.precision
@@ -337,7 +337,7 @@ def test_a_run_passes_its_precision_per_call_and_leaves_the_model_as_it_was(tmp_
 
 
 def _sample_run(tmp_path, name, model, cfg, **opts):
-    from querydet_cli.resources import sample_scene
+    from querydet_cli.core.resources import sample_scene
 
     out = tmp_path / f"{name}.ndjson"
     run_detect(model, cfg, [str(sample_scene())], str(out), "ndjson",
@@ -348,9 +348,9 @@ def _sample_run(tmp_path, name, model, cfg, **opts):
 def test_two_workers_give_the_same_bytes_and_leave_torch_threads_as_they_were(tmp_path):
     """Tiles computed two at once (the CPU default) come back in tile order with the very
     values of one worker: 25 tiles of the sample scene, batches of one and of two."""
-    from querydet_cli.loading import load_model
-    from querydet_cli.producer import TileProducer
-    from querydet_cli.resources import sample_model
+    from querydet_cli.runtimes.loading import load_model
+    from querydet_cli.pipeline.producer import TileProducer
+    from querydet_cli.core.resources import sample_model
 
     model, cfg = load_model(sample_model(), "cpu")
     threads = torch.get_num_threads()
@@ -367,8 +367,8 @@ def test_two_workers_give_the_same_bytes_and_leave_torch_threads_as_they_were(tm
 def test_resume_with_two_workers_after_an_interrupt_equals_one_uninterrupted_run(tmp_path):
     import threading
 
-    from querydet_cli.loading import load_model
-    from querydet_cli.resources import sample_model
+    from querydet_cli.runtimes.loading import load_model
+    from querydet_cli.core.resources import sample_model
 
     model, cfg = load_model(sample_model(), "cpu")
     reference = _sample_run(tmp_path, "reference", model, cfg, workers=1)
@@ -389,7 +389,7 @@ def test_resume_with_two_workers_after_an_interrupt_equals_one_uninterrupted_run
 
 
 def test_the_run_key_does_not_depend_on_workers():
-    from querydet_cli.identity import run_key
+    from querydet_cli.pipeline.identity import run_key
 
     keys = {run_key(["a.tif"], DetectOptions(workers=w, threads=t), CFG) for w, t in
             ((None, None), (1, 2), (2, 1), (4, 4))}
@@ -399,7 +399,7 @@ def test_the_run_key_does_not_depend_on_workers():
 def test_a_journal_of_another_format_is_not_continued(monkeypatch):
     """Checkpoints now carry the tiles' valid masks: a journal written before (without them)
     has another run key, so --resume refuses it instead of checking fused boxes without masks."""
-    from querydet_cli import identity
+    from querydet_cli.pipeline import identity
 
     now = identity.run_key(["a.tif"], DetectOptions(), CFG)
     monkeypatch.setattr(identity, "JOURNAL_VERSION", identity.JOURNAL_VERSION - 1)

@@ -5,12 +5,12 @@ import torch
 from typer.testing import CliRunner
 
 from querydet_models.checkpoint import save_checkpoint
-from querydet_models.querydet import build_querydet
+from querydet_models.detectors.querydet import build_querydet
 from querydet_cli.app import app
-from querydet_cli.config import load_config
-from querydet_cli.errors import QueryDetError
-from querydet_cli.evaluation import evaluate, plot_tradeoff, save_visualisations
-from querydet_cli.training import load_split
+from querydet_cli.core.config import load_config
+from querydet_cli.core.errors import QueryDetError
+from querydet_cli.training.evaluation import evaluate, plot_tradeoff, save_visualisations
+from querydet_cli.training.train import load_split
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from querydet_cli.resources import sample_scene
+from querydet_cli.core.resources import sample_scene
 
 # a user's process: an exit handler registered before the command, then querydet's entry point
 SCRIPT = """

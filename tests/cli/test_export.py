@@ -11,10 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from querydet_cli.app import app
-from querydet_cli.bench_detect import raster_ap
-from querydet_cli.synthetic import write_big_raster
-from querydet_cli.errors import QueryDetError
-from querydet_cli.resources import sample_model, sample_scene
+from querydet_cli.bench.detect import raster_ap
+from querydet_cli.training.synthetic import write_big_raster
+from querydet_cli.core.errors import QueryDetError
+from querydet_cli.core.resources import sample_model, sample_scene
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -97,7 +97,7 @@ def test_runtimes_find_what_torch_finds_on_the_sample(tmp_path, exported, runtim
 def test_runtime_ap_on_a_synthetic_raster_with_truth(tmp_path, exported):
     truth = tmp_path / "truth.json"
     raster = write_big_raster(tmp_path / "busy.tif", 1536, seed=3, truth=truth)
-    from querydet_cli.config import load_config
+    from querydet_cli.core.config import load_config
 
     ids = load_config("querydet_mobilenet_synthetic").category_ids()
     aps = {}
@@ -127,7 +127,7 @@ def test_auto_picks_an_installed_runtime_and_names_it(tmp_path, exported):
 
 
 def test_a_missing_runtime_is_one_line(tmp_path, exported, monkeypatch):
-    import querydet_cli.runtime as rt
+    import querydet_cli.runtimes.runtime as rt
 
     real = rt.runtime_installed
     monkeypatch.setattr(rt, "runtime_installed", lambda r: r == "torch" or (r != "onnxruntime" and real(r)))
@@ -213,8 +213,8 @@ def test_a_failed_export_keeps_the_old_one(tmp_path):
 
 def test_two_stage_checkpoint_is_refused(tmp_path):
     from querydet_models.checkpoint import save_checkpoint
-    from querydet_models.querydet import build_querydet
-    from querydet_cli.config import load_config
+    from querydet_models.detectors.querydet import build_querydet
+    from querydet_cli.core.config import load_config
 
     cfg = load_config("querydet_faster_rcnn_mobilenet_synthetic")
     weights = tmp_path / "frcnn.pt"
@@ -237,8 +237,8 @@ def test_openvino_ir_export_runs_on_openvino_only(tmp_path):
 
 
 def test_bench_times_the_runtimes_beside_torch():
-    from querydet_cli.bench import BenchOptions, run_bench
-    from querydet_cli.bench_runtime import graph_rows
+    from querydet_cli.bench.heads import BenchOptions, run_bench
+    from querydet_cli.bench.runtime import graph_rows
 
     opts = BenchOptions(backbone="resnet18", image_size=128, repeats=1, backends=("torch",),
                         query_density=0.05)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from querydet_models.checkpoint import load_checkpoint
 from querydet_cli.app import app
-from querydet_cli.bench import BenchOptions, run_bench
-from querydet_cli.config import load_config
+from querydet_cli.bench.heads import BenchOptions, run_bench
+from querydet_cli.core.config import load_config
 from tests.cli.oracle import paint, write_tif
 
 runner = CliRunner()

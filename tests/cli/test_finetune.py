@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from querydet_models.checkpoint import load_checkpoint
 from querydet_cli.app import app
-from querydet_cli.chips import cut_chips
-from querydet_cli.datasets import Sample
-from querydet_cli.resources import sample_model, sample_scene
-from querydet_cli.training import Validator, schedule_in_epochs, train
+from querydet_cli.training.chips import cut_chips
+from querydet_cli.training.datasets import Sample
+from querydet_cli.core.resources import sample_model, sample_scene
+from querydet_cli.training.train import Validator, schedule_in_epochs, train
 from tests.cli.test_training import tiny_cfg
 
 runner = CliRunner()
@@ -92,7 +92,7 @@ def test_model_best_is_the_checkpoint_with_the_best_validation_ap(tmp_path):
     assert saved["extra"]["iteration"] == best["iter"] == summary["best_iteration"]
     assert saved["extra"]["val_AP50"] == pytest.approx(best["val_AP50"])
     # evaluated again from the file, the saved model scores what was logged
-    from querydet_cli.loading import load_model
+    from querydet_cli.runtimes.loading import load_model
 
     model, saved_cfg = load_model(tmp_path / "model_best.pt")
     again = Validator(saved_cfg, tmp_path, torch.device("cpu"))
@@ -120,8 +120,8 @@ def test_a_schedule_in_epochs_sets_iterations_and_steps():
 
 
 def test_a_class_of_the_same_name_keeps_its_predictor():
-    from querydet_cli.loading import load_model
-    from querydet_models.querydet import build_querydet
+    from querydet_cli.runtimes.loading import load_model
+    from querydet_models.detectors.querydet import build_querydet
 
     old, cfg = load_model(sample_model())
     new = build_querydet(replace(cfg.model, num_classes=2, backbone_weights=None), cfg.inference)

@@ -12,12 +12,12 @@ from rasterio.transform import Affine, from_origin
 from typer.testing import CliRunner
 
 from querydet_cli.app import app
-from querydet_cli.bench_gsd import placement, write_resampled
-from querydet_cli.errors import QueryDetError
-from querydet_cli.gsd import (metres_per_degree, model_grid, parse_gsd_option, raster_gsd,
+from querydet_cli.bench.gsd import placement, write_resampled
+from querydet_cli.core.errors import QueryDetError
+from querydet_cli.pipeline.gsd import (metres_per_degree, model_grid, parse_gsd_option, raster_gsd,
                               resolve, training_gsd)
-from querydet_cli.raster import RasterSource
-from querydet_cli.resources import sample_model, sample_scene
+from querydet_cli.pipeline.raster import RasterSource
+from querydet_cli.core.resources import sample_model, sample_scene
 
 runner = CliRunner()
 
@@ -270,8 +270,8 @@ def test_training_gsd_from_generator_chips_or_flag(tmp_path):
 
 
 def test_tile_cuts_chips_at_a_chosen_gsd(tmp_path):
-    from querydet_cli.chips import cut_chips
-    from querydet_cli.datasets import Sample
+    from querydet_cli.training.chips import cut_chips
+    from querydet_cli.training.datasets import Sample
 
     data = np.full((3, 400, 400), 30, np.uint8)
     data[:, 100:140, 200:260] = 240  # an object at x 200..260, y 100..140 (0.1 m pixels)
@@ -302,7 +302,7 @@ def test_tile_cuts_chips_at_a_chosen_gsd(tmp_path):
 
 
 def test_native_scale_training_and_eval_bring_chips_to_the_model_gsd(tmp_path):
-    from querydet_cli.datasets import DetectionDataset, Sample
+    from querydet_cli.training.datasets import DetectionDataset, Sample
     from PIL import Image
 
     geo = _write(tmp_path / "fine.tif", np.full((3, 64, 96), 90, np.uint8),

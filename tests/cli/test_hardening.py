@@ -12,12 +12,12 @@ import pytest
 import torch
 from rasterio.transform import Affine
 
-from querydet_cli.config import Config
-from querydet_cli.detect import DetectOptions, run_detect
-from querydet_cli.errors import QueryDetError
-from querydet_cli.inputs import refuse_output_over_inputs
-from querydet_cli.metrics import ImageDetections, ImageTruth, coco_metrics
-from querydet_cli.writers import signed_area
+from querydet_cli.core.config import Config
+from querydet_cli.pipeline.detect import DetectOptions, run_detect
+from querydet_cli.core.errors import QueryDetError
+from querydet_cli.pipeline.inputs import refuse_output_over_inputs
+from querydet_cli.training.metrics import ImageDetections, ImageTruth, coco_metrics
+from querydet_cli.outputs.geometry import signed_area
 from tests.cli.oracle import OracleModel, paint, write_tif
 
 CPU = torch.device("cpu")
@@ -53,7 +53,7 @@ def test_resume_refuses_other_weights_and_changed_inputs(tmp_path):
     path = write_tif(tmp_path / "a.tif", paint(300, 260, OBJECTS), Affine(1, 0, 0, 0, -1, 0))
     out = tmp_path / "out.ndjson"
     model = OracleModel(fail_after=2)
-    from querydet_cli.detect import DetectInterrupted
+    from querydet_cli.pipeline.detect import DetectInterrupted
 
     with pytest.raises(DetectInterrupted):
         run_detect(model, Config(), [str(path)], str(out), "ndjson", OPTS, CPU)
@@ -65,7 +65,7 @@ def test_resume_refuses_other_weights_and_changed_inputs(tmp_path):
 
 
 def test_resume_refuses_other_weights(tmp_path):
-    from querydet_cli.identity import weights_digest
+    from querydet_cli.pipeline.identity import weights_digest
     from tests.conftest import tiny_model
 
     a, b = tiny_model(seed=0), tiny_model(seed=1)
@@ -121,8 +121,8 @@ def test_coco_metrics_at_any_max_dets():
 
 
 def test_two_sources_of_one_name_give_distinct_chips(tmp_path):
-    from querydet_cli.chips import cut_chips
-    from querydet_cli.datasets import load_coco
+    from querydet_cli.training.chips import cut_chips
+    from querydet_cli.training.datasets import load_coco
 
     for folder in ("a", "b"):
         (tmp_path / "src" / "images" / folder).mkdir(parents=True)
@@ -178,7 +178,7 @@ def test_checkpoint_errors_never_advise_unsafe_loading(tmp_path):
 
 
 def test_visdrone_lines_with_nan_inf_or_bytes_are_reported_and_skipped(tmp_path):
-    from querydet_cli.datasets import load_visdrone
+    from querydet_cli.training.datasets import load_visdrone
 
     (tmp_path / "images").mkdir()
     (tmp_path / "annotations").mkdir()
@@ -193,7 +193,7 @@ def test_visdrone_lines_with_nan_inf_or_bytes_are_reported_and_skipped(tmp_path)
 
 
 def test_coco_image_without_width_reads_the_file(tmp_path):
-    from querydet_cli.datasets import load_coco
+    from querydet_cli.training.datasets import load_coco
 
     (tmp_path / "images").mkdir()
     write_tif(tmp_path / "images" / "a.tif", paint(80, 60, [(5, 5, 20, 20)]))
@@ -207,8 +207,8 @@ def test_coco_image_without_width_reads_the_file(tmp_path):
 
 
 def test_tile_cuts_a_16_bit_plain_image(tmp_path):
-    from querydet_cli.chips import cut_chips
-    from querydet_cli.datasets import load_coco
+    from querydet_cli.training.chips import cut_chips
+    from querydet_cli.training.datasets import load_coco
 
     (tmp_path / "src" / "images").mkdir(parents=True)
     write_tif(tmp_path / "src" / "images" / "a.tif",
@@ -290,7 +290,7 @@ def test_gdal_paths_go_straight_to_rasterio(tmp_path, monkeypatch):
             assert {f["properties"]["source"] for f in feats} == {name}  # not collapsed by Path
     finally:
         server.shutdown()
-    from querydet_cli.inputs import expand_inputs
+    from querydet_cli.pipeline.inputs import expand_inputs
 
     assert expand_inputs(["s3://bucket/a.tif"]) == ["s3://bucket/a.tif"]
 

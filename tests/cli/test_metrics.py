@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from querydet_cli.metrics import (ImageDetections, ImageTruth, coco_metrics, match_and_score,
+from querydet_cli.training.metrics import (ImageDetections, ImageTruth, coco_metrics, match_and_score,
                                   visdrone_metrics)
 
 

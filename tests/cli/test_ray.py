@@ -15,10 +15,10 @@ from rasterio.transform import Affine
 
 ray = pytest.importorskip("ray")
 
-from querydet_cli.config import Config  # noqa: E402
-from querydet_cli.detect import DetectOptions, run_detect  # noqa: E402
-from querydet_cli.ray_producer import RayProducer, RaySettings  # noqa: E402
-from querydet_cli.loading import load_model  # noqa: E402
+from querydet_cli.core.config import Config  # noqa: E402
+from querydet_cli.pipeline.detect import DetectOptions, run_detect  # noqa: E402
+from querydet_cli.pipeline.ray_producer import RayProducer, RaySettings  # noqa: E402
+from querydet_cli.runtimes.loading import load_model  # noqa: E402
 from querydet_models.checkpoint import save_checkpoint  # noqa: E402
 from querydet_models.config import ModelConfig  # noqa: E402
 from tests.cli.oracle import paint, read_ndjson, write_tif  # noqa: E402
@@ -37,7 +37,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from querydet_models.querydet import build_querydet
+    from querydet_models.detectors.querydet import build_querydet
 
     cfg = replace(Config(), model=ModelConfig(backbone="resnet18", fpn_channels=16,
                                               head_convs=2, num_classes=3),
@@ -77,7 +77,7 @@ def _single(checkpoint, inputs, out, opts=OPTS):
 
 def _on_ray(checkpoint, inputs, out, settings, opts=OPTS):
     model, cfg = load_model(checkpoint, "cpu")
-    producer = RayProducer(settings, checkpoint, opts, "cpu")
+    producer = RayProducer(settings, checkpoint, opts, "cpu", load_model)
     summary = run_detect(model, cfg, inputs, str(out), "ndjson", opts, torch.device("cpu"),
                          producer=producer)
     return summary, _detections(out)
@@ -145,7 +145,7 @@ def test_ray_option_without_ray_installed_says_how(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     from querydet_cli.app import app
-    from querydet_cli.errors import QueryDetError
+    from querydet_cli.core.errors import QueryDetError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

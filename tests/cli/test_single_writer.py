@@ -15,11 +15,11 @@ import torch
 from rasterio.enums import ColorInterp
 from rasterio.transform import Affine
 
-from querydet_cli.synthetic import write_big_raster
-from querydet_cli.config import Config
-from querydet_cli.detect import DetectOptions, run_detect
-from querydet_cli.locking import OutputLock, claim_output
-from querydet_cli.errors import QueryDetError
+from querydet_cli.training.synthetic import write_big_raster
+from querydet_cli.core.config import Config
+from querydet_cli.pipeline.detect import DetectOptions, run_detect
+from querydet_cli.core.locking import OutputLock, claim_output
+from querydet_cli.core.errors import QueryDetError
 from tests.cli.oracle import OracleModel, paint, read_ndjson, write_tif
 
 ROOT = Path(__file__).resolve().parents[2]

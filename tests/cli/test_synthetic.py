@@ -3,8 +3,8 @@ import json
 import numpy as np
 import rasterio
 
-from querydet_cli.datasets import load_coco
-from querydet_cli.synthetic import CLASSES, CRS, make_scene, write_dataset
+from querydet_cli.training.datasets import load_coco
+from querydet_cli.training.synthetic import CLASSES, CRS, make_scene, write_dataset
 
 
 def test_scenes_are_deterministic_by_seed():

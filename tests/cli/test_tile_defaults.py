@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from querydet_cli.producer import (DetectOptions, InputPlanner, default_tile_size,
+from querydet_cli.pipeline.producer import (DetectOptions, InputPlanner, default_tile_size,
                                    with_device_defaults)
 
 

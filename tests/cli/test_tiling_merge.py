@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from querydet_cli.errors import QueryDetError
-from querydet_cli.merge import TileMerger
-from querydet_cli.tiling import make_tiles
+from querydet_cli.core.errors import QueryDetError
+from querydet_cli.pipeline.merge import TileMerger
+from querydet_cli.pipeline.tiling import make_tiles
 
 
 @pytest.mark.parametrize("w,h,size,overlap", [(1000, 700, 256, 64), (300, 300, 512, 64),
@@ -121,8 +121,8 @@ def test_no_seam_duplicates_with_objects_across_every_seam(tmp_path):
     import torch
     from rasterio.transform import Affine
 
-    from querydet_cli.config import Config
-    from querydet_cli.detect import DetectOptions, run_detect
+    from querydet_cli.core.config import Config
+    from querydet_cli.pipeline.detect import DetectOptions, run_detect
     from tests.cli.oracle import OracleModel, paint, read_ndjson, write_tif
 
     # 128 px tiles overlapping by 32 on 416 px: seams (overlap zones) at 96..128, 192..224, 288..320
@@ -145,7 +145,7 @@ def test_no_seam_duplicates_with_objects_across_every_seam(tmp_path):
 
 
 def test_data_window_is_the_aligned_rectangle_around_valid_pixels():
-    from querydet_cli.producer import data_window
+    from querydet_cli.pipeline.producer import data_window
 
     valid = np.zeros((100, 90), bool)
     valid[37:41, 50:52] = True
@@ -163,8 +163,8 @@ def test_a_nodata_collar_is_not_computed_and_boxes_stay_in_place(tmp_path):
     import torch
     from rasterio.transform import Affine
 
-    from querydet_cli.config import Config
-    from querydet_cli.detect import DetectOptions, run_detect
+    from querydet_cli.core.config import Config
+    from querydet_cli.pipeline.detect import DetectOptions, run_detect
     from tests.cli.oracle import OracleModel, paint, read_ndjson, write_tif
 
     objects = [(150, 60, 170, 75), (205, 100, 230, 120), (300, 200, 318, 230), (110, 90, 130, 104),
@@ -183,7 +183,7 @@ def test_a_nodata_collar_is_not_computed_and_boxes_stay_in_place(tmp_path):
 
 
 def test_nested_duplicates_in_a_tile_are_dropped_by_ios():
-    from querydet_cli.merge import suppress_nested
+    from querydet_cli.pipeline.merge import suppress_nested
 
     boxes = np.array([[0, 0, 80, 110], [5, 0, 70, 70],  # a building and a partial box inside it
                       [200, 200, 205, 205], [201, 201, 206, 206],  # a 5 px object seen twice
@@ -200,7 +200,7 @@ def test_nested_duplicates_in_a_tile_are_dropped_by_ios():
 
 
 def test_a_cropped_tiles_heatmap_lands_where_its_pixels_are():
-    from querydet_cli.overview import heat_in_tile as _heat_in_tile
+    from querydet_cli.pipeline.overview import heat_in_tile as _heat_in_tile
 
     heat = np.ones((6, 6), np.float32)  # stride 16 over a 96 x 96 crop
     out = _heat_in_tile(heat, (96, 96), (64, 32, 160, 128), 256, 256)
@@ -216,10 +216,10 @@ def test_one_overlap_rule_in_pixels_for_every_door(tmp_path):
     from typer.testing import CliRunner
 
     from querydet_cli.api import Detector
-    from querydet_cli.config import Config
+    from querydet_cli.core.config import Config
     from querydet_cli.app import app
-    from querydet_cli.errors import QueryDetError
-    from querydet_cli.resources import sample_scene
+    from querydet_cli.core.errors import QueryDetError
+    from querydet_cli.core.resources import sample_scene
 
     from .oracle import OracleModel
 

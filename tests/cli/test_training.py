@@ -4,8 +4,8 @@ from dataclasses import replace
 import torch
 
 from querydet_models.checkpoint import load_checkpoint
-from querydet_cli.config import load_config
-from querydet_cli.training import lr_at, train
+from querydet_cli.core.config import load_config
+from querydet_cli.training.train import lr_at, train
 
 
 def tiny_cfg(max_iter, **train_changes):

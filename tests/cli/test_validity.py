@@ -7,13 +7,13 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from querydet_cli.config import Config
-from querydet_cli.detect import TileConsumer
-from querydet_cli.producer import DetectOptions, TileDetections
-from querydet_cli.profile import Profile
-from querydet_cli.raster import RasterSource
-from querydet_cli.tiling import make_tiles
-from querydet_cli.validity import NO_DATA, TileValidity, pack_valid, unpack_valid
+from querydet_cli.core.config import Config
+from querydet_cli.pipeline.detect import TileConsumer
+from querydet_cli.pipeline.producer import DetectOptions, TileDetections
+from querydet_cli.pipeline.profile import Profile
+from querydet_cli.pipeline.raster import RasterSource
+from querydet_cli.pipeline.tiling import make_tiles
+from querydet_cli.pipeline.validity import NO_DATA, TileValidity, pack_valid, unpack_valid
 
 
 @pytest.mark.parametrize("width", [1, 7, 8, 13, 1024])

@@ -12,16 +12,16 @@ import torch
 from rasterio.transform import Affine
 from shapely.geometry import Point, box
 
-from querydet_cli.chips import cut_chips
-from querydet_cli.config import load_config
-from querydet_cli.datasets import load_coco
-from querydet_cli.detect import DetectOptions, run_detect
-from querydet_cli.identity import coco_image_ids
-from querydet_cli.loading import load_model
-from querydet_cli.errors import QueryDetError
-from querydet_cli.training import train
-from querydet_cli.vector_labels import load_vector_labels
-from querydet_models.backbones import (BackboneWeightsError, build_backbone, published_weights,
+from querydet_cli.training.chips import cut_chips
+from querydet_cli.core.config import load_config
+from querydet_cli.training.datasets import load_coco
+from querydet_cli.pipeline.detect import DetectOptions, run_detect
+from querydet_cli.pipeline.identity import coco_image_ids
+from querydet_cli.runtimes.loading import load_model
+from querydet_cli.core.errors import QueryDetError
+from querydet_cli.training.train import train
+from querydet_cli.training.vector_labels import load_vector_labels
+from querydet_models.layers.backbones import (BackboneWeightsError, build_backbone, published_weights,
                                        weights_cache_file)
 from tests.cli.oracle import paint, write_tif
 

@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("xstatic.pkg.leaflet")
 
-from querydet_cli.view import read_detections  # noqa: E402
+from querydet_cli.viewer.page import read_detections  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "sample_data" / "sample_scene.tif"
@@ -114,7 +114,7 @@ def _many_boxes(path: Path, n: int, side: int = 16384) -> None:
             w, h = wh[k]
             fh.write(json.dumps({"type": "Feature", "geometry": None, "properties": {
                 "source": "big.tif", "image_id": 1, "class_id": k % 5,
-                "class_name": classes[k % 5], "score": float(score[k]),
+                "category_id": k % 5 + 1, "class_name": classes[k % 5], "score": float(score[k]),
                 "bbox_px": [float(x), float(y), float(x + w), float(y + h)]}}) + "\n")
 
 
@@ -163,8 +163,8 @@ def test_every_output_format_reads_back_the_same_boxes(sample_run, fmt):
 
 
 def test_eval_save_vis_marks_true_and_false_positives_and_misses(tmp_path):
-    from querydet_cli.metrics import ImageDetections
-    from querydet_cli.view import review_boxes
+    from querydet_cli.training.metrics import ImageDetections
+    from querydet_cli.viewer.page import review_boxes
 
     truth = np.array([[0, 0, 10, 10], [50, 50, 60, 60], [100, 100, 110, 110]], np.float32)
     dets = ImageDetections(np.array([[1, 1, 10, 10], [0, 0, 9, 9], [200, 200, 210, 210],
@@ -233,7 +233,7 @@ def test_serve_without_rio_tiler_says_how(tmp_path, sample_run):
 
 
 def _write_raster(path: Path, side: int) -> None:
-    from querydet_cli.synthetic import write_big_raster
+    from querydet_cli.training.synthetic import write_big_raster
 
     write_big_raster(path, side)
 

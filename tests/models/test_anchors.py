@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from querydet_models.anchors import AnchorGenerator
+from querydet_models.layers.anchors import AnchorGenerator
 
 
 def test_cell_anchors_hand_computed():

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from querydet_models.box_coder import BoxCoder
+from querydet_models.layers.box_coder import BoxCoder
 
 
 def test_encode_hand_computed():

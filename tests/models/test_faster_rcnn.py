@@ -2,8 +2,8 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from querydet_models.faster_rcnn import ROI_LEVELS, roi_support
-from querydet_models.sparse import spconv_available
+from querydet_models.detectors.faster_rcnn import ROI_LEVELS, roi_support
+from querydet_models.layers.sparse import spconv_available
 from tests.conftest import randomize, tiny_model
 from tests.models.test_querydet import features, sparse_and_dense
 
@@ -57,7 +57,7 @@ def test_sparse_maps_pool_like_dense_maps(frcnn, images):
     for lvl in ROI_LEVELS:
         pos = roi_support(rois, frcnn.roi_mapper, lvl, feats.shape(lvl))
         mapper_levels.append(pos.numel())
-        from querydet_models.fpn import Pyramid
+        from querydet_models.layers.fpn import Pyramid
         fresh = Pyramid(frcnn.fpn, frcnn.backbone(frcnn.preprocess(images)[0]))
         sparse[str(lvl)] = fresh.sparse_map(lvl, pos)
     dense = {str(lvl): feats.dense(lvl) for lvl in ROI_LEVELS}

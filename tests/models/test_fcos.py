@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from querydet_models.fcos import (centerness_target, fcos_targets, level_points, regression_ranges)
-from querydet_models.sparse import spconv_available
+from querydet_models.detectors.fcos import (centerness_target, fcos_targets, level_points, regression_ranges)
+from querydet_models.layers.sparse import spconv_available
 from tests.conftest import tiny_model, with_random_heads
 from tests.models.test_querydet import sparse_and_dense
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from querydet_models.backbones import build_backbone
-from querydet_models.precision import (ConvActivation, compute_context, fold_batchnorm,
+from querydet_models.layers.backbones import build_backbone
+from querydet_models.layers.precision import (ConvActivation, compute_context, fold_batchnorm,
                                        fuse_conv_activations)
 from tests.conftest import randomize
 

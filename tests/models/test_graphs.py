@@ -5,10 +5,10 @@ itself (the runtimes are compared in tests/cli/test_export.py)."""
 import pytest
 import torch
 
-from querydet_models.graph_infer import GraphDetector, level_shape
-from querydet_models.graphs import (CoarseGraph, DenseGraph, FineDenseGraph, FineSparseGraph,
+from querydet_models.export.graph_infer import GraphDetector, level_shape
+from querydet_models.export.graphs import (CoarseGraph, DenseGraph, FineDenseGraph, FineSparseGraph,
                                     export_graphs, export_refusal, sparse_tables)
-from querydet_models.sparse import TowerPlan
+from querydet_models.layers.sparse import TowerPlan
 
 from ..conftest import tiny_model, with_random_heads
 from .test_faster_rcnn import frcnn_model
@@ -63,7 +63,8 @@ def test_graph_detector_equals_pytorch(model, images, mode, sigma, fraction):
     calls = []
     graphs = export_graphs(model, 4)
     graph_model = GraphDetector(model, torch_runner(graphs, calls),
-                                {n: m.output_names() for n, (m, _) in graphs.items()}, 4, "fp32")
+                                {n: m.output_names() for n, (m, _) in graphs.items()}, 4, "fp32",
+                                runtime="torch")
     kwargs = dict(mode=mode, sigma=sigma, sparse_max_fraction=fraction)
     want = model.forward_inference(images, **kwargs)
     got = graph_model.forward_inference(images, **kwargs)
@@ -83,7 +84,8 @@ def test_graph_detector_equals_pytorch(model, images, mode, sigma, fraction):
 def test_graph_detector_refuses_what_is_not_exported(model, images):
     graphs = export_graphs(model, 4)
     graph_model = GraphDetector(model, torch_runner(graphs, []),
-                                {n: m.output_names() for n, (m, _) in graphs.items()}, 4, "fp32")
+                                {n: m.output_names() for n, (m, _) in graphs.items()}, 4, "fp32",
+                                runtime="torch")
     for kwargs, words in [({"mode": "cq"}, "not exported"), ({"context": "5x5"}, "exact"),
                           ({"start_level": 5}, "export again")]:
         with pytest.raises(ValueError, match=words):

@@ -1,6 +1,6 @@
 import torch
 
-from querydet_models.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
+from querydet_models.layers.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
 
 
 def test_thresholds_and_low_quality():
@@ -46,7 +46,7 @@ def test_chunked_equals_unchunked():
 def test_pairwise_iou_equals_torchvision():
     from torchvision.ops import box_iou
 
-    from querydet_models.matcher import pairwise_iou
+    from querydet_models.layers.matcher import pairwise_iou
 
     gen = torch.Generator().manual_seed(1)
     a = random_boxes(30, gen, 50, 1, 20)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from querydet_models.query_infer import valid_cells
-from querydet_models.sparse import (TowerPlan, children_of, dilate_keys, neighbour_rows, ravel,
+from querydet_models.query.query_infer import valid_cells
+from querydet_models.layers.sparse import (TowerPlan, children_of, dilate_keys, neighbour_rows, ravel,
                                     rows_in, unravel)
 
 OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
@@ -129,7 +129,7 @@ def test_valid_cells_pooled_level_by_level_match_the_whole_mask_pools(size):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_unique_positions_match_torch_unique(shape):
-    from querydet_models.sparse import unique_positions
+    from querydet_models.layers.sparse import unique_positions
 
     total = shape[0] * shape[1] * shape[2]
     pos = torch.randint(0, total, (3 * total,), generator=torch.Generator().manual_seed(total))

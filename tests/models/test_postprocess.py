@@ -5,8 +5,8 @@ import dataclasses
 
 import torch
 
-from querydet_models.postprocess import BUDGET_PIXELS, BUDGET_POSITIONS, detection_budget, level_budget
-from querydet_models.query_infer import LevelOutput
+from querydet_models.detectors.postprocess import BUDGET_PIXELS, BUDGET_POSITIONS, detection_budget, level_budget
+from querydet_models.query.query_infer import LevelOutput
 from tests.conftest import tiny_model
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from querydet_models.backbones import build_backbone
-from querydet_models.precision import (cpu_has_native_bf16, fold_batchnorm,
+from querydet_models.layers.backbones import build_backbone
+from querydet_models.layers.precision import (cpu_has_native_bf16, fold_batchnorm,
                                        resolve_precision)
 from tests.conftest import randomize, tiny_model, with_random_heads
 from tests.models.test_querydet import BACKENDS, features, rel_err

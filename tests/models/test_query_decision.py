@@ -14,7 +14,7 @@ def _levels(model, images, **kw):
 def test_busy_tile_goes_dense_before_any_sparse_work(monkeypatch):
     model = with_random_heads(tiny_model())
     images = torch.rand(1, 3, 160, 192, generator=torch.Generator().manual_seed(5))
-    import querydet_models.query_infer as qi
+    import querydet_models.query.query_infer as qi
 
     def no_plans(*args, **kwargs):
         raise AssertionError("a sparse plan was built for a busy tile")
@@ -47,7 +47,7 @@ def test_decision_is_off_when_the_sparse_path_is_forced():
 
 def _narrowing(monkeypatch, start_rows: int):
     """Queries that fire on the first `start_rows` rows of P4 and on one key of P3."""
-    import querydet_models.query_infer as qi
+    import querydet_models.query.query_infer as qi
 
     real = qi.QueryInference._queried
 
@@ -79,7 +79,7 @@ def test_a_busy_level_whose_queries_narrow_lets_the_next_level_run_sparse(monkey
 
 
 def test_a_tile_busy_beyond_doubt_runs_every_finer_level_dense_without_queries(monkeypatch):
-    import querydet_models.query_infer as qi
+    import querydet_models.query.query_infer as qi
 
     model = with_random_heads(tiny_model())
     images = torch.rand(1, 3, 160, 192, generator=torch.Generator().manual_seed(5))

@@ -2,7 +2,7 @@
 
 import torch
 
-from querydet_models.query_infer import valid_cells
+from querydet_models.query.query_infer import valid_cells
 
 
 def _levels(model, images, **mode):

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from querydet_models.query_targets import query_target_map
+from querydet_models.query.query_targets import query_target_map
 
 
 def brute_force(boxes, level, height, width, s_l):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from querydet_models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from querydet_models.querydet import ModelInputError
-from querydet_models.sparse import spconv_available
+from querydet_models.detectors.querydet import ModelInputError
+from querydet_models.layers.sparse import spconv_available
 from tests.conftest import randomize, tiny_model
 
 BACKENDS = ["torch"] + (["spconv"] if spconv_available() else [])

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from querydet_models.heads import ConvTower
-from querydet_models.sparse import (TowerPlan, children_of, conv_weight_as_gemm, conv_weight_as_spconv,
+from querydet_models.layers.heads import ConvTower
+from querydet_models.layers.sparse import (TowerPlan, children_of, conv_weight_as_gemm, conv_weight_as_spconv,
                            dilate_keys, gather_positions, neighbour_rows, ravel, run_tower_sparse,
                            spconv_available, unravel)
 from tests.conftest import randomize
@@ -115,7 +115,7 @@ def test_exact_plan_layer_sets_shrink_by_one_ring():
 def test_sparse_fpn_rows_equal_dense_fpn():
     from collections import OrderedDict
 
-    from querydet_models.fpn import FPN, Pyramid
+    from querydet_models.layers.fpn import FPN, Pyramid
 
     torch.manual_seed(0)
     fpn = FPN([8, 12, 16, 20], 16, 2)
