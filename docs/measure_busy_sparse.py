@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 import querydet_models.query.query_infer as query_infer
 from querydet_cli.runtimes.loading import load_model
-from querydet_cli.pipeline.raster import RasterSource
+from querydet_cli.reading.raster import RasterSource
 from querydet_cli.core.resources import sample_model
 from querydet_models.layers.sparse import TowerPlan
 

@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 
 from querydet_cli.pipeline.producer import data_window
-from querydet_cli.pipeline.raster import RasterSource
+from querydet_cli.reading.raster import RasterSource
 from querydet_cli.pipeline.tiling import make_tiles
 
 ALIGN = 32

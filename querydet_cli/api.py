@@ -13,18 +13,18 @@ goes through an in-memory GeoTIFF, so it is read exactly like a file.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from .pipeline.detect import DetectOptions, TileConsumer
-from .pipeline.producer import TileProducer, with_device_defaults
 from .core.errors import QueryDetError
 from .outputs.records import Detection
-from .pipeline.gsd import check_input_gsd, parse_gsd_option
-from .pipeline.raster import RasterSource
+from .pipeline.detect import DetectSummary, run_detect
+from .reading.gsd import check_input_gsd, parse_gsd_option
+from .pipeline.options import DetectOptions
+from .reading.raster import RasterSource
 from .pipeline.tiling import check_plan
 
 if TYPE_CHECKING:
@@ -32,6 +32,69 @@ if TYPE_CHECKING:
     import rasterio
 
 COLUMNS = ["class_id", "class_name", "score", "x1", "y1", "x2", "y2"]
+
+
+@dataclass(frozen=True)
+class DetectRequest:
+    """One `detect` run over files, as the CLI, the benchmarks and scripts ask for it.
+
+    Args:
+        inputs: raster or image paths (expanded: no folders or globs).
+        output: the output file, or "-" for stdout.
+        format: an output format (outputs/formats.py) or its name; None: from the output's
+            suffix.
+        options: the run's options; tile and batch size left to the device are filled once,
+            here, for the device the model loads on.
+        weights: checkpoint or export folder; None is the bundled sample model.
+        device: "auto", "cpu", "cuda" or "cuda:N" (an export runs on the CPU).
+        runtime: "auto", "torch", "onnxruntime" or "openvino".
+        ray: run the model on Ray actors with these settings (ray_producer.RaySettings).
+        coco_gt: a COCO ground truth whose image ids the COCO output takes, by file name.
+        progress: a progress bar per input on stderr.
+    """
+
+    inputs: list[str]
+    output: str
+    format: Any = None
+    options: DetectOptions = DetectOptions()
+    weights: str | Path | None = None
+    device: str = "auto"
+    runtime: str = "auto"
+    ray: Any = None
+    coco_gt: str | Path | None = None
+    progress: bool = False
+
+
+def run(request: DetectRequest, *, lock: Any = None, loaded: tuple[Any, Any] | None = None
+        ) -> DetectSummary:
+    """Run a request: load the model (or take `loaded`, a (model, config) already in memory),
+    fill in the device's defaults once, and run the pipeline into the output. `lock`: the
+    output's lock, when the caller took it (the CLI takes it before torch loads)."""
+    from .core.progress import progress_bar
+    from .core.resources import sample_model
+    from .outputs.formats import format_for
+    from .pipeline.identity import coco_image_ids
+    from .runtimes.loading import load_model, resolve_device
+    from .runtimes.runtime import is_export
+
+    fmt = request.format if isinstance(request.format, type) else \
+        format_for(request.output, request.format)
+    weights = Path(request.weights) if request.weights is not None else sample_model()
+    options = request.options
+    if request.coco_gt is not None:
+        options = replace(options, image_ids=coco_image_ids(request.coco_gt, request.inputs))
+    device = resolve_device("cpu" if is_export(weights) else request.device)
+    model, cfg = loaded or load_model(weights, device, request.runtime, options.precision)
+    options = options.resolved(device)  # so Ray's actors plan tiles as this side does
+    producer = None  # the model runs here; with `ray`, on Ray actors
+    if request.ray is not None:
+        from .pipeline.ray_producer import RayProducer
+
+        producer = RayProducer(request.ray, weights, options, str(device), load_model)
+    return run_detect(model, cfg, request.inputs, request.output, fmt, options, device,
+                      progress_factory=progress_bar if request.progress else None, lock=lock,
+                      producer=producer)
+
 
 
 class Detector:
@@ -103,20 +166,17 @@ class Detector:
         import geopandas as gpd
         from shapely.geometry import Polygon, box
 
-        opts = with_device_defaults(_options(self.options, options), self.device)
+        opts = _options(self.options, options).resolved(self.device)
         if opts.resume or opts.save_vis or opts.rfc7946:
             raise QueryDetError("resume, save_vis and rfc7946 are options of the CLI's file "
                                 "outputs; the API returns a GeoDataFrame (use .to_crs)")
         check_plan(opts.tile_size, opts.overlap, "tile_size", "overlap")
         records: list[Detection] = []
-        with _open(image, transform, crs, opts.bands) as src:
-            info = src.info()
-            producer = TileProducer(self.model, self.config, opts, self.device)
-            producer.planner.attach(src)
-            tiles = producer.planner.plan(src.info())
-            TileConsumer(self.config, opts, producer.profile).run(
-                src, 1, records.extend, lambda state: None, {},
-                producer.results(1, src, tiles), tiles)
+        with _source(image, transform, crs) as source:
+            run_detect(self.model, self.config, [source], records.extend, None, opts,
+                       self.device)
+            with RasterSource(source, opts.bands, stretch_known=True) as src:
+                info = src.info()  # the CRS of the frame
         rows = {c: [] for c in COLUMNS}
         geoms = []
         for d in records:
@@ -145,16 +205,12 @@ def _options(base: DetectOptions, changes: dict[str, Any]) -> DetectOptions:
 
 
 @contextlib.contextmanager
-def _open(image: Any, transform: Any, crs: Any, bands: tuple[int, ...] | None
-          ) -> Iterator[RasterSource]:
-    """A RasterSource for a path, an open dataset (left open), or an array (in-memory GeoTIFF)."""
+def _source(image: Any, transform: Any, crs: Any) -> Iterator[Any]:
+    """What the pipeline reads: a path, an open dataset (left open), or an array as an
+    in-memory GeoTIFF."""
     if isinstance(image, np.ndarray):
         with _array_dataset(image, transform, crs) as ds:
-            src = RasterSource(ds, bands)
-            try:
-                yield src
-            finally:
-                src.close()
+            yield ds
         return
     if (transform is not None or crs is not None):
         raise QueryDetError("transform and crs are for numpy arrays; a raster has its own")
@@ -164,8 +220,7 @@ def _open(image: Any, transform: Any, crs: Any, bands: tuple[int, ...] | None
         if not isinstance(image, rasterio.io.DatasetReaderBase):
             raise QueryDetError(f"cannot detect on a {type(image).__name__}: give a path, an "
                                 "open rasterio dataset or a numpy array")
-    with RasterSource(image, bands) as src:
-        yield src
+    yield image
 
 
 @contextlib.contextmanager

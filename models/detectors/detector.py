@@ -67,6 +67,10 @@ class FPNDetector(nn.Module):
         self.size_divisibility = size_divisibility
         self.inference = inference or InferenceConfig()
         self.precision = "fp32"  # of inference; `prepare_inference` / `set_precision` change it
+        # the inference form (`prepare_inference`): what it folded and fused, and the layout
+        self.folded_batchnorms = 0
+        self.fused_activations = 0
+        self.channels_last = False
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), False)
 
@@ -183,7 +187,7 @@ class FPNDetector(nn.Module):
         height = -(-max(h for h, _ in sizes) // d) * d
         width = -(-max(w for _, w in sizes) // d) * d
         # the batch is made in the layout the backbone runs in, so it is written once
-        layout = torch.channels_last if getattr(self, "channels_last", False) else \
+        layout = torch.channels_last if self.channels_last else \
             torch.contiguous_format
         batch = torch.empty(len(images), 3, height, width, dtype=self.pixel_mean.dtype,
                             device=self.pixel_mean.device, memory_format=layout)
@@ -206,7 +210,7 @@ class FPNDetector(nn.Module):
     def extract_features(self, batch: torch.Tensor) -> Pyramid:
         """Backbone maps of a preprocessed batch, wrapped so FPN levels are computed on demand:
         densely for dense levels, only at the needed positions for CSQ's sparse levels."""
-        if getattr(self, "channels_last", False):
+        if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return Pyramid(self.fpn, self.backbone(batch))
 

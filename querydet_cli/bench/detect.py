@@ -72,7 +72,8 @@ def run_throughput_bench(raster: str, weights: str, device: str, tile_size: int,
 
     from querydet_models.layers.precision import resolve_precision
 
-    from ..pipeline.detect import DetectOptions, run_detect
+    from ..api import DetectRequest, run
+    from ..pipeline.options import DetectOptions
     from ..runtimes.loading import load_model
 
     model, cfg = load_model(weights, device)
@@ -90,8 +91,9 @@ def run_throughput_bench(raster: str, weights: str, device: str, tile_size: int,
             for name, mode, precision in runs:
                 opts = DetectOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
                                      mode=mode, precision=precision)
-                s = run_detect(model, cfg, [raster], str(Path(tmp) / f"{name}{r}.ndjson"),
-                               "ndjson", opts, torch.device(device))
+                s = run(DetectRequest([raster], str(Path(tmp) / f"{name}{r}.ndjson"),
+                                      options=opts, weights=weights, device=device),
+                        loaded=(model, cfg))
                 found[name] = s.detections
                 if r > 0:
                     best[name] = max(best.get(name, 0.0), s.megapixels / s.seconds)
@@ -173,7 +175,8 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
     import rasterio
     import torch
 
-    from ..pipeline.detect import DetectOptions, run_detect
+    from ..api import DetectRequest, run
+    from ..pipeline.options import DetectOptions
     from ..runtimes.loading import load_model
     from .sahi_peer import sahi_detect
     from ..pipeline.tiling import make_tiles
@@ -192,7 +195,8 @@ def run_peer_bench(raster: str, weights: str, device: str, tile_size: int, overl
                 opts = DetectOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
                                      score_threshold=score_threshold, precision=precision)
                 t0 = time.perf_counter()
-                s = run_detect(model, cfg, [raster], str(out), "ndjson", opts, dev)
+                s = run(DetectRequest([raster], str(out), options=opts, weights=weights,
+                                      device=device), loaded=(model, cfg))
                 times.setdefault(name, []).append(time.perf_counter() - t0)
                 if r == 0:
                     feats = [json.loads(line) for line in open(out)]
@@ -238,10 +242,9 @@ def run_ray_scaling(count: int, size: int, weights: str, workdir: Path, tile_siz
                     rounds: int = 2) -> dict[str, Any]:
     """`detect --ray` on `count` synthetic rasters with 1 and 2 single-thread actors, rounds
     interleaved, in one local Ray instance: megapixels per second and the ratio."""
-    import torch
-
-    from ..pipeline.detect import DetectOptions, run_detect
-    from ..pipeline.ray_producer import RayProducer, RaySettings, import_ray
+    from ..api import DetectRequest, run
+    from ..pipeline.options import DetectOptions
+    from ..pipeline.ray_producer import RaySettings, import_ray
     from ..runtimes.loading import load_model
 
     ray = import_ray()
@@ -263,10 +266,10 @@ def run_ray_scaling(count: int, size: int, weights: str, workdir: Path, tile_siz
                     opts = DetectOptions(tile_size=tile_size, overlap=overlap,
                                          batch_size=batch_size)
                     t0 = time.perf_counter()
-                    producer = RayProducer(RaySettings(workers=w, threads_per_worker=1),
-                                           weights, opts, "cpu", load_model)
-                    s = run_detect(model, cfg, rasters, str(Path(tmp) / f"w{w}r{r}.ndjson"),
-                                   "ndjson", opts, torch.device("cpu"), producer=producer)
+                    s = run(DetectRequest(rasters, str(Path(tmp) / f"w{w}r{r}.ndjson"),
+                                          options=opts, weights=weights, device="cpu",
+                                          ray=RaySettings(workers=w, threads_per_worker=1)),
+                            loaded=(model, cfg))
                     rates[w].append(s.megapixels / (time.perf_counter() - t0))
     finally:
         if started:

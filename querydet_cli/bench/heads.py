@@ -234,7 +234,7 @@ def run_bench(opts: BenchOptions, model: FPNDetector | None = None, image: Path 
         "simulated_objects_per_image": n_obj,
         "backends_skipped": skipped,
         "precisions": precisions,
-        "folded_batchnorms": getattr(model, "folded_batchnorms", 0),
+        "folded_batchnorms": model.folded_batchnorms,
         "modes": report_modes,
     }
 

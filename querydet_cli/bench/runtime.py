@@ -55,12 +55,10 @@ def available_rows(export: Path) -> list[tuple[str, str]]:
 
 
 def _in_process(model, cfg, raster: str, out: Path, options) -> float:
-    import torch
-
-    from ..pipeline.detect import run_detect
+    from ..api import DetectRequest, run
 
     t0 = time.perf_counter()
-    run_detect(model, cfg, [raster], str(out), "ndjson", options, torch.device("cpu"))
+    run(DetectRequest([raster], str(out), options=options, device="cpu"), loaded=(model, cfg))
     return time.perf_counter() - t0
 
 

@@ -66,11 +66,11 @@ def detect(
     _check_detect_usage(output, ray, gpus_per_worker, json_out, no_csq, mode, overlap,
                         tile_size, resume, save_vis)
     band_list = _parse_bands(bands)
-    from ..pipeline.gsd import check_input_gsd, parse_gsd_option
+    from ..reading.gsd import check_input_gsd, parse_gsd_option
 
     gsd_option = parse_gsd_option(gsd)
     input_gsd = check_input_gsd(input_gsd)
-    from ..pipeline.inputs import expand_inputs, refuse_output_over_inputs
+    from ..reading.inputs import expand_inputs, refuse_output_over_inputs
 
     paths = expand_inputs(inputs)
     refuse_output_over_inputs(output, paths)
@@ -98,48 +98,33 @@ def detect(
         raise typer.Exit(2 if summary.done == 0 else 1)
 
 
-def _detect_locked(paths: list[str], output: str, out_format: str, options: dict,
+def _detect_locked(paths: list[str], output: str, out_format, options: dict,
                    weights: Optional[Path], device: str, coco_gt: Optional[Path],
                    ray_settings: Optional[dict], quiet: bool, runtime: str = "auto"):
-    """Take the output's lock (before torch loads, so a second run is refused at once), load
-    the model and run `detect.run_detect`; Ctrl-C ends with the command that continues."""
+    """Take the output's lock (before torch loads, so a second run is refused at once) and run
+    the request (`api.run`: the Python API's and the benchmarks' door too); Ctrl-C ends with
+    the command that continues."""
     import contextlib
 
     from ..core.locking import claim_output
 
     with claim_output(output) if output != "-" else contextlib.nullcontext() as lock:
-        from ..pipeline.detect import DetectInterrupted, DetectOptions, run_detect, with_device_defaults
-        from ..runtimes.loading import load_model, resolve_device
-        from ..core.progress import progress_bar
-        from ..core.resources import sample_model
-
-        image_ids = None
-        if coco_gt is not None:
-            from ..pipeline.identity import coco_image_ids
-
-            image_ids = coco_image_ids(coco_gt, paths)
-        dev = resolve_device(device)
-        from ..runtimes.runtime import is_export
-
+        from ..api import DetectRequest, run
         from ..core import allocator
+        from ..pipeline.detect import DetectInterrupted
+        from ..pipeline.options import DetectOptions
 
         if allocator.owns_process():  # every tile's activations reuse the last one's pages
             allocator.keep_freed_memory()
-        if weights is not None and is_export(weights):
-            dev = resolve_device("cpu")  # exported models run on the CPU
-        model, cfg = load_model(weights or sample_model(), dev, runtime, options["precision"])
-        # the tile size left to the device is fixed here, so Ray's actors plan as this side does
-        opts = with_device_defaults(DetectOptions(**options, image_ids=image_ids), dev)
-        producer = None  # the model runs here; with --ray, on Ray actors
+        ray = None
         if ray_settings is not None:
-            from ..pipeline.ray_producer import RayProducer, RaySettings
+            from ..pipeline.ray_producer import RaySettings
 
-            producer = RayProducer(RaySettings(**ray_settings), weights or sample_model(), opts,
-                                   str(dev), load_model)
+            ray = RaySettings(**ray_settings)
+        request = DetectRequest(paths, output, out_format, DetectOptions(**options), weights,
+                                device, runtime, ray, coco_gt, progress=not quiet)
         try:
-            return run_detect(model, cfg, paths, output, out_format, opts, dev,
-                              progress_factory=None if quiet else progress_bar, lock=lock,
-                              producer=producer)
+            return run(request, lock=lock)
         except DetectInterrupted as err:
             if err.resumable:
                 import shlex

@@ -55,7 +55,7 @@ def train(
         cfg = with_changes(cfg, "train", freeze_backbone=True)
     if freeze_bn:
         cfg = with_changes(cfg, "train", freeze_bn=True)
-    from ..pipeline.gsd import check_input_gsd
+    from ..reading.gsd import check_input_gsd
 
     check_input_gsd(gsd, "--gsd")
     if dataset is not None or train_root is not None or train_annotations is not None:
@@ -195,7 +195,7 @@ def tile(
 
         check_plan(size, overlap, "--size")
     box = _parse_bounds(bounds, "--bounds") if bounds is not None else None
-    from ..pipeline.gsd import check_input_gsd
+    from ..reading.gsd import check_input_gsd
 
     check_input_gsd(gsd, "--gsd")
     _folder_option(out, "--out")

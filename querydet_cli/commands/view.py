@@ -60,7 +60,7 @@ def write_view(detections: Path, rasters: list[str], target: Path, embed_max: in
 def check_page_target(target: Path, inputs: list[str], folder_made: bool = False) -> None:
     """The page must not overwrite an input, nor be a folder; its folder must exist (unless the
     run makes it: detect --html writes beside an output whose folder detect creates)."""
-    from ..pipeline.inputs import refuse_output_over_inputs
+    from ..reading.inputs import refuse_output_over_inputs
 
     if target.is_dir():
         raise QueryDetError(f"--output {target} is a directory; give a file name")

@@ -28,10 +28,10 @@ from .journal import Journal
 from ..core.locking import OutputLock
 from .merge import Detections, TileMerger
 from .overview import Overview
-from .producer import (DetectOptions, InputPlanner, Producer, TileDetections,  # noqa: F401
-                       TileProducer, with_device_defaults)
+from .options import DetectOptions
+from .producer import InputPlanner, Producer, TileDetections, TileProducer
 from .profile import Profile
-from .raster import RasterSource
+from ..reading.raster import RasterSource
 from .tiling import Tile, row_starts
 from .validity import NO_DATA, TileValidity
 from ..outputs.formats import Format, by_name, map_free_choices
@@ -213,8 +213,8 @@ class _RowRelease:
             yield row, (self.starts[row + 1] if row < last else None)
 
 
-def run_detect(model: FPNDetector, cfg: Config, inputs: list[str], output: str,
-               fmt: str | type[Format],
+def run_detect(model: FPNDetector, cfg: Config, inputs: list[Any],
+               output: str | Callable[[list[Detection]], None], fmt: str | type[Format] | None,
                options: DetectOptions, device: torch.device,
                progress_factory: Callable[[str, int], Any] | None = None,
                lock: OutputLock | None = None, producer: Producer | None = None
@@ -223,21 +223,27 @@ def run_detect(model: FPNDetector, cfg: Config, inputs: list[str], output: str,
 
     `producer`: where the tiles are computed; None runs `model` here (`TileProducer`). A
     `ray_producer.RayProducer` runs it on Ray actors while this process merges and writes,
-    exactly as without Ray. `fmt`: a format of outputs/formats.py, or its name."""
+    exactly as without Ray. `fmt`: a format of outputs/formats.py, or its name.
+
+    `output`: a file, "-" (stdout), or a function that takes each batch of final detections
+    (the Python API: no journal, no file; an input's error is raised, not skipped, and inputs
+    may be open rasterio datasets)."""
+    sink = output if callable(output) else None
     fmt = by_name(fmt) if isinstance(fmt, str) else fmt
     if output == "-" and options.resume:
         raise QueryDetError("--resume needs an output file, not stdout")
-    options = with_device_defaults(options, device)
-    producer = producer or TileProducer(model, cfg, options, device)
+    options = options.resolved(device)  # the door of the pipeline: a no-op once resolved
+    producer = producer or TileProducer(model, cfg, options.producing(), device,
+                                        heatmaps=options.save_vis is not None)
     planner = InputPlanner(cfg.data.gsd, model.size_divisibility, options)
-    consumer = TileConsumer(cfg, options, getattr(producer, "profile", None) or Profile())
+    consumer = TileConsumer(cfg, options, producer.profile)
     try:
-        journal = None if output == "-" else Journal(output, run_key(inputs, options, cfg, model),
-                                                     options.resume, lock)
+        journal = None if sink or output == "-" else \
+            Journal(output, run_key(inputs, options, cfg, model), options.resume, lock)
     except BaseException:
         producer.close()  # actors started by the caller are not left running
         raise
-    precision = getattr(producer, "precision", None) or \
+    precision = producer.precision or \
         model.resolved_precision(options.precision or cfg.inference.precision)
     run = _Run(consumer, producer, planner, cfg, inputs, output, fmt, journal, progress_factory,
                precision, model.runtime)
@@ -254,6 +260,8 @@ def run_detect(model: FPNDetector, cfg: Config, inputs: list[str], output: str,
         raise QueryDetError(f"cannot write {what}: {err.strerror or err}{kept}",
                             exit_code=1) from None
     except KeyboardInterrupt:
+        if sink is not None:
+            raise
         raise run.interrupted() from None
     finally:
         run.close()
@@ -283,6 +291,7 @@ class _Run:
         self.stdout = OutputWriter(output, fmt, None, self.options.rfc7946) \
             if output == "-" else None
         self.stdout_open = False
+        self.sink = output if callable(output) else None
 
     def open_stdout(self, crs: str | None) -> None:
         if self.stdout is not None and not self.stdout_open:
@@ -293,12 +302,16 @@ class _Run:
     def emit(self, records: list[Detection]) -> None:
         if self.journal is not None:
             self.journal.append(records)
+        elif self.sink is not None:
+            self.sink(records)
         else:
             self.stdout.write(records)
 
     def check_crs(self, path: str, info) -> None:
         """Refuse what one output cannot hold: map formats of a plain image, two CRSs."""
         fmt = self.fmt
+        if fmt is None:  # records handed to a function: any raster will do
+            return
         if fmt.needs_crs and not info.georeferenced:
             raise QueryDetError(f"{path} is not georeferenced, so it has no map coordinates for "
                                 f"{fmt.name}: use {map_free_choices()}")
@@ -353,6 +366,8 @@ class _Run:
                 self.summary.new_detections += n
                 self.summary.megapixels += info.source_width * info.source_height / 1e6
         except QueryDetError as err:
+            if self.sink is not None:  # the Python API: the caller's one image failed
+                raise
             self.summary.failed.append((path, str(err)))
             print(f"querydet: error: {err}", file=sys.stderr)
             self.producer.skip(image_id)

@@ -17,7 +17,7 @@ from .journal import JOURNAL_VERSION
 from .tiling import TILING_VERSION
 
 if TYPE_CHECKING:
-    from .producer import DetectOptions
+    from .options import DetectOptions
 
 
 def run_key(inputs: list[str], options: "DetectOptions", cfg: Config, model: Any = None) -> str:
@@ -44,9 +44,8 @@ def input_identity(path: str) -> list[int] | None:
 
 
 def weights_digest(model: Any) -> str:
-    """SHA-256 of every tensor of the model's state (its weights as they run); an exported
-    model's is the one recorded when it was exported."""
-    return model.weights_digest()
+    """The digest of the weights `model` runs (its `weights_digest`); "" without a model."""
+    return "" if model is None else model.weights_digest()
 
 
 def coco_image_ids(gt_path: str | Path, inputs: list[str]) -> tuple[int, ...]:

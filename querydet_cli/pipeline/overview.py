@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .merge import Detections
-from .raster import RasterSource
+from ..reading.raster import RasterSource
 from .tiling import Tile
 
 

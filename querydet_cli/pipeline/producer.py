@@ -15,9 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
@@ -25,15 +23,17 @@ import torch
 
 from querydet_models import FPNDetector, run_stages
 
-from .tta import TTA_VIEWS, dihedral, undo_dihedral, vote
 from ..core.config import Config
 from ..core.errors import QueryDetError
-from .gsd import Resolution
+from .batching import TileBatcher
+from ..reading.gsd import Resolution
 from .merge import suppress_nested
+from .options import ProduceOptions, worker_count
 from .overview import heat_in_tile, query_heatmaps
 from .profile import Profile
-from .raster import RasterSource
+from ..reading.raster import RasterSource
 from .tiling import Tile, make_tiles
+from .tta import TTA_VIEWS, dihedral, undo_dihedral, vote
 from .validity import pack_valid
 
 log = logging.getLogger("querydet")
@@ -50,39 +50,6 @@ class TileDetections(NamedTuple):
     exclusive: np.ndarray  # (n,) bool: in the tile's exclusive zone, final at once
     # the tile's valid pixels (validity.pack_valid): None when all are valid
     valid: bytes | None = None
-
-
-@dataclass(frozen=True)
-class DetectOptions:
-    tile_size: int | None = None  # None: by device (with_device_defaults)
-    overlap: int = 128
-    batch_size: int | None = None  # None: by device (with_device_defaults)
-    mode: str | None = None
-    sigma: float | None = None
-    context: str | None = None
-    backend: str | None = None
-    start_level: int | None = None
-    score_threshold: float | None = None
-    bands: tuple[int, ...] | None = None
-    merge_metric: str = "ios"  # IoS: SAHI's greedy-merge measure, nested duplicates too
-    merge_threshold: float = 0.5
-    rfc7946: bool = False
-    resume: bool = False
-    prefetch: int = 2
-    save_vis: str | None = None
-    precision: str | None = None  # None: the checkpoint's inference.precision (auto)
-    # COCO image id per input (from --coco-gt); None: the input's position, from 1
-    image_ids: tuple[int, ...] | None = None
-    profile: bool = False  # synchronise CUDA at stage edges, for exact per-stage times
-    # ground resolution: "auto" (the model's GSD), "native" (source pixels) or metres per pixel
-    gsd: str | float = "auto"
-    input_gsd: float | None = None  # metres per pixel of inputs without a georeference
-    tta: bool = False  # each tile seen in its eight dihedral views, the answers voted into one
-    # tiles computed at once, each batch on one worker thread (None: by device, see
-    # worker_count) and torch threads per worker (None: the cores shared out); neither
-    # changes a single output value, so neither is part of a journal's run key
-    workers: int | None = None
-    threads: int | None = None
 
 
 def read_failure(src: RasterSource, err: Exception) -> str:
@@ -112,57 +79,12 @@ def _reader(src: RasterSource, tiles: list[Tile], out: queue.Queue, stop: thread
         out.put(err)
 
 
-def default_batch_size(device: torch.device) -> int:
-    """Tiles per batch when none is given: 1 on the CPU, where batching costs time (measured:
-    a 4096^2 raster in 1024 px tiles, fp32, 2 cores: 20 s at batch 1, 24 s at 2, 26 s at 4),
-    4 on CUDA (an H200: 14, 17, 19 and 21 Mpx/s dense fp32 at batch 1, 2, 4 and 8; 8 is left
-    to large cards, see the README)."""
-    return 4 if device.type == "cuda" else 1
-
-
-def default_tile_size(device: torch.device) -> int:
-    """Tile side when none is given: 2304 on the CPU, 1024 on CUDA.
-
-    On the CPU the heads run near the cores' peak, so only fewer pixels help: the 128 px overlaps
-    of 1024 px tiles compute an 8192^2 raster's pixels 1.26 times (81 tiles), 2304 px tiles
-    1.10 times (16 tiles of 2144). Measured whole process, busy 8192^2 raster, 2 cores, 2
-    rounds: 20.2 s against 22.5 s in bf16, 37.7 against 42.8 s in fp32; AP 0.694 against
-    0.695, 0 duplicates either way; peak memory 2.3 against 1.1 GB. CUDA keeps 1024 px tiles in
-    batches of 4, the plan measured there (README, GPU section)."""
-    return 1024 if device.type == "cuda" else 2304
-
-
-def with_device_defaults(options: "DetectOptions", device: torch.device) -> "DetectOptions":
-    """`options` with what was left to the device (tile size, batch size) filled in."""
-    left = {"tile_size": default_tile_size(device) if options.tile_size is None else None,
-            "batch_size": default_batch_size(device) if options.batch_size is None else None}
-    left = {k: v for k, v in left.items() if v is not None}
-    return replace(options, **left) if left else options
-
-
-def worker_count(options: "DetectOptions", device: torch.device, model: Any) -> int:
-    """Tiles computed at once (each worker then gets an equal share of torch's threads).
-
-    On the CPU two tiles are computed at once by default, each on half of torch's threads: the
-    heads' 64-channel convolutions and the small levels do not keep two threads busy inside one
-    op, two tiles side by side do (measured: busy 1024 px tiles, 2 cores, 1.17x in bf16 and
-    1.25x in fp32 over one tile on two threads; bit-identical outputs). One worker with
-    `--profile` (stage times that add up to the wall time), for an exported model (its runtime
-    has threads of its own) whatever `options.workers` says; by default also on CUDA and where
-    torch has one thread."""
-    if options.profile or model.own_threads:
-        return 1
-    if options.workers:
-        return options.workers
-    return 1 if device.type != "cpu" or torch.get_num_threads() < 2 else 2
-
-
 class InputPlanner:
     """How a run reads each input: the ground resolution (`attach`) and the one tile plan
     (`plan`). The consumer plans every input once and hands the plan on; a Ray worker plans
     its own band with an equal planner, so both sides agree tile for tile."""
 
-    def __init__(self, model_gsd: float | None, align: int, options: DetectOptions) -> None:
+    def __init__(self, model_gsd: float | None, align: int, options: ProduceOptions) -> None:
         self.model_gsd = model_gsd
         self.align = align
         self.opts = options
@@ -171,7 +93,7 @@ class InputPlanner:
     def attach(self, src: RasterSource) -> Resolution:
         """Set `src` to be read at the run's ground resolution (`--gsd`): the model's GSD unless
         told otherwise; native pixels when either side's GSD is unknown (said once per run)."""
-        from .gsd import resolve
+        from ..reading.gsd import resolve
 
         source_gsd = src.gsd() if self.opts.input_gsd is None else \
             (self.opts.input_gsd, self.opts.input_gsd)
@@ -213,7 +135,8 @@ class Producer(Protocol):
     tile order. `TileProducer` runs here; `ray_producer.RayProducer` on Ray actors. The caller
     (CLI, Python API) chooses one; the pipeline never names Ray."""
 
-    profile: Profile
+    profile: Profile  # where the consumer's stages are timed too
+    precision: str | None  # what the tiles are computed in; None: the model's, resolved
 
     def start(self, inputs: list[str], states: dict[int, dict[str, Any]],
               planner: InputPlanner) -> None:
@@ -235,11 +158,14 @@ class TileProducer:
     fixed for a run. Tiles are read by a thread, batched through the model and turned into
     detections in global pixels; nothing here merges or writes."""
 
-    def __init__(self, model: FPNDetector, cfg: Config, options: DetectOptions,
-                 device: torch.device) -> None:
+    def __init__(self, model: FPNDetector, cfg: Config, options: ProduceOptions,
+                 device: torch.device, heatmaps: bool = False) -> None:
+        """`options` resolved for `device` (`ProduceOptions.resolved`); `heatmaps`: also each
+        tile's query heatmap (for the consumer's overview pictures)."""
+        options.check_resolved()
         self.model = model
         self.cfg = cfg
-        options = with_device_defaults(options, device)
+        self.heatmaps = heatmaps
         self.workers = worker_count(options, device, model)
         self.threads = options.threads or max(1, torch.get_num_threads() // self.workers)
         self.opts = options
@@ -304,7 +230,7 @@ class TileProducer:
                     if x0 or y0:  # back to tile pixels
                         det["boxes"] = det["boxes"] + det["boxes"].new_tensor([x0, y0, x0, y0])
         # the query heatmap is only drawn with --save-vis: no per-tile work nobody asked for
-        heats = query_heatmaps(levels, len(batch)) if self.opts.save_vis else [None] * len(batch)
+        heats = query_heatmaps(levels, len(batch)) if self.heatmaps else [None] * len(batch)
         heats = [None if h is None else heat_in_tile(h, batch_shape, c, t.height, t.width)
                  for h, c, (t, _, _) in zip(heats, crops, batch)]
         return list(zip(dets, heats))
@@ -370,39 +296,9 @@ class TileProducer:
                  ) -> Iterator[tuple[Tile, "TileDetections | None", np.ndarray | None]]:
         """The read tiles in batches through the model (on `pool` when given, at most one batch
         per worker in flight), their detections yielded in tile order."""
-        batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
-        # in tile order: (batch, its future or results) or ([(tile, None, None)], None) for an
-        # all-nodata tile
-        pending: deque = deque()
-        # a batch never spans two tile rows, nor two groups of batch_size tiles of a row: the
-        # batches (and so the sums) are the same whichever row a run starts from (--resume, a
-        # Ray band), so every way of running gives bit-identical detections
-        row_first: dict[int, int] = {}
-        for t in tiles:
-            row_first.setdefault(t.row, t.index)
-
-        def group(t: Tile) -> tuple[int, int]:
-            return t.row, (t.index - row_first[t.row]) // self.opts.batch_size
-
-        def submit() -> None:
-            if batch:
-                items = list(batch)
-                batch.clear()
-                pending.append((items, pool.submit(self.infer, items) if pool is not None
-                                else self.infer(items)))
-
-        def emit(in_flight: int) -> Iterator[tuple[Tile, TileDetections | None, Any]]:
-            while len(pending) > in_flight:
-                items, work = pending.popleft()
-                if work is None:
-                    yield items[0][0], None, None
-                    continue
-                results = work.result() if isinstance(work, Future) else work
-                for (tile, _, valid), (det, heat) in zip(items, results):
-                    with self.profile.stage("merge"):
-                        found = self._tile_detections(tile, det, valid, info)
-                    yield tile, found, heat
-
+        batcher = TileBatcher(tiles, self.opts.batch_size,
+                              lambda items: pool.submit(self.infer, items) if pool is not None
+                              else self.infer(items))
         while True:
             with self.profile.stage("read"):
                 item = q.get()
@@ -411,18 +307,22 @@ class TileProducer:
                                     ) from None
             if item is None:
                 break
-            tile, pixels, valid = item
-            if batch and (pixels is None or group(batch[-1][0]) != group(tile)):
-                submit()
-            if pixels is None:  # all nodata: nothing to look at
-                pending.append(([(tile, None, None)], None))
-            else:
-                batch.append((tile, pixels, valid))
-                if len(batch) >= self.opts.batch_size:
-                    submit()
-            yield from emit(self.workers - 1)
-        submit()
-        yield from emit(0)
+            batcher.add(*item)
+            yield from self._finished(batcher.done(self.workers - 1), info)
+        batcher.flush()
+        yield from self._finished(batcher.done(0), info)
+
+    def _finished(self, batches, info
+                  ) -> Iterator[tuple[Tile, "TileDetections | None", np.ndarray | None]]:
+        """Each finished batch's tiles with their detections (None: an all-nodata tile)."""
+        for items, results in batches:
+            if results is None:
+                yield items[0][0], None, None
+                continue
+            for (tile, _, valid), (det, heat) in zip(items, results):
+                with self.profile.stage("merge"):
+                    found = self._tile_detections(tile, det, valid, info)
+                yield tile, found, heat
 
     def _tile_detections(self, tile: Tile, det: dict[str, torch.Tensor], valid: np.ndarray,
                          info) -> TileDetections:

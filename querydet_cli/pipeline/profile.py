@@ -25,6 +25,7 @@ class Profile:
 
     def __init__(self) -> None:
         self.seconds = {s: 0.0 for s in STAGES}
+        self.entered = {s: 0 for s in STAGES}  # how often each stage was timed
         self.tiles = 0
         self.tiles_dense_by_decision = 0
         self.pixels = 0  # pixels through the network (tiles cropped to their data)
@@ -49,6 +50,7 @@ class Profile:
     def add(self, name: str, seconds: float) -> None:
         with self._lock:
             self.seconds[name] += seconds
+            self.entered[name] += 1
 
     def count(self, **counts: int) -> None:
         """Add to the counters (tiles, tile_pixels, pixels, tiles_dense_by_decision)."""

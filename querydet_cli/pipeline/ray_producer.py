@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..core.errors import QueryDetError
+from .profile import Profile
 
 WORKER_NAME = "querydet-worker-{}-{}"  # run id, actor number
 
@@ -75,18 +76,19 @@ class DetectWorker:
 
         import torch
 
-        from .producer import DetectOptions, TileProducer
+        from .options import ProduceOptions
+        from .producer import TileProducer
 
         with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
             tmp.write(checkpoint)
             tmp.flush()
             model, cfg = self.load(tmp.name, self.device)
-        self.detector = TileProducer(model, cfg, DetectOptions(**self.options),
+        self.detector = TileProducer(model, cfg, ProduceOptions(**self.options),
                                      torch.device(self.device))
 
     def detect(self, checkpoint: bytes, path: str, bands, first_row: int, last_row: int
                ) -> list[tuple[int, Any]] | QueryDetError:
-        from .raster import RasterSource
+        from ..reading.raster import RasterSource
 
         if self.detector is None:
             self._load(checkpoint)
@@ -128,10 +130,11 @@ class RayProducer:
 
         self.ray = ray
         self.settings = settings
+        self.profile = Profile()  # the driver's stages (merge, write); the actors time none
+        self.precision = None  # resolved by each actor's model: the driver's model says it
         self.started = connect(settings)
         self.weights_ref = ray.put(Path(weights).read_bytes())  # held for retries
-        opts = {k: v for k, v in asdict(options).items()
-                if k not in ("resume", "save_vis", "image_ids")}
+        opts = asdict(options.producing())
         # an actor computes one tile at a time on its own threads
         opts |= {"workers": 1, "threads": settings.threads_per_worker}
         worker = ray.remote(DetectWorker)

@@ -132,7 +132,7 @@ def check_target(out: Path) -> None:
 
 def sample_batch(model) -> torch.Tensor:
     """The bundled sample scene's top-left 512 x 512 pixels, preprocessed for the model."""
-    from ..pipeline.raster import RasterSource
+    from ..reading.raster import RasterSource
     from ..core.resources import sample_scene
 
     with RasterSource(sample_scene()) as src:

@@ -34,8 +34,8 @@ CHIP_SIDE = 1024  # larger images are calibrated on windows of this side
 def calibration_images(source: str, count: int) -> list[tuple[str, np.ndarray]]:
     """Up to `count` (name, (3, H, W) float image in [0, 1]) from a folder of chips (a `tile`
     output's images/ too) or windows of one raster."""
-    from ..pipeline.inputs import expand_inputs
-    from ..pipeline.raster import RasterSource
+    from ..reading.inputs import expand_inputs
+    from ..reading.raster import RasterSource
 
     root = Path(source)
     if not root.exists():

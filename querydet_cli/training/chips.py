@@ -197,7 +197,7 @@ class _ChipGrid:
             return
         self.width, self.height = self.region.width, self.region.height
         if gsd is not None:
-            from ..pipeline.gsd import model_grid, raster_gsd, resolve
+            from ..reading.gsd import model_grid, raster_gsd, resolve
 
             if not self.georef:
                 raise QueryDetError(f"--gsd needs georeferenced rasters (their pixel size); "

@@ -316,7 +316,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 def _gsd_scales(samples: list[Sample], target: float) -> list[float]:
     """Per sample: its GSD over `target` (how much to enlarge it), 1 when it has none."""
-    from ..pipeline.gsd import MAX_RATIO, images_gsd
+    from ..reading.gsd import MAX_RATIO, images_gsd
 
     scales = []
     for s in samples:

@@ -26,7 +26,7 @@ from .datasets import (DetectionDataset, Problem, Sample, coco_category_ids, col
 from ..core.errors import QueryDetError
 from ..core.locking import OutputLock
 from ..core.progress import progress
-from ..pipeline.gsd import training_gsd
+from ..reading.gsd import training_gsd
 from .synthetic import PIXEL_SIZE, write_dataset
 
 

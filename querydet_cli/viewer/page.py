@@ -90,7 +90,7 @@ def raster_view(path: str, embed_max: int, bands: tuple[int, ...] | None = None)
     larger)."""
     from PIL import Image
 
-    from ..pipeline.raster import RasterSource
+    from ..reading.raster import RasterSource
 
     with RasterSource(path, bands) as src:
         rgb, scale = src.overview(embed_max)

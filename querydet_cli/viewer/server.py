@@ -38,7 +38,7 @@ class TileSource:
             raise QueryDetError("view --serve needs rio-tiler: pip install 'querydet[view]'") \
                 from None
 
-        from ..pipeline.raster import RasterSource
+        from ..reading.raster import RasterSource
 
         self.source = RasterSource(path, bands)  # bands, stretch, palette, alpha as detect reads
         with warnings.catch_warnings():

@@ -13,6 +13,15 @@ from querydet_models.config import InferenceConfig
 
 
 class OracleModel:
+    """A detector (models' `InferenceDetector` protocol) that finds exactly the painted
+    rectangles; no weights, no padding. It computes one tile at a time (`own_threads`: the
+    producer starts no worker threads for it), so its call counter counts batches in order."""
+
+    size_divisibility = 1
+    runtime = "torch"
+    own_threads = True
+    num_classes = 255
+
     def __init__(self, fail_after: int | None = None):
         self.inference = InferenceConfig()
         self.calls = 0
@@ -20,6 +29,12 @@ class OracleModel:
 
     def resolved_precision(self, precision):
         return "fp32"
+
+    def set_precision(self, precision="auto"):
+        return "fp32"
+
+    def weights_digest(self) -> str:
+        return "oracle"
 
     def compute(self, precision=None):
         return torch.inference_mode()
