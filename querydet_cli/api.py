@@ -24,6 +24,7 @@ from .outputs.records import Detection
 from .pipeline.detect import DetectSummary, run_detect
 from .reading.gsd import check_input_gsd, parse_gsd_option
 from .pipeline.options import DetectOptions
+from .reading.arrays import array_dataset
 from .reading.raster import RasterSource
 from .pipeline.tiling import check_plan
 
@@ -209,7 +210,7 @@ def _source(image: Any, transform: Any, crs: Any) -> Iterator[Any]:
     """What the pipeline reads: a path, an open dataset (left open), or an array as an
     in-memory GeoTIFF."""
     if isinstance(image, np.ndarray):
-        with _array_dataset(image, transform, crs) as ds:
+        with array_dataset(image, transform, crs) as ds:
             yield ds
         return
     if (transform is not None or crs is not None):
@@ -221,50 +222,3 @@ def _source(image: Any, transform: Any, crs: Any) -> Iterator[Any]:
             raise QueryDetError(f"cannot detect on a {type(image).__name__}: give a path, an "
                                 "open rasterio dataset or a numpy array")
     yield image
-
-
-@contextlib.contextmanager
-def _array_dataset(array: np.ndarray, transform: Any, crs: Any) -> Iterator[Any]:
-    import warnings
-
-    from rasterio.enums import ColorInterp
-    from rasterio.errors import NotGeoreferencedWarning
-    from rasterio.io import MemoryFile
-
-    data = channels_first(array)
-    if data.dtype == np.bool_ or data.dtype.kind not in "uif":
-        raise QueryDetError(f"array of dtype {data.dtype} is not an image (use uint8, integers "
-                            "or floats)")
-    if data.dtype == np.float16 or data.dtype.kind == "i" and data.dtype.itemsize == 1:
-        data = data.astype(np.float32)
-    count, height, width = data.shape
-    profile = {"driver": "GTiff", "width": width, "height": height, "count": count,
-               "dtype": data.dtype.name}
-    if transform is not None:
-        profile["transform"] = transform
-    if crs is not None:
-        profile["crs"] = crs
-    with MemoryFile() as mem, warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with mem.open(**profile) as dst:
-            dst.write(data)
-            if count == 4:
-                dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue,
-                                   ColorInterp.alpha]
-        with mem.open() as ds:
-            yield ds
-
-
-def channels_first(array: np.ndarray) -> np.ndarray:
-    """(H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4 -> (C, H, W); HWC wins when ambiguous."""
-    if array.ndim == 2:
-        return array[None]
-    if array.ndim != 3:
-        raise QueryDetError(f"array of shape {array.shape}: expected (H, W), (H, W, C) or "
-                            "(C, H, W)")
-    if array.shape[2] in (1, 3, 4):
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
-    if array.shape[0] in (1, 3, 4):
-        return array
-    raise QueryDetError(f"array of shape {array.shape}: expected 1, 3 or 4 channels, first or "
-                        "last")

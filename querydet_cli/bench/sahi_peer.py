@@ -9,12 +9,14 @@ differ only in what surrounds the network: reading, slicing, batching, merging, 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..core.errors import QueryDetError
+from ..reading.inputs import VIDEO_SUFFIXES
 
 
 def _sahi_base():
@@ -121,11 +123,36 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     model, cfg = load_model(a.weights, a.device)
     model.set_precision(a.precision)
-    dets, _ = sahi_detect(a.raster, model, list(cfg.names()), torch.device(a.device),
-                          tile_size=a.slice, overlap=a.overlap, confidence=a.confidence,
-                          postprocess="GREEDYNMM", metric="IOS", threshold=0.5)
+    if Path(a.raster).suffix.lower() in VIDEO_SUFFIXES:
+        dets = sahi_video(a.raster, model, list(cfg.names()), torch.device(a.device),
+                          a.slice, a.overlap, a.confidence)
+    else:
+        dets, _ = sahi_detect(a.raster, model, list(cfg.names()), torch.device(a.device),
+                              tile_size=a.slice, overlap=a.overlap, confidence=a.confidence,
+                              postprocess="GREEDYNMM", metric="IOS", threshold=0.5)
     with open(a.out, "w") as fh:
         json.dump(dets, fh)
+
+
+def sahi_video(video: str, model: Any, class_names: list[str], device: torch.device,
+               tile_size: int, overlap: int, confidence: float) -> list[dict[str, Any]]:
+    """SAHI's own video prediction (`sahi.predict.predict(source=VIDEO)`: OpenCV reads the
+    frames, each is sliced and predicted) with querydet's weights, as its users run it without
+    drawing. It keeps no predictions of a video unless asked to pickle each frame's: this is
+    for timing the whole process, so it returns none."""
+    import tempfile
+
+    from sahi.predict import predict
+
+    sahi_model = make_sahi_model(model, class_names, device, confidence, "dense")
+    with tempfile.TemporaryDirectory() as tmp:
+        predict(detection_model=sahi_model, source=video, slice_height=tile_size,
+                slice_width=tile_size, overlap_height_ratio=overlap / tile_size,
+                overlap_width_ratio=overlap / tile_size, novisual=True,
+                postprocess_type="GREEDYNMM", postprocess_match_metric="IOS",
+                postprocess_match_threshold=0.5, force_postprocess_type=True,
+                project=tmp, name="video", verbose=0, no_standard_prediction=True)
+    return []
 
 
 if __name__ == "__main__":

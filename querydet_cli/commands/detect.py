@@ -54,6 +54,11 @@ def detect(
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: each tile in its eight dihedral views (8x the compute), the answers voted into one")] = False,
     input_gsd: Annotated[Optional[float], typer.Option("--input-gsd", help="Metres per pixel of inputs without a georeference (drone frames, plain images); overrides a georeference")] = None,
     html: Annotated[bool, typer.Option("--html", help="Also write a web page of the detections over the imagery next to the output (OUTPUT with .html; see querydet view)")] = False,
+    frame_stride: Annotated[int, typer.Option(min=1, help="Videos: detect on every N-th frame")] = 1,
+    fps: Annotated[Optional[float], typer.Option("--fps", help="Videos: detect on this many frames a second (instead of --frame-stride)")] = None,
+    start: Annotated[float, typer.Option(min=0.0, help="Videos: from this time, in seconds")] = 0.0,
+    end: Annotated[Optional[float], typer.Option(help="Videos: up to this time, in seconds (default: the end)")] = None,
+    track: Annotated[bool, typer.Option("--track", help="Videos: follow objects across frames (ByteTrack), each with a stable track_id; distinct objects per class in the summary")] = False,
 ) -> None:
     """Detect small objects in huge GeoTIFFs and drone frames, tile by tile, with CSQ.
 
@@ -70,13 +75,11 @@ def detect(
 
     gsd_option = parse_gsd_option(gsd)
     input_gsd = check_input_gsd(input_gsd)
-    from ..reading.inputs import expand_inputs, refuse_output_over_inputs
+    from ..reading.video import FrameSelection
 
-    paths = expand_inputs(inputs)
-    refuse_output_over_inputs(output, paths)
+    paths, items = _inputs(inputs, output, out_format, FrameSelection(frame_stride, fps, start, end),
+                           track, ray=ray, html=html, save_vis=save_vis)
     page = _page_target(output, paths) if html else None
-    if output != "-" and Path(output).is_dir():
-        raise QueryDetError(f"output {output} is a directory; give a file name")
     options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
                    mode="dense" if no_csq else (mode.value if mode else None), sigma=sigma,
                    context=context, backend=backend.value if backend else None,
@@ -84,18 +87,57 @@ def detect(
                    merge_metric=merge_metric.value, merge_threshold=merge_threshold,
                    rfc7946=rfc7946, resume=resume, save_vis=str(save_vis) if save_vis else None,
                    precision=precision.value if precision else None, profile=profile,
-                   gsd=gsd_option, input_gsd=input_gsd, tta=tta)
+                   gsd=gsd_option, input_gsd=input_gsd, tta=tta, track=track)
     ray_settings = _workers(options, ray, workers, gpus_per_worker, threads_per_worker)
     _check_runtime_usage(weights, runtime.value, options, ray)
-    summary = _detect_locked(paths, output, out_format, options, weights, device.value, coco_gt,
+    summary = _detect_locked(items, output, out_format, options, weights, device.value, coco_gt,
                              ray_settings, quiet, runtime.value)
     _report(summary, output, profile, json_out)
     if page is not None and summary.output_written:
         _write_page(output, page, paths, summary)
-    if summary.failed:  # each error was printed once, when it happened
+    _exit_for(summary)
+
+
+def _exit_for(summary) -> None:
+    """Exit 0 when every input was done; else 2 when none was (an input error, nothing
+    written), 1 for a partial run. Each error was printed once, when it happened."""
+    if summary.failed:
         print(f"querydet: {len(summary.failed)} input(s) failed (errors above)", file=sys.stderr)
-        # no input succeeded: an input error, nothing written (exit 2); else a partial run (1)
         raise typer.Exit(2 if summary.done == 0 else 1)
+
+
+def _inputs(inputs: list[str], output: str, out_format, selection, track: bool, *,
+            ray: Optional[str], html: bool, save_vis: Optional[Path]) -> tuple[list[str], list]:
+    """The run's inputs: paths as given (expanded), and what the run reads, each video in its
+    chosen frames; what cannot go with video frames is refused here, before anything runs."""
+    from ..reading.inputs import expand_inputs, refuse_output_over_inputs
+    from ..reading.video import Video, is_video
+
+    paths = expand_inputs(inputs)
+    refuse_output_over_inputs(output, paths)
+    if output != "-" and Path(output).is_dir():
+        raise QueryDetError(f"output {output} is a directory; give a file name")
+    videos = [p for p in paths if is_video(p)]
+    if not videos:
+        given = [name for name, on in (("--track", track), ("--frame-stride", selection.stride > 1),
+                                       ("--fps", selection.fps is not None),
+                                       ("--start", selection.start > 0),
+                                       ("--end", selection.end is not None)) if on]
+        if given:
+            raise QueryDetError(f"{given[0]} is for video inputs (.mp4, .mov, .mkv); none given")
+        return paths, paths
+    if out_format.needs_crs:
+        raise QueryDetError(f"video frames have no map coordinates for {out_format.name}: use "
+                            f"{formats.map_free_choices()}")
+    for option, on in (("--ray", ray is not None), ("--html", html),
+                       ("--save-vis", save_vis is not None)):
+        if on:  # Ray's actors, the page and the overviews read rasters by path
+            raise QueryDetError(f"{option} does not go with video inputs: run them without it")
+    selection.check()
+    items: list = []
+    for p in paths:
+        items.extend(Video(p).frames(selection) if is_video(p) else [p])
+    return paths, items
 
 
 def _detect_locked(paths: list[str], output: str, out_format, options: dict,
@@ -244,6 +286,10 @@ def _report(summary, output: str, profile: bool, json_out: bool) -> None:
         where = f" ({output} not written: no input succeeded)"
     print(f"querydet: {summary.done}/{summary.inputs} inputs, {found}, "
           f"{summary.megapixels:.1f} Mpx at {rate:.2f} Mpx/s{where}", file=sys.stderr)
+    if summary.objects is not None:
+        kinds = ", ".join(f"{n} {name}" for name, n in summary.objects.items()) or "none"
+        print(f"querydet: {sum(summary.objects.values())} distinct objects followed: {kinds}",
+              file=sys.stderr)
     if summary.profile and (profile or log.isEnabledFor(logging.INFO)):
         from ..pipeline.profile import format_profile
 
@@ -257,6 +303,6 @@ def _report(summary, output: str, profile: bool, json_out: bool) -> None:
                           "megapixels": round(summary.megapixels, 3),
                           "seconds": round(summary.seconds, 3),
                           "output": output if summary.output_written else None,
-                          "precision": getattr(summary, "precision", None),
-                          "runtime": getattr(summary, "runtime", "torch"),
-                          "profile": summary.profile}))
+                          "precision": summary.precision, "runtime": summary.runtime,
+                          "profile": summary.profile}
+                         | ({"objects": summary.objects} if summary.objects is not None else {})))

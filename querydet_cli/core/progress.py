@@ -105,6 +105,7 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def progress_bar(name: str, total_tiles: int):
-    """Tiles of one raster on stderr: a bar on a terminal, plain lines into a log file."""
-    return progress(total_tiles, name, unit="tile", leave=False)
+def progress_bar(name: str, total: int, unit: str = "tile"):
+    """Tiles of one raster (or frames of one video) on stderr: a bar on a terminal, plain lines
+    into a log file."""
+    return progress(total, name, unit=unit, leave=False)

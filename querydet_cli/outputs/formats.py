@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TextIO
 
 from ..core.errors import QueryDetError
 from .geometry import crs_urn, is_geographic, rfc7946_ring, to_lonlat, wkt_polygon
-from .records import Detection
+from .records import VIDEO_FIELDS, Detection
 
 
 class Format:
@@ -29,9 +29,12 @@ class Format:
     needs_crs: ClassVar[bool] = False  # map coordinates: refused for a plain image
     text: ClassVar[bool] = True  # written as text through a file handle (so also to stdout)
 
-    def __init__(self, fh: TextIO | None, crs: str | None, rfc7946: bool, path: str | None
-                 ) -> None:
+    def __init__(self, fh: TextIO | None, crs: str | None, rfc7946: bool, path: str | None,
+                 fields: tuple[str, ...] = ()) -> None:
+        """`fields`: the video fields (records.VIDEO_FIELDS) that a run's records carry, for
+        formats with a fixed set of columns."""
         self.fh, self.crs, self.rfc7946, self.path = fh, crs, rfc7946, path
+        self.fields = fields
 
     def begin(self) -> None:
         pass
@@ -71,7 +74,7 @@ class GeoJSON(Format):
                    "properties": {"source": d.source, "image_id": d.image_id,
                                   "class_id": d.class_id, "class_name": d.class_name,
                                   "score": d.score, "category_id": d.category_id,
-                                  "bbox_px": list(d.bbox)}}
+                                  "bbox_px": list(d.bbox)} | d.video_fields()}
         self.fh.write(("" if index == 0 else ",\n") + json.dumps(feature))
 
     def _ring(self, ring: list[list[float]]) -> list[list[float]]:
@@ -106,7 +109,7 @@ class Coco(Format):
         x1, y1, x2, y2 = d.bbox
         item = {"image_id": d.image_id, "category_id": d.category_id,
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "score": d.score,
-                "category_name": d.class_name, "file_name": d.source}
+                "category_name": d.class_name, "file_name": d.source} | d.video_fields()
         self.fh.write(("" if index == 0 else ",\n") + json.dumps(item))
 
     def end(self) -> None:
@@ -120,9 +123,11 @@ class Coco(Format):
         out = []
         for d in doc:
             x, y, w, h = (float(v) for v in d["bbox"])
+            video = {k: d[k] for k in VIDEO_FIELDS if k in d}
             out.append(Detection(str(d.get("file_name", d["image_id"])), d["image_id"], None,
                                  str(d.get("category_name", d["category_id"])),
-                                 d["category_id"], float(d["score"]), (x, y, x + w, y + h)))
+                                 d["category_id"], float(d["score"]), (x, y, x + w, y + h),
+                                 **video))
         return out
 
 
@@ -134,12 +139,13 @@ class Csv(Format):
               "x2", "y2", "wkt", "crs"]
 
     def begin(self) -> None:
-        csv.writer(self.fh).writerow(self.FIELDS)
+        csv.writer(self.fh).writerow(self.FIELDS + list(self.fields))
 
     def write(self, d: Detection, index: int) -> None:
+        video = ["" if getattr(d, f) is None else getattr(d, f) for f in self.fields]
         csv.writer(self.fh).writerow([d.source, d.image_id, d.class_id, d.category_id,
                                       d.class_name, d.score, *d.bbox, wkt_polygon(d.geometry),
-                                      d.crs or ""])
+                                      d.crs or "", *video])
 
     @classmethod
     def read(cls, path: Path) -> list[Detection]:
@@ -147,7 +153,7 @@ class Csv(Format):
         return [Detection(r["source"], int(r["image_id"]), int(r["class_id"]), r["class_name"],
                           int(r["category_id"]), float(r["score"]),
                           (float(r["x1"]), float(r["y1"]), float(r["x2"]), float(r["y2"])),
-                          None, r["crs"] or None) for r in rows]
+                          None, r["crs"] or None, **_video_columns(r)) for r in rows]
 
 
 class Ndjson(Format):
@@ -188,7 +194,7 @@ class GeoPackage(Format):
         rows, self.rows = self.rows, []
         if not rows and self.written:
             return
-        columns = {c: [getattr(d, c) for d in rows] for c in self.COLUMNS}
+        columns = {c: [getattr(d, c) for d in rows] for c in self.COLUMNS + self.fields}
         columns |= {c: [d.bbox[k] for d in rows] for k, c in enumerate(("x1", "y1", "x2", "y2"))}
         frame = gpd.GeoDataFrame(columns, geometry=[Polygon(d.geometry) for d in rows],
                                  crs=self.crs)
@@ -214,8 +220,36 @@ class GeoPackage(Format):
                 for r in frame.itertuples()]
 
 
+class Mot(Format):
+    """MOT Challenge lines, as tracking benchmarks read them: frame (from 1), track id (-1 when
+    not tracked), x, y, w, h, score, -1, -1, -1. Frames of a video count from its first frame;
+    an image's frame is its image id. The class is not part of the format."""
+
+    name, suffixes, label = "mot", (".txt",), ".txt (MOT)"
+
+    def write(self, d: Detection, index: int) -> None:
+        frame = d.frame_index + 1 if d.frame_index is not None else d.image_id
+        x1, y1, x2, y2 = d.bbox
+        track = -1 if d.track_id is None else d.track_id
+        self.fh.write(f"{frame},{track},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},"
+                      f"{d.score:.5f},-1,-1,-1\n")
+
+    @classmethod
+    def read(cls, path: Path) -> list[Detection]:
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            frame, track, x, y, w, h, score = line.split(",")[:7]
+            x, y, w, h = float(x), float(y), float(w), float(h)
+            out.append(Detection(path.name, int(frame), None, "object", 0, float(score),
+                                 (x, y, x + w, y + h), frame_index=int(frame) - 1,
+                                 track_id=None if int(track) < 0 else int(track)))
+        return out
+
+
 # the one list: order is how help texts name them
-FORMATS: tuple[type[Format], ...] = (GeoJSON, GeoPackage, Coco, Csv, Ndjson)
+FORMATS: tuple[type[Format], ...] = (GeoJSON, GeoPackage, Coco, Csv, Ndjson, Mot)
 
 
 def names() -> list[str]:
@@ -295,7 +329,14 @@ def ndjson_feature(d: Detection) -> dict[str, Any]:
     props = {"source": d.source, "image_id": d.image_id, "class_id": d.class_id,
              "category_id": d.category_id, "class_name": d.class_name, "score": d.score,
              "crs": d.crs}
-    return {"type": "Feature", "geometry": geometry, "properties": props | {"bbox_px": list(d.bbox)}}
+    props |= {"bbox_px": list(d.bbox)} | d.video_fields()
+    return {"type": "Feature", "geometry": geometry, "properties": props}
+
+
+def _video_columns(row: dict[str, str]) -> dict[str, Any]:
+    """The video fields of a CSV row, those present and filled."""
+    kinds = {"frame_index": int, "time_s": float, "track_id": int}
+    return {k: kinds[k](row[k]) for k in VIDEO_FIELDS if row.get(k)}
 
 
 def feature_detection(f: dict[str, Any], crs: str | None = None) -> Detection:
@@ -304,4 +345,5 @@ def feature_detection(f: dict[str, Any], crs: str | None = None) -> Detection:
     ring = (f.get("geometry") or {}).get("coordinates", [None])[0]
     return Detection(str(p["source"]), p["image_id"], p["class_id"], str(p["class_name"]),
                      p["category_id"], float(p["score"]),
-                     tuple(float(v) for v in p["bbox_px"]), ring, p.get("crs", crs))
+                     tuple(float(v) for v in p["bbox_px"]), ring, p.get("crs", crs),
+                     **{k: p[k] for k in VIDEO_FIELDS if p.get(k) is not None})

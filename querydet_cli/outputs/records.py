@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+VIDEO_FIELDS = ("frame_index", "time_s", "track_id")  # set for video frames only
+
 
 @dataclass(frozen=True)
 class Detection:
@@ -27,6 +29,9 @@ class Detection:
         bbox: (x1, y1, x2, y2) in source pixels.
         geometry: closed ring [[x, y], ...] in `crs`; None without a georeference.
         crs: the CRS of `geometry` ("EPSG:32617", ...); None without a georeference.
+        frame_index: for a video frame, its number in the video (from 0); else None.
+        time_s: for a video frame, its time in the video in seconds; else None.
+        track_id: with `--track`, the object's identity across frames (from 1); else None.
     """
 
     source: str
@@ -38,10 +43,22 @@ class Detection:
     bbox: tuple[float, float, float, float]
     geometry: list[list[float]] | None = None
     crs: str | None = None
+    frame_index: int | None = None
+    time_s: float | None = None
+    track_id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The record as a JSON object (one line of the run's journal)."""
-        return asdict(self)
+        """The record as a JSON object (one line of the run's journal); the video fields only
+        when set."""
+        data = asdict(self)
+        for key in VIDEO_FIELDS:
+            if data[key] is None:
+                del data[key]
+        return data
+
+    def video_fields(self) -> dict[str, Any]:
+        """frame_index, time_s and track_id, those that are set (what outputs add for video)."""
+        return {k: getattr(self, k) for k in VIDEO_FIELDS if getattr(self, k) is not None}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Detection":

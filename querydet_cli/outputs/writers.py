@@ -22,10 +22,12 @@ class OutputWriter:
     """Streams records into one output: a temporary file renamed into place when complete (or
     stdout). Use as a context manager; an exception aborts it."""
 
-    def __init__(self, output: str, fmt: type[Format], crs: str | None, rfc7946: bool = False
-                 ) -> None:
+    def __init__(self, output: str, fmt: type[Format], crs: str | None, rfc7946: bool = False,
+                 fields: tuple[str, ...] = ()) -> None:
+        """`fields`: the video fields the records carry (records.VIDEO_FIELDS), as columns."""
         self.output = output
         self.fmt = fmt
+        self.fields = fields
         self.crs = "EPSG:4326" if rfc7946 else crs  # may be set until __enter__ (stdout)
         self.rfc7946 = rfc7946
         self.count = 0
@@ -50,7 +52,7 @@ class OutputWriter:
             if self.fmt.text:
                 os.unlink(self._tmp)
                 self._fh = open(self._tmp, "w", newline="")
-        self._format = self.fmt(self._fh, self.crs, self.rfc7946, self._tmp)
+        self._format = self.fmt(self._fh, self.crs, self.rfc7946, self._tmp, self.fields)
         self._format.begin()
         return self
 

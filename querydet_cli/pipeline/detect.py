@@ -27,11 +27,14 @@ from .identity import run_key
 from .journal import Journal
 from ..core.locking import OutputLock
 from .merge import Detections, TileMerger
+from .frames import FrameRun
 from .overview import Overview
 from .options import DetectOptions
 from .producer import InputPlanner, Producer, TileDetections, TileProducer
 from .profile import Profile
+from ..reading.arrays import open_input
 from ..reading.raster import RasterSource
+from ..reading.video import Frame
 from .tiling import Tile, row_starts
 from .validity import NO_DATA, TileValidity
 from ..outputs.formats import Format, by_name, map_free_choices
@@ -58,6 +61,7 @@ class DetectSummary:
     profile: dict[str, Any] | None = None  # seconds per stage (see profile.py)
     precision: str | None = None
     runtime: str = "torch"  # what ran the network: torch, onnxruntime or openvino
+    objects: dict[str, int] | None = None  # with --track: distinct objects followed, per class
 
 
 class DetectInterrupted(QueryDetError):
@@ -287,11 +291,18 @@ class _Run:
         self.crs_seen: str | None = None
         self.current = ""
         self.started = time.perf_counter()
+        # the video fields the records carry, as columns of the formats that have columns
+        self.fields = (("frame_index", "time_s") + (("track_id",) if self.options.track else ())
+                       if any(isinstance(i, Frame) for i in inputs) else ())
         # stdout is written as detections come; it opens once the first input's CRS is known
-        self.stdout = OutputWriter(output, fmt, None, self.options.rfc7946) \
+        self.stdout = OutputWriter(output, fmt, None, self.options.rfc7946, self.fields) \
             if output == "-" else None
         self.stdout_open = False
         self.sink = output if callable(output) else None
+        state = journal.state if journal is not None else {}
+        self.frames = FrameRun(inputs, cfg.names(), self.options.track,
+                               self.options.score_threshold, progress_factory,
+                               state.get("tracker"))
 
     def open_stdout(self, crs: str | None) -> None:
         if self.stdout is not None and not self.stdout_open:
@@ -326,14 +337,18 @@ class _Run:
         """One input into the journal (or stdout); a bad input is reported and skipped."""
         journal, detector, options = self.journal, self.detector, self.options
         state = journal.input_state(image_id) if journal else {}
+        frame = path if isinstance(path, Frame) else None
         if state.get("complete"):
             self.summary.done += 1
+            if frame is not None:
+                self.frames.advance(frame)
             return
         self.current = path
         detector.begin(int(state.get("rows_done", 0)))
         try:
             setup = time.perf_counter()
-            with RasterSource(path, options.bands) as src:
+            wanted = self.frames.wanted.get(frame.video.path) if frame is not None else None
+            with open_input(path, options.bands, wanted) as src:
                 self.planner.attach(src)
                 info = src.info()
                 self.check_crs(path, info)
@@ -343,21 +358,28 @@ class _Run:
                 done_rows = int(state.get("rows_done", 0))
                 remaining = sum(1 for t in tiles if t.row >= done_rows)
                 bar = self.progress_factory(Path(path).name, remaining) \
-                    if self.progress_factory else None
+                    if self.progress_factory and frame is None else None
 
                 def checkpoint(st: dict[str, Any]) -> None:
-                    if journal is not None:
+                    if journal is not None and frame is None:  # a frame is checkpointed whole
                         journal.checkpoint(image_id, st | {"crs": info.crs})
 
                 record_id = options.image_ids[image_id - 1] if options.image_ids else image_id
                 detector.profile.add("setup", time.perf_counter() - setup)
                 todo = [t for t in tiles if t.row >= done_rows]
-                n = detector.run(src, record_id, self.emit, checkpoint, state,
+                n = detector.run(src, record_id, self.emit if frame is None else
+                                 self.frames.collector(frame), checkpoint, state,
                                  self.producer.results(image_id, src, todo), tiles,
                                  progress=(lambda k: bar.update(k)) if bar else None, vis=vis)
                 if bar:
                     bar.close()
+                if frame is not None:  # the frame's records, tracked, written whole
+                    held = self.frames.finish(frame)
+                    self.emit(held)
+                    n = len(held)
                 if journal is not None:
+                    if self.frames.tracker is not None:
+                        journal.state["tracker"] = self.frames.tracker_state()
                     journal.checkpoint(image_id, {"complete": True, "crs": info.crs})
                 if vis is not None:
                     vis.save(Path(options.save_vis) / f"{Path(path).stem}_detections.png",
@@ -368,7 +390,10 @@ class _Run:
         except QueryDetError as err:
             if self.sink is not None:  # the Python API: the caller's one image failed
                 raise
-            self.summary.failed.append((path, str(err)))
+            if frame is not None:
+                self.frames.drop()
+                self.frames.advance(frame)
+            self.summary.failed.append((str(path), str(err)))
             print(f"querydet: error: {err}", file=sys.stderr)
             self.producer.skip(image_id)
 
@@ -377,6 +402,7 @@ class _Run:
         summary, journal = self.summary, self.journal
         summary.seconds = time.perf_counter() - self.started
         summary.detections = summary.new_detections
+        summary.objects = self.frames.objects()
         if journal is not None:
             journal.close_records()
             summary.resumed_detections = journal.resumed_records
@@ -387,7 +413,8 @@ class _Run:
             crs = next((s.get("crs") for s in journal.state["inputs"].values() if s.get("crs")),
                        None)
             with self.detector.profile.stage("write"), \
-                    OutputWriter(self.output, self.fmt, crs, self.options.rfc7946) as writer:
+                    OutputWriter(self.output, self.fmt, crs, self.options.rfc7946,
+                                 self.fields) as writer:
                 writer.write(journal.read())
             summary.detections = writer.count
             summary.output_written = True
@@ -410,6 +437,7 @@ class _Run:
 
     def close(self) -> None:
         self.producer.close()
+        self.frames.close()
         if self.journal is not None:
             self.journal.close()
         if self.stdout is not None:

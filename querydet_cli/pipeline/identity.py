@@ -34,10 +34,11 @@ def run_key(inputs: list[str], options: "DetectOptions", cfg: Config, model: Any
     return hashlib.sha256(data.encode()).hexdigest()
 
 
-def input_identity(path: str) -> list[int] | None:
-    """(size, mtime in ns) of an input file; None for what is not a local file."""
+def input_identity(path: Any) -> list[int] | None:
+    """(size, mtime in ns) of an input file (a video frame's: its video's); None for what is
+    not a local file."""
     try:
-        st = os.stat(path)
+        st = os.stat(str(path).split("#frame=")[0])
     except OSError:
         return None
     return [st.st_size, st.st_mtime_ns]

@@ -97,11 +97,18 @@ class DetectOptions(ProduceOptions):
     holds them all (identity.run_key)."""
 
     rfc7946: bool = False  # map outputs in EPSG:4326 lon/lat
+    track: bool = False  # follow objects across video frames (frames.py, tracking.py)
     resume: bool = False  # continue the journal of an interrupted run
     save_vis: str | None = None  # folder of overview pictures (the producer then makes heatmaps)
     # COCO image id per input (from --coco-gt); None: the input's position, from 1
     image_ids: tuple[int, ...] | None = None
 
     def producing(self) -> ProduceOptions:
-        """The producer's part of these options."""
-        return ProduceOptions(**{f.name: getattr(self, f.name) for f in fields(ProduceOptions)})
+        """The producer's part of these options (tracking keeps doubtful detections too: they
+        may continue a track)."""
+        from .frames import track_floor
+
+        mine = {f.name: getattr(self, f.name) for f in fields(ProduceOptions)}
+        if self.track:
+            mine["score_threshold"] = track_floor(self.score_threshold)
+        return ProduceOptions(**mine)

@@ -14,6 +14,7 @@ from typing import Iterable
 from ..core.errors import QueryDetError
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".jpg", ".jpeg", ".png", ".jp2", ".vrt", ".img", ".bmp"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v"}  # read frame by frame (video.py)
 
 
 def expand_inputs(args: list[str], stdin: Iterable[str] | None = None) -> list[str]:
@@ -32,10 +33,10 @@ def expand_inputs(args: list[str], stdin: Iterable[str] | None = None) -> list[s
             out.extend(matches)
         elif Path(arg).is_dir():
             found = sorted(str(p) for p in Path(arg).rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
             if not found:
-                raise QueryDetError(f"directory {arg} holds no images "
-                                    f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise QueryDetError(f"directory {arg} holds no images or videos "
+                                    f"({', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))})")
             out.extend(found)
         else:
             out.append(arg)

@@ -75,14 +75,14 @@ class RasterSource:
     def __init__(self, path: "str | Path | rasterio.io.DatasetReader",
                  bands: tuple[int, ...] | None = None,
                  stretch: tuple[np.ndarray, np.ndarray] | None = None,
-                 stretch_known: bool = False) -> None:
+                 stretch_known: bool = False, name: str | None = None) -> None:
         import rasterio
         from rasterio.errors import RasterioIOError
 
         if isinstance(path, rasterio.io.DatasetReaderBase):  # an open dataset the caller owns
             self.src = path
-            self.name = path.name
-            self.path = Path(path.name)
+            self.name = name or path.name  # `name`: what records call it (a video frame's video)
+            self.path = Path(self.name)
             self._owns = False
         else:
             self.name = str(path)

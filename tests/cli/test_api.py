@@ -9,7 +9,7 @@ import rasterio
 from rasterio.transform import Affine
 
 from querydet_cli import Detector
-from querydet_cli.api import channels_first
+from querydet_cli.reading.arrays import channels_first
 from querydet_cli.core.config import Config
 from querydet_cli.core.errors import QueryDetError
 from tests.cli.oracle import OracleModel, paint, write_tif

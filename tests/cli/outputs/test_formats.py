@@ -10,7 +10,7 @@ import pytest
 
 from querydet_cli.core.errors import QueryDetError
 from querydet_cli.outputs import formats
-from querydet_cli.outputs.formats import FORMATS, Coco, Csv, GeoJSON, GeoPackage, Ndjson
+from querydet_cli.outputs.formats import FORMATS, Coco, Csv, GeoJSON, GeoPackage, Mot, Ndjson
 from querydet_cli.outputs.geometry import to_lonlat
 from querydet_cli.outputs.records import Detection
 from querydet_cli.outputs.writers import OutputWriter
@@ -81,8 +81,8 @@ def test_each_format_reads_back_what_it_wrote(tmp_path, fmt):
 
 
 def test_a_map_format_refuses_a_record_without_map_coordinates(tmp_path):
-    with pytest.raises(QueryDetError, match="needs map coordinates; use --format coco, csv "
-                                            "or ndjson"):
+    with pytest.raises(QueryDetError, match="needs map coordinates; use --format coco, csv, "
+                                            "ndjson or mot"):
         with OutputWriter(str(tmp_path / "d.geojson"), GeoJSON, None) as writer:
             writer.write(_records(PLAIN))
     assert list(tmp_path.iterdir()) == []  # aborted: nothing half-written
@@ -116,11 +116,12 @@ def test_the_format_follows_the_option_else_the_suffix():
     assert formats.format_for("x.json", None) is Coco
     assert formats.format_for("-", None) is Ndjson
     assert formats.format_for("x.txt", "csv") is Csv
-    with pytest.raises(QueryDetError, match=r"from 'x.txt': use a suffix \(.geojson, .gpkg, "
-                                            r".json, .csv, .ndjson, .jsonl\) or --format"):
-        formats.format_for("x.txt", None)
+    assert formats.format_for("x.txt", None) is Mot
+    with pytest.raises(QueryDetError, match=r"from 'x.dat': use a suffix \(.geojson, .gpkg, "
+                                            r".json, .csv, .ndjson, .jsonl, .txt\) or --format"):
+        formats.format_for("x.dat", None)
     with pytest.raises(QueryDetError, match="'shp' is not one of geojson, gpkg, coco, csv, "
-                                            "ndjson"):
+                                            "ndjson, mot"):
         formats.format_for("x.shp", "shp")
 
 
@@ -128,15 +129,15 @@ def test_choices_and_help_derive_from_the_list(monkeypatch):
     from querydet_cli.commands.shared import OutputFormat
 
     assert [f.value for f in OutputFormat] == [f.name for f in FORMATS]
-    assert formats.suffix_help() == ".geojson .gpkg .json (COCO) .csv .ndjson"
-    assert formats.map_free_choices() == "-o with .json (COCO), .csv or .ndjson"
+    assert formats.suffix_help() == ".geojson .gpkg .json (COCO) .csv .ndjson .txt (MOT)"
+    assert formats.map_free_choices() == "-o with .json (COCO), .csv, .ndjson or .txt (MOT)"
 
     class Shapefile(formats.Format):  # a new format is one class in the list
         name, suffixes, label, needs_crs = "shp", (".shp",), ".shp", True
 
     monkeypatch.setattr(formats, "FORMATS", (*FORMATS, Shapefile))
     assert formats.format_for("x.shp", None) is Shapefile
-    assert formats.suffix_help(formats.FORMATS).endswith(".ndjson .shp")
+    assert formats.suffix_help(formats.FORMATS).endswith(".txt (MOT) .shp")
 
 
 def test_view_reads_every_format_through_the_list(tmp_path):
