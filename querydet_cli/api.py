@@ -78,6 +78,8 @@ def run(request: DetectRequest, *, lock: Any = None, loaded: tuple[Any, Any] | N
     from .runtimes.loading import load_model, resolve_device
     from .runtimes.runtime import is_export
 
+    if request.output == "-" and request.options.resume:
+        raise QueryDetError("--resume needs an output file, not stdout")
     fmt = request.format if isinstance(request.format, type) else \
         format_for(request.output, request.format)
     weights = Path(request.weights) if request.weights is not None else sample_model()

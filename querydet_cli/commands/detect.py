@@ -69,7 +69,7 @@ def detect(
 
     out_format = format_for(output, fmt.value if fmt else None)
     _check_detect_usage(output, ray, gpus_per_worker, json_out, no_csq, mode, overlap,
-                        tile_size, resume, save_vis)
+                        tile_size, save_vis)
     band_list = _parse_bands(bands)
     from ..reading.gsd import check_input_gsd, parse_gsd_option
 
@@ -214,7 +214,7 @@ def _workers(options: dict, ray: Optional[str], workers: Optional[int], gpus: fl
 
 
 def _check_detect_usage(output: str, ray, gpus_per_worker: float, json_out: bool,
-                        no_csq: bool, mode, overlap: int, tile_size: int | None, resume: bool,
+                        no_csq: bool, mode, overlap: int, tile_size: int | None,
                         save_vis: Optional[Path]) -> None:
     """`detect` options that contradict each other: one line each, before anything is made."""
     if ray is None and gpus_per_worker:
@@ -232,8 +232,6 @@ def _check_detect_usage(output: str, ray, gpus_per_worker: float, json_out: bool
     from ..pipeline.tiling import check_default_plan
 
     check_default_plan(tile_size, overlap)
-    if resume and output == "-":
-        raise QueryDetError("--resume needs an output file, not stdout")
     if save_vis is not None:
         _folder_option(save_vis, "--save-vis")
 

@@ -234,8 +234,6 @@ def run_detect(model: FPNDetector, cfg: Config, inputs: list[Any],
     may be open rasterio datasets)."""
     sink = output if callable(output) else None
     fmt = by_name(fmt) if isinstance(fmt, str) else fmt
-    if output == "-" and options.resume:
-        raise QueryDetError("--resume needs an output file, not stdout")
     options = options.resolved(device)  # the door of the pipeline: a no-op once resolved
     producer = producer or TileProducer(model, cfg, options.producing(), device,
                                         heatmaps=options.save_vis is not None)

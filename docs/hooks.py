@@ -1,0 +1,219 @@
+"""MkDocs hooks: pages that are written from the code and from measurements, never by hand.
+
+- `{{ cli_reference }}`: every command of the Typer app with its options (names, types,
+  defaults, help), read from the app itself.
+- `{{ results:NAME }}`: the tables of one kind of measurement, rendered from the current JSON
+  files in docs/results/ (each names the command that produced it and the machine).
+
+`python docs/hooks.py cli` prints the CLI reference (tests/test_docs.py compares it with the app);
+`python docs/hooks.py readme` rewrites the README's headline table from the same results.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# -- the CLI reference ------------------------------------------------------------------------
+def cli_reference() -> str:
+    import click
+    import typer
+
+    from querydet_cli.app import app
+
+    group = typer.main.get_command(app)
+    ctx = click.Context(group, info_name="querydet")
+    out = []
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        cctx = click.Context(command, info_name=name, parent=ctx)
+        out += [f"## `querydet {name}`", "", _clean(command.help or ""), "",
+                "| option | type | default | what it does |", "|---|---|---|---|"]
+        for param in command.params:
+            if param.name == "help":
+                continue
+            names = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts])
+            if isinstance(param, click.Argument):
+                names = f"`{param.name.upper()}`"
+            kind = "flag" if getattr(param, "is_flag", False) else _type(param, cctx)
+            default = "" if param.required or param.default in (None, (), []) or \
+                getattr(param, "is_flag", False) and not param.default else f"`{_show(param.default)}`"
+            out.append(f"| {names} | {kind} | {default} | {_cell(getattr(param, 'help', '') or '')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _type(param, ctx) -> str:
+    """What the option takes, as the app's own help shows it (choices, ranges)."""
+    try:
+        shown = param.display_type(ctx).strip("<>")
+    except (AttributeError, TypeError):  # plain click parameters
+        shown = param.type.name.lower()
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    if " range" in shown:
+        shown = shown.replace(" range", "") + f" {'' if low is None else low}.." \
+            f"{'' if high is None else high}"
+    return shown.replace("|", " \\| ")
+
+
+def _show(value) -> str:
+    value = getattr(value, "value", value)
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"\n\s*\n", "\n\n", text.replace("\b", "")).strip()
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+# -- results ------------------------------------------------------------------------------------
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _source(data: dict, name: str) -> str:
+    versions = data.get("versions") or ({"torch": data["torch"]} if "torch" in data else {})
+    said = ", ".join(f"{k} {v}" for k, v in versions.items())
+    return (f"*`{data.get('command', '')}` on {data.get('machine', 'this machine')}"
+            + (f"; {said}" if said else "") + f" ([{name}](results/{name})).*")
+
+
+def _detect_vs_sahi() -> str:
+    out = ["| raster | querydet (bf16) | querydet fp32 | SAHI fp32 | SAHI bf16 | defaults vs "
+           "SAHI fp32 | same precision fp32 / bf16 | AP querydet / SAHI | seam duplicates |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name in sorted(p.name for p in RESULTS.glob("detect-vs-sahi-*.json")):
+        d = _load(name)
+        rows, ratios = d["rows"], d["ratios"]
+        label = name[len("detect-vs-sahi-"):-5].replace("-", " ")
+        cell = lambda k: f"{rows[k]['wall_s']:.1f} s" if k in rows else ""  # noqa: E731
+        ap = f"{rows['querydet']['AP']:.3f} / {rows['sahi_fp32']['AP']:.3f}" \
+            if "AP" in rows.get("querydet", {}) and "AP" in rows.get("sahi_fp32", {}) else ""
+        dups = f"{rows['querydet'].get('seam_duplicates', '')} / " \
+               f"{rows['sahi_fp32'].get('seam_duplicates', '')}" if ap else ""
+        out.append(f"| {label} | {cell('querydet')} | {cell('querydet_fp32')} | "
+                   f"{cell('sahi_fp32')} | {cell('sahi_bf16')} | {ratios['defaults']:.2f}x | "
+                   f"{ratios.get('same_precision_fp32', 0):.2f}x / "
+                   f"{ratios.get('same_precision_bf16', 0):.2f}x | {ap} | {dups} |")
+        notes.append(_source(d, name))
+    return "\n".join(out) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def _memory() -> str:
+    d = _load("detect-memory.json")
+    out = ["| raster | megapixels | peak memory | seconds | detections |", "|---|---|---|---|---|"]
+    for r in d["memory"]:
+        out.append(f"| {r['size']}^2 | {r['megapixels']:.0f} | {r['peak_rss_mib']:.0f} MiB | "
+                   f"{r['seconds']:.1f} | {r['detections']} |")
+    return "\n".join(out) + f"\n\nLargest / smallest peak: {d['rss_ratio']:.2f}x.\n\n" + \
+        _source(d, "detect-memory.json")
+
+
+def _heads() -> str:
+    out = []
+    for name in ("heads-r50-1024-precision.json", "heads-r50-1024-precision-cuda-h200.json",
+                 "heads-r50-4096-precision-cuda-h200.json"):
+        d = _load(name)
+        size = "x".join(map(str, d["image_size"]))
+        out += [f"**{d['device']}, {d['backbone']}, {size}**", "",
+                "| mode | precision | seconds | vs dense-HR | vs baseline | max rel. error |",
+                "|---|---|---|---|---|---|"]
+        for mode, m in d["modes"].items():
+            err = f"{m['max_rel_err']:.1e}" if m.get("max_rel_err") is not None else ""
+            out.append(f"| {mode.rsplit('_', 1)[0]} | {m.get('precision', '')} | "
+                       f"{m['time_s']:.3f} | {m['speedup_vs_dense']:.2f}x | "
+                       f"{m['speedup_vs_baseline']:.2f}x | {err} |")
+        out += ["", _source(d, name), ""]
+    return "\n".join(out)
+
+
+def _video() -> str:
+    d = _load("video-flight.json")
+    rows = d["rows"]
+    names = {"video": "`detect flight.mp4`", "png": "`detect` on the frames as PNG files",
+             "video_track": "`detect flight.mp4 --track`",
+             "sahi_video_bf16": "SAHI's video prediction (same weights, bf16)"}
+    out = ["| run | frames/s | AP50 | MOTA | IDF1 |", "|---|---|---|---|---|"]
+    for k, label in names.items():
+        r = rows[k]
+        f = lambda key: f"{r[key]:.3f}" if key in r else ""  # noqa: E731
+        out.append(f"| {label} | {r['frames_per_s']:.2f} | {f('ap50')} | {f('mota')} | "
+                   f"{f('idf1')} |")
+    m = d["memory"]
+    return "\n".join(out) + (
+        f"\n\nPeak memory of `detect --track --fps 1`: {m['30s']['peak_rss_mib']:.0f} MiB over a "
+        f"30-second flight, {m['300s']['peak_rss_mib']:.0f} MiB over a 5-minute one "
+        f"({d['memory_ratio_300s_vs_30s']:.2f}x).\n\n") + _source(d, "video-flight.json")
+
+
+def _runtimes() -> str:
+    out = []
+    for name in ("runtimes-busy-4096.json", "runtimes-survey-4096.json"):
+        d = _load(name)
+        out += [f"**{Path(d['raster']).name}**", "",
+                "| runtime | precision | whole process | in process | AP50 |",
+                "|---|---|---|---|---|"]
+        for r in d["rows"].values():
+            out.append(f"| {r['runtime']} | {r['precision']} | {r['whole_process_s']:.2f} s | "
+                       f"{r['in_process_s']:.2f} s | {r['AP50']:.3f} |")
+        out += ["", _source(d, name), ""]
+    return "\n".join(out)
+
+
+def headline() -> str:
+    """The README's one table: whole process against SAHI on the largest rasters, CPU and GPU."""
+    out = ["| raster (8192^2) | machine | querydet | SAHI fp32 | faster, defaults | faster, same "
+           "precision (fp32 / bf16) | AP querydet / SAHI |", "|---|---|---|---|---|---|---|"]
+    for name, label in (("detect-vs-sahi-busy-8192.json", "busy"),
+                        ("detect-vs-sahi-survey-8192.json", "survey"),
+                        ("detect-vs-sahi-busy-8192-cuda-h200.json", "busy")):
+        d = _load(name)
+        rows, ratios = d["rows"], d["ratios"]
+        machine = "NVIDIA H200" if "h200" in name else "2-core CPU"
+        ap = f"{rows['querydet']['AP']:.3f} / {rows['sahi_fp32']['AP']:.3f}" \
+            if "AP" in rows["querydet"] else "not scored"
+        out.append(f"| {label} | {machine} | {rows['querydet']['wall_s']:.1f} s | "
+                   f"{rows['sahi_fp32']['wall_s']:.1f} s | {ratios['defaults']:.2f}x | "
+                   f"{ratios['same_precision_fp32']:.2f}x / {ratios['same_precision_bf16']:.2f}x"
+                   f" | {ap} |")
+    return "\n".join(out)
+
+
+def readme_block(text: str) -> str:
+    """The README with its headline block rewritten from the results."""
+    return re.sub(r"(<!-- results:headline -->\n).*?(\n<!-- /results -->)",
+                  lambda m: m[1] + headline() + m[2], text, flags=re.S)
+
+
+RENDERERS = {"detect-vs-sahi": _detect_vs_sahi, "memory": _memory, "heads": _heads,
+             "video": _video, "runtimes": _runtimes}
+
+
+def render(markdown: str) -> str:
+    markdown = markdown.replace("{{ cli_reference }}", cli_reference()) \
+        if "{{ cli_reference }}" in markdown else markdown
+    return re.sub(r"\{\{ results:([\w-]+) \}\}", lambda m: RENDERERS[m[1]](), markdown)
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:  # MkDocs hook
+    return render(markdown)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["cli"]:
+        print(cli_reference())
+    elif sys.argv[1:] == ["readme"]:  # rewrite the README's headline table from the results
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        readme.write_text(readme_block(readme.read_text()))
+    else:
+        print(render(sys.stdin.read()))
