@@ -13,6 +13,7 @@ import typer
 
 from ..core.errors import QueryDetError
 from ..outputs import formats
+from ..reading.inputs import VIDEO_SUFFIXES
 from .shared import (Backend, Device, DetectPrecision, MergeMetric, Mode, OutputFormat, Runtime,
                      _context, _folder_option, app, comma_list, log, pixels)
 
@@ -39,7 +40,7 @@ def detect(
     merge_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Overlap at which two views are one object")] = 0.5,
     rfc7946: Annotated[bool, typer.Option("--rfc7946", help="GeoJSON in EPSG:4326 lon/lat (RFC 7946)")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same output")] = False,
-    save_vis: Annotated[Optional[Path], typer.Option(help="Folder for PNG overviews with boxes and query heatmap")] = None,
+    save_vis: Annotated[Optional[Path], typer.Option(help="Folder for PNG overviews with boxes and query heatmap; for a video input, the video to render with its detections drawn (OUT.mp4)")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
     precision: Annotated[Optional[DetectPrecision], typer.Option(help="Inference precision (default: the checkpoint's, auto); int8: an export made with --calibrate")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
@@ -59,6 +60,8 @@ def detect(
     start: Annotated[float, typer.Option(min=0.0, help="Videos: from this time, in seconds")] = 0.0,
     end: Annotated[Optional[float], typer.Option(help="Videos: up to this time, in seconds (default: the end)")] = None,
     track: Annotated[bool, typer.Option("--track", help="Videos: follow objects across frames (ByteTrack), each with a stable track_id; distinct objects per class in the summary")] = False,
+    telemetry: Annotated[Optional[str], typer.Option(help="Videos: a DJI-style .SRT sidecar (or auto: each video's own NAME.SRT) placing nadir frames on the ground, so outputs are lon/lat (EPSG:4326)")] = None,
+    hfov: Annotated[Optional[float], typer.Option(min=1.0, max=170.0, help="Videos with --telemetry: the camera's horizontal field of view in degrees")] = None,
 ) -> None:
     """Detect small objects in huge GeoTIFFs and drone frames, tile by tile, with CSQ.
 
@@ -66,26 +69,26 @@ def detect(
     2 usage or input error, nothing written; 130 interrupted (no output; --resume continues).
     """
     from ..outputs.formats import format_for
+    from ..reading.gsd import check_input_gsd, parse_gsd_option
+    from ..reading.video import FrameSelection
 
     out_format = format_for(output, fmt.value if fmt else None)
     _check_detect_usage(output, ray, gpus_per_worker, json_out, no_csq, mode, overlap,
                         tile_size, save_vis)
     band_list = _parse_bands(bands)
-    from ..reading.gsd import check_input_gsd, parse_gsd_option
-
-    gsd_option = parse_gsd_option(gsd)
-    input_gsd = check_input_gsd(input_gsd)
-    from ..reading.video import FrameSelection
-
-    paths, items = _inputs(inputs, output, out_format, FrameSelection(frame_stride, fps, start, end),
-                           track, ray=ray, html=html, save_vis=save_vis)
+    gsd_option, input_gsd = parse_gsd_option(gsd), check_input_gsd(input_gsd)
+    paths, items, video_vis = _inputs(inputs, output, out_format,
+                                      FrameSelection(frame_stride, fps, start, end), track,
+                                      ray=ray, html=html, save_vis=save_vis, resume=resume,
+                                      telemetry=(telemetry, hfov))
     page = _page_target(output, paths) if html else None
     options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
                    mode="dense" if no_csq else (mode.value if mode else None), sigma=sigma,
                    context=context, backend=backend.value if backend else None,
                    score_threshold=score_threshold, bands=band_list,
                    merge_metric=merge_metric.value, merge_threshold=merge_threshold,
-                   rfc7946=rfc7946, resume=resume, save_vis=str(save_vis) if save_vis else None,
+                   rfc7946=rfc7946, resume=resume, save_video=video_vis,
+                   save_vis=str(save_vis) if save_vis and not video_vis else None,
                    precision=precision.value if precision else None, profile=profile,
                    gsd=gsd_option, input_gsd=input_gsd, tta=tta, track=track)
     ray_settings = _workers(options, ray, workers, gpus_per_worker, threads_per_worker)
@@ -107,9 +110,12 @@ def _exit_for(summary) -> None:
 
 
 def _inputs(inputs: list[str], output: str, out_format, selection, track: bool, *,
-            ray: Optional[str], html: bool, save_vis: Optional[Path]) -> tuple[list[str], list]:
-    """The run's inputs: paths as given (expanded), and what the run reads, each video in its
-    chosen frames; what cannot go with video frames is refused here, before anything runs."""
+            ray: Optional[str], html: bool, save_vis: Optional[Path], resume: bool,
+            telemetry: tuple[Optional[str], Optional[float]]
+            ) -> tuple[list[str], list, Optional[str]]:
+    """The run's inputs: paths as given (expanded), what the run reads (each video in its
+    chosen frames), and the video to render (--save-vis with a video input). What cannot go
+    with video frames is refused here, before anything runs."""
     from ..reading.inputs import expand_inputs, refuse_output_over_inputs
     from ..reading.video import Video, is_video
 
@@ -119,25 +125,37 @@ def _inputs(inputs: list[str], output: str, out_format, selection, track: bool, 
         raise QueryDetError(f"output {output} is a directory; give a file name")
     videos = [p for p in paths if is_video(p)]
     if not videos:
-        given = [name for name, on in (("--track", track), ("--frame-stride", selection.stride > 1),
+        given = [name for name, on in (("--track", track), ("--telemetry", telemetry[0]),
+                                       ("--frame-stride", selection.stride > 1),
                                        ("--fps", selection.fps is not None),
                                        ("--start", selection.start > 0),
                                        ("--end", selection.end is not None)) if on]
         if given:
             raise QueryDetError(f"{given[0]} is for video inputs (.mp4, .mov, .mkv); none given")
-        return paths, paths
-    if out_format.needs_crs:
+        return paths, paths, None
+    if out_format.needs_crs and telemetry[0] is None:
         raise QueryDetError(f"video frames have no map coordinates for {out_format.name}: use "
-                            f"{formats.map_free_choices()}")
-    for option, on in (("--ray", ray is not None), ("--html", html),
-                       ("--save-vis", save_vis is not None)):
-        if on:  # Ray's actors, the page and the overviews read rasters by path
+                            f"{formats.map_free_choices()}, or --telemetry")
+    for option, on in (("--ray", ray is not None), ("--html", html)):
+        if on:  # Ray's actors and the page read rasters by path
             raise QueryDetError(f"{option} does not go with video inputs: run them without it")
+    if save_vis is not None and (not is_video(save_vis) or len(videos) > 1):
+        raise QueryDetError("with a video input, --save-vis names the video to render (OUT.mp4, "
+                            ".mov or .mkv), for one input video")
+    if save_vis is not None:
+        refuse_output_over_inputs(str(save_vis), paths)
+        if resume:
+            raise QueryDetError("--save-vis renders the video from its first frame: it cannot "
+                                "continue an interrupted run (leave out --resume or --save-vis)")
     selection.check()
     items: list = []
     for p in paths:
         items.extend(Video(p).frames(selection) if is_video(p) else [p])
-    return paths, items
+    if telemetry[0] is not None:
+        from ..reading.video import place_frames
+
+        items = place_frames(items, *telemetry)
+    return paths, items, None if save_vis is None else str(save_vis)
 
 
 def _detect_locked(paths: list[str], output: str, out_format, options: dict,
@@ -232,8 +250,8 @@ def _check_detect_usage(output: str, ray, gpus_per_worker: float, json_out: bool
     from ..pipeline.tiling import check_default_plan
 
     check_default_plan(tile_size, overlap)
-    if save_vis is not None:
-        _folder_option(save_vis, "--save-vis")
+    if save_vis is not None and save_vis.suffix.lower() not in VIDEO_SUFFIXES:
+        _folder_option(save_vis, "--save-vis")  # a folder of overviews (a video is a file)
 
 
 def _page_target(output: str, paths: list[str]) -> Path:

@@ -300,7 +300,7 @@ class _Run:
         state = journal.state if journal is not None else {}
         self.frames = FrameRun(inputs, cfg.names(), self.options.track,
                                self.options.score_threshold, progress_factory,
-                               state.get("tracker"))
+                               state.get("tracker"), self.options.save_video)
 
     def open_stdout(self, crs: str | None) -> None:
         if self.stdout is not None and not self.stdout_open:
@@ -418,6 +418,8 @@ class _Run:
             summary.output_written = True
             if not summary.failed:
                 journal.remove()
+        if summary.done:
+            self.frames.commit()  # the rendered video (--save-vis), now complete
         summary.profile = self.detector.profile.close(time.perf_counter() - self.started)
 
     def interrupted(self) -> DetectInterrupted:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..outputs.records import Detection
+from ..outputs.render import VideoRender
 from ..reading.video import Frame
 from .tracking import Tracker
 
@@ -28,8 +29,11 @@ class FrameRun:
 
     def __init__(self, inputs: list[Any], names: list[str], track: bool, high: float | None,
                  progress_factory: Callable[[str, int], Any] | None,
-                 tracker_state: dict[str, Any] | None = None) -> None:
+                 tracker_state: dict[str, Any] | None = None,
+                 save_video: str | None = None) -> None:
         frames = [i for i in inputs if isinstance(i, Frame)]
+        self.render = VideoRender(save_video, _rate(frames), names) \
+            if save_video and frames else None
         self.wanted: dict[str, list[int]] = {}
         for f in frames:
             self.wanted.setdefault(f.video.path, []).append(f.index)
@@ -61,6 +65,8 @@ class FrameRun:
                                       np.array([d.score for d in held]),
                                       np.array([d.class_id for d in held]))
             held = [replace(d, track_id=int(k)) for d, k in zip(held, ids) if k > 0]
+        if self.render is not None:
+            self.render.add(frame.video.last_pixels, held)
         self.advance(frame)
         return held
 
@@ -86,9 +92,18 @@ class FrameRun:
             bar.close()
         self.videos[path].close()
 
+    def commit(self) -> None:
+        """The run is complete: the rendered video goes into place."""
+        if self.render is not None:
+            self.render.close(keep=True)
+            self.render = None
+
     def close(self) -> None:
         for path in list(self.videos):
             self.close_video(path)
+        if self.render is not None:  # not committed: an interrupted or failed run
+            self.render.close(keep=False)
+            self.render = None
 
     def objects(self) -> dict[str, int] | None:
         """Distinct objects followed, per class name (with --track), else None."""
@@ -98,3 +113,10 @@ class FrameRun:
 
     def tracker_state(self) -> dict[str, Any] | None:
         return None if self.tracker is None else self.tracker.snapshot()
+
+
+def _rate(frames: list[Frame]) -> float:
+    """Frames a second of the chosen frames (what a rendered video plays at)."""
+    if len(frames) < 2 or frames[-1].time_s <= frames[0].time_s:
+        return 30.0
+    return (len(frames) - 1) / (frames[-1].time_s - frames[0].time_s)

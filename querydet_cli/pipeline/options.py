@@ -100,6 +100,7 @@ class DetectOptions(ProduceOptions):
     track: bool = False  # follow objects across video frames (frames.py, tracking.py)
     resume: bool = False  # continue the journal of an interrupted run
     save_vis: str | None = None  # folder of overview pictures (the producer then makes heatmaps)
+    save_video: str | None = None  # a video's frames with their detections drawn (render.py)
     # COCO image id per input (from --coco-gt); None: the input's position, from 1
     image_ids: tuple[int, ...] | None = None
 

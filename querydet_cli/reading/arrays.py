@@ -23,7 +23,13 @@ def open_input(item: Any, bands: tuple[int, ...] | None = None,
 
     if isinstance(item, Frame):
         pixels = item.video.read(item, wanted or [item.index])
-        with array_dataset(pixels, None, None) as ds:
+        placed = item.transform is not None  # on the ground by telemetry: lon/lat
+        transform = None
+        if placed:
+            from rasterio.transform import Affine
+
+            transform = Affine(*item.transform)
+        with array_dataset(pixels, transform, "EPSG:4326" if placed else None) as ds:
             src = RasterSource(ds, bands, name=item.video.path)
             try:
                 yield src

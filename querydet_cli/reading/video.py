@@ -58,14 +58,52 @@ class FrameSelection:
 
 @dataclass(frozen=True, eq=False)
 class Frame:
-    """One chosen frame: its video, its number in the video (from 0) and its time in seconds."""
+    """One chosen frame: its video, its number in the video (from 0), its time in seconds, and
+    where telemetry placed it: the affine from its pixels to lon/lat (telemetry.py), or None."""
 
     video: "Video"
     index: int
     time_s: float
+    transform: tuple[float, ...] | None = None
 
     def __str__(self) -> str:
         return f"{self.video.path}#frame={self.index}"
+
+
+def place_frames(items: list, telemetry: str, hfov: float | None) -> list:
+    """Each video frame among `items` with its place on the ground from a telemetry sidecar
+    (`telemetry`: a .SRT file, or "auto" for each video's own NAME.SRT); one line for a frame
+    that cannot be placed."""
+    from dataclasses import replace
+
+    from .telemetry import fix_at, frame_transform, read_srt
+
+    if hfov is None:
+        raise QueryDetError("--telemetry needs --hfov: the camera's horizontal field of view "
+                            "in degrees")
+    videos = list(dict.fromkeys(i.video.path for i in items if isinstance(i, Frame)))
+    if telemetry != "auto" and len(videos) > 1:
+        raise QueryDetError("--telemetry FILE belongs to one video: give one, or --telemetry "
+                            "auto for each video's own NAME.SRT")
+    fixes = {}
+    for path in videos:
+        sidecar = telemetry if telemetry != "auto" else next(
+            (str(p) for p in (Path(path).with_suffix(".SRT"), Path(path).with_suffix(".srt"))
+             if p.is_file()), None)
+        if sidecar is None:
+            raise QueryDetError(f"--telemetry auto: {path} has no {Path(path).stem}.SRT beside it")
+        fixes[path] = read_srt(sidecar)
+    out = []
+    for item in items:
+        if isinstance(item, Frame):
+            fix = fix_at(fixes[item.video.path], item.time_s)
+            where = f"{item.video.path} frame {item.index} ({item.time_s:g} s)"
+            if fix is None:
+                raise QueryDetError(f"{where}: the telemetry has no fix at that time")
+            item = replace(item, transform=frame_transform(fix, item.video.width,
+                                                           item.video.height, hfov, where))
+        out.append(item)
+    return out
 
 
 class Video:
@@ -75,6 +113,7 @@ class Video:
         self.path = str(path)
         self.times, self.start_pts = _probe(self.path)
         self._decoder: _Decoder | None = None
+        self.last_pixels: np.ndarray | None = None  # the frame read last (for drawing on)
         first = _first_frame_size(self.path)
         self.width, self.height = first
 
@@ -116,7 +155,8 @@ class Video:
         if self._decoder is None or self._decoder.behind(frame.index):
             self.close()
             self._decoder = _Decoder(self.path, set(wanted), self.times, self.start_pts)
-        return self._decoder.get(frame.index)
+        self.last_pixels = self._decoder.get(frame.index)
+        return self.last_pixels
 
     def close(self) -> None:
         if self._decoder is not None:

@@ -10,6 +10,7 @@ be written as lossless PNGs, to tell what the video's compression costs.
 from __future__ import annotations
 
 import json
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -123,3 +124,35 @@ def _frame_truth(boxes: np.ndarray, labels: list[int], x0: int, y0: int, width: 
                     "area": round((x2 - x1) * (y2 - y1), 2), "iscrowd": 0,
                     "track_id": int(k) + 1})
     return out
+
+
+def write_srt(path: Path, corners: list[tuple[int, int]], size: tuple[int, int], fps: float,
+              hfov: float = 84.0, gsd: float = 0.3, origin: tuple[float, float] = (29.69, -82.0),
+              yaw: float | None = 0.0, pitch: float | None = -90.0) -> Path:
+    """A DJI-style .SRT telemetry sidecar for a flight along `corners` (the camera window's
+    top-left corner per frame, pixels of the ground at `gsd` metres, north up): each frame's
+    camera position over the window's centre, at the height where a lens of `hfov` degrees sees
+    `gsd` metres a pixel. `yaw` or `pitch` None leaves that field out."""
+    width, height = size
+    alt = gsd * width / (2 * math.tan(math.radians(hfov) / 2))
+    phi = math.radians(origin[0])
+    per_lat = 111132.92 - 559.82 * math.cos(2 * phi) + 1.175 * math.cos(4 * phi)
+    per_lon = 111412.84 * math.cos(phi) - 93.5 * math.cos(3 * phi)
+    blocks = []
+    for i, (x0, y0) in enumerate(corners):
+        east, north = (x0 + width / 2) * gsd, -(y0 + height / 2) * gsd
+        lat, lon = origin[0] + north / per_lat, origin[1] + east / per_lon
+        gimbal = "".join(f" {k}: {v:.1f}" for k, v in (("gb_yaw", yaw), ("gb_pitch", pitch))
+                         if v is not None)
+        blocks.append(f"{i + 1}\n{_stamp(i / fps)} --> {_stamp((i + 1) / fps)}\n"
+                      f"<font size=\"28\">FrameCnt: {i + 1}, DiffTime: {1000 / fps:.0f}ms\n"
+                      f"[iso: 100] [shutter: 1/1000.0] [fnum: 2.8] [latitude: {lat:.8f}] "
+                      f"[longitude: {lon:.8f}] [rel_alt: {alt:.3f} abs_alt: {alt + 30:.3f}]"
+                      + (f" [{gimbal.strip()}]" if gimbal else "") + "</font>\n")
+    path.write_text("\n".join(blocks))
+    return path
+
+
+def _stamp(seconds: float) -> str:
+    ms = int(round(seconds * 1000))
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 from querydet_cli.core.resources import sample_model
@@ -71,6 +72,31 @@ def test_every_format_carries_the_frame(tmp_path, flight):
     summary = json.loads(_cli(flight, "-o", "e.ndjson", "--track", "--json",
                               cwd=tmp_path).stdout)
     assert summary["inputs"] == 12 and sum(summary["objects"].values()) >= 1
+
+
+def test_save_vis_renders_the_video_with_its_tracks(tmp_path, flight):
+    proc = _cli(flight, "-o", "d.ndjson", "--track", "--frame-stride", "2", "--save-vis", "v.mp4",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rendered = Video(tmp_path / "v.mp4")
+    assert (rendered.width, rendered.height, len(rendered.times)) == (320, 256, 6)
+    assert rendered.duration == pytest.approx(0.4, abs=0.02)  # 6 frames at 15 a second
+    original = Video(flight)
+    frame = original.frames(FrameSelection(stride=2))[0]
+    before = original.read(frame, [0]).astype(float)
+    after = rendered.read(rendered.frames(FrameSelection())[0], [0]).astype(float)
+    # the same frame, with each box's outline drawn on it: along the outlines the pixels
+    # changed far more than H.264's re-encoding changed the rest
+    first = [json.loads(x)["properties"] for x in (tmp_path / "d.ndjson").read_text().split("\n")
+             if x and json.loads(x)["properties"]["frame_index"] == 0]
+    assert first
+    edge = np.zeros(before.shape[:2], bool)
+    for p in first:
+        x1, y1, x2, y2 = (int(round(v)) for v in p["bbox_px"])
+        edge[max(y1, 0):y2 + 1, max(x1, 0)] = True
+    change = np.abs(after - before).mean(axis=2)
+    assert change[edge].mean() > 3 * change[~edge].mean()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.ndjson", "v.mp4"]
 
 
 def test_an_interrupted_video_continues_at_its_first_unfinished_frame(tmp_path, flight):

@@ -91,7 +91,11 @@ def test_bad_videos_are_one_line_and_leave_nothing(tmp_path, flight):
              (["ok.mp4", "--frame-stride", "2", "--fps", "3"], "--frame-stride and --fps"),
              (["ok.mp4", "--end", "0"], "--end (0.0) must come after --start"),
              (["ok.mp4", "-o", "d.geojson"], "video frames have no map coordinates for geojson"),
-             (["ok.mp4", "--save-vis", "."], "--save-vis does not go with video inputs"),
+             (["ok.mp4", "--save-vis", "."], "--save-vis names the video to render"),
+             (["ok.mp4", "ok.mp4", "--save-vis", "v.mp4"], "for one input video"),
+             (["ok.mp4", "--save-vis", "v.mp4", "--resume"], "cannot continue an interrupted"),
+             (["ok.mp4", "--save-vis", "ok.mp4"], "output ok.mp4 is the input ok.mp4"),
+             (["ok.mp4", "--ray", "auto"], "--ray does not go with video inputs"),
              (["ok.png", "--track"], "--track is for video inputs")]
     before = sorted(p.name for p in tmp_path.iterdir())
     for args, message in cases:
