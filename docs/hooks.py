@@ -193,7 +193,63 @@ def readme_block(text: str) -> str:
                   lambda m: m[1] + headline() + m[2], text, flags=re.S)
 
 
-RENDERERS = {"detect-vs-sahi": _detect_vs_sahi, "memory": _memory, "heads": _heads,
+def _families() -> str:
+    """The FCOS and Faster R-CNN rows of `querydet bench`: each mode against dense-HR and the
+    family's baseline, the error at the keys, and the share of P2 / P3 computed."""
+    out = ["| family | mode | time s | vs dense-HR | vs baseline | max_rel_err | P2 / P3 MACs "
+           "computed |", "|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, family in (("heads-r50-1024-fcos.json", "FCOS"),
+                         ("heads-r50-1024-faster-rcnn.json", "Faster R-CNN")):
+        d = _load(name)
+        for mode, m in d["modes"].items():
+            levels = m.get("levels", {})
+            share = " / ".join(f"{levels[k]['fraction_computed']:.1%}" if k in levels else "-"
+                               for k in ("P2", "P3"))
+            err = f"{m['max_rel_err']:.1e}" if m.get("max_rel_err") is not None else "-"
+            label = f"`{mode}`" + (" (baseline)" if mode == d["baseline"] else "")
+            out.append(f"| {family} | {label} | {m['time_s']:.2f} | {m['speedup_vs_dense']:.2f}x "
+                       f"| {m['speedup_vs_baseline']:.2f}x | {err} | {share} |")
+        notes.append(_source(d, name))
+    return "\n".join(out) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def _ray() -> str:
+    """`detect --ray` with one and two single-thread actors on the same rasters."""
+    d = _load("detect-ray.json")
+    out = ["| rasters | 1 worker | 2 workers | ratio |", "|---|---|---|---|"]
+    for key in sorted(k for k in d if k.startswith("size_")):
+        r = d[key]["ray_scaling"]
+        rates = r["megapixels_per_s"]
+        out.append(f"| {r['rasters']} x {r['size']}^2 ({r['megapixels']:.0f} Mpx) | "
+                   f"{rates['1']:.2f} Mpx/s | {rates['2']:.2f} Mpx/s | {r['ratio']:.2f}x |")
+    return "\n".join(out) + "\n\n" + _source(d, "detect-ray.json")
+
+
+def _eval_synthetic() -> str:
+    """COCO AP on the 50 held-out synthetic scenes of the FCOS and Faster R-CNN families, with
+    and without the query head; CSQ at sigma 0.15."""
+    models = [("fcos_mobilenet_synthetic", "FCOS P3-P7"),
+              ("querydet_fcos_mobilenet_synthetic", "QueryDet (FCOS)"),
+              ("faster_rcnn_mobilenet_synthetic", "Faster R-CNN (1-conv RPN)"),
+              ("querydet_faster_rcnn_mobilenet_synthetic", "Faster R-CNN, 3-conv RPN + query")]
+    out = ["| model | CSQ | AP | AP50 | AP75 | APs | APm | images/s (CPU, 192 px) |",
+           "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, label in models:
+        d = _load(f"eval-synthetic-{name}.json")
+        query = name.startswith("querydet")
+        for row in d["rows"]:
+            if row["run"] not in ("dense", "csq sigma=0.15"):
+                continue
+            csq = "-" if not query else ("no" if row["run"] == "dense" else "sigma 0.15")
+            out.append(f"| {label} | {csq} | " + " | ".join(f"{row[k]:.3f}" for k in
+                       ("AP", "AP50", "AP75", "APs", "APm")) + f" | {row['images_per_s']:.1f} |")
+        notes.append(_source(d, f"eval-synthetic-{name}.json"))
+    return "\n".join(out) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+RENDERERS = {"eval-synthetic": _eval_synthetic, "families": _families, "ray": _ray, "detect-vs-sahi": _detect_vs_sahi, "memory": _memory, "heads": _heads,
              "video": _video, "runtimes": _runtimes}
 
 
