@@ -75,7 +75,8 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
               class_ids: list[int] | None = None,
               bounds: tuple[float, float, float, float] | None = None,
               gsd: float | None = None, val_fraction: float = 0.0,
-              val_bounds: tuple[float, float, float, float] | None = None) -> Path:
+              val_bounds: tuple[float, float, float, float] | None = None,
+              reviewed=None) -> Path:
     """Write chips and `annotations.json` (COCO) under out_dir; returns the JSON path.
 
     `class_ids` are the category ids written for the classes (default 1..K); `bounds`
@@ -86,6 +87,8 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
     `split_windows`): its chips go to `val.json`, the rest to `annotations.json`, and no pixel
     of a validation chip is in a training chip.
     Chip names carry the source's image id, so two sources of one file name never collide.
+    `reviewed` (a GeoDataFrame of polygons in any CRS): chips are cut only inside these areas,
+    empty ones included (they teach "nothing here"); None: everywhere.
     """
     class_ids = list(class_ids) if class_ids else list(range(1, len(class_names) + 1))
     import rasterio
@@ -114,11 +117,14 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
             windows = split_windows(grid, size, overlap, quadrants, val_fraction,
                                     grid.val_rect(val_bounds))
             sample_boxes, sample_ignore = grid.to_grid(sample.boxes), grid.to_grid(sample.ignore)
+            inside = None if reviewed is None else _reviewed_in(reviewed, src)
             for k, (win, part) in enumerate(windows):
                 images, annotations = split[part]
+                if inside is not None and not inside.covers(grid.footprint(win)):
+                    continue  # outside what a person reviewed: nothing is known there
                 boxes, idx, partial = clip_boxes(sample_boxes, win, min_visible)
                 ignore, _, _ = clip_boxes(sample_ignore, win, 1e-9)
-                if len(boxes) == 0 and not keep_empty:
+                if len(boxes) == 0 and not keep_empty and inside is None:
                     continue
                 data, transform = grid.read(win)
                 name = _write_chip(out, f"{sample.image.stem}_{sample.image_id}_{k:04d}", data,
@@ -239,6 +245,17 @@ class _ChipGrid:
         r = self.region
         return RioWindow(r.x + win.x * sx, r.y + win.y * sy, win.width * sx, win.height * sy)
 
+    def footprint(self, win: Window):
+        """A chip window as a polygon in the raster's CRS (its four corners, through the
+        affine transform), slightly shrunk so a chip on an area's edge still counts inside."""
+        from shapely.geometry import Polygon
+
+        w = self._rio_window(win)
+        t = self.src.transform
+        corners = [t * (w.col_off + dx * w.width, w.row_off + dy * w.height)
+                   for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1))]
+        return Polygon(corners).buffer(-1e-6 * max(abs(t.a), abs(t.e)))
+
     def source_window(self, win: Window) -> list[float]:
         """A chip's window in source pixels (x, y, width, height); fractional when resampled."""
         w = self._rio_window(win)
@@ -314,3 +331,16 @@ def _ann(ann_id: int, image_id: int, category: int, box: np.ndarray, crowd: int)
     return {"id": ann_id, "image_id": image_id, "category_id": category,
             "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],
             "area": round((x2 - x1) * (y2 - y1), 2), "iscrowd": crowd}
+
+
+def _reviewed_in(reviewed, src):
+    """The reviewed areas in one raster's CRS, as one shape."""
+    import warnings
+
+    from shapely.ops import unary_union
+
+    if src.crs is None:
+        raise QueryDetError("reviewed areas need georeferenced rasters")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return unary_union(list(reviewed.to_crs(src.crs).geometry))

@@ -32,6 +32,30 @@ class VectorLabels:
     outside: int  # labels inside no raster
 
 
+REVIEWED_LAYER = "reviewed_areas"  # a labels file's areas where its labels are the whole truth
+LABELS_LAYER = "labels"  # the labels layer of a file that also holds reviewed areas
+
+
+def reviewed_areas(path: str | Path):
+    """The `reviewed_areas` polygons of a labels file (a GeoDataFrame), or None when it has
+    none: inside them the labels are the truth and everything else is background; outside them
+    nothing is known, so no chip is cut there."""
+    import pyogrio
+
+    try:
+        layers = {name for name, _ in pyogrio.list_layers(path)}
+    except Exception:  # not a multi-layer source (or unreadable: read_layer says why)
+        return None
+    if REVIEWED_LAYER not in layers:
+        return None
+    areas = read_layer(path, REVIEWED_LAYER)
+    areas = areas[areas.geometry.notna() & ~areas.geometry.is_empty]
+    if not len(areas) or not areas.geom_type.isin(["Polygon", "MultiPolygon"]).all():
+        raise QueryDetError(f"--labels: {path}: layer {REVIEWED_LAYER} must hold polygons "
+                            "(the areas a person reviewed)")
+    return areas
+
+
 def read_layer(path: str | Path, layer: str | None = None):
     """The layer as a GeoDataFrame (geopandas through pyogrio), with a clear error if unusable."""
     import geopandas as gpd
@@ -63,6 +87,8 @@ def load_vector_labels(rasters: list[str], labels: str | Path, *, layer: str | N
             skipped (reported). None: the sorted distinct values.
         point_size: box side for point features, in the raster CRS's units.
     """
+    if layer is None and reviewed_areas(labels) is not None:
+        layer = LABELS_LAYER  # a corrected file: its labels beside its reviewed areas
     gdf = read_layer(labels, layer)
     problems: list[Problem] = []
     field = label_field
