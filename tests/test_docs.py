@@ -58,7 +58,8 @@ def test_the_cli_reference_lists_every_command_and_option():
 
 HISTORY = re.compile(
     r"stop ?\d+|\b(this|last|earlier|previous|next) (round|session|stop)\b|before/after|"
-    r"before this (work|change)|at the time\b|\bused to\b|\bno longer\b|\btoday'?s?\b|"
+    r"before this (work|change)|\bas before\b|\(before\)|at the time\b|\bused to\b|\bno longer\b|"
+    r"\btoday'?s?\b|"
     r"\bnow (takes|runs|is|at)\b|superseded|measured again\b|from [\d.]+ ?(s|ms|MiB) to [\d.]+|"
     r"[\d.]+ ?s -> [\d.]+ ?s", re.I)
 
