@@ -1,6 +1,6 @@
 #!/bin/bash
-# The CUDA measurements a lent GPU session runs, in one call of about 5 minutes (the lease is 15
-# minutes of device time, start-up included). Run from the repository root on the GPU machine:
+# The CUDA measurements, in one call of about 5 minutes on a GPU machine (a lent one gives 15
+# minutes of device time, start-up included). Run from the repository root there:
 #
 #   bash docs/measure_cuda.sh            # DEV=cpu SIZE=1024 to try the script here first
 #
@@ -12,10 +12,10 @@
 # (about 47 MB; the working tree and .whl together must stay under 64 MiB). Everything this
 # script writes goes to $OUT as at most 8 files, which is what the device tool brings back.
 #
-# What it answers (issue 23, first CUDA figures in the README): where a whole `querydet detect`
-# run's seconds go on the GPU (`--profile`), whether the CPU's 2304 px tiles beat CUDA's 1024
-# there, and querydet against SAHI as a user times them on
-# the object-dense and the survey raster. Ground truth is not scored here: pycocotools on a
+# What it answers: where a whole `querydet detect` run's seconds go on the GPU (`--profile`),
+# whether the CPU's 2304 px tiles beat CUDA's 1024 there, and querydet against SAHI as a user
+# times them on the object-dense and the survey raster
+# (docs/results/detect-vs-sahi-busy-8192-cuda-h200.json). Ground truth is not scored here: pycocotools on a
 # busy 8192^2 raster takes minutes of CPU that the lease does not have.
 set -u
 export PYTHONUNBUFFERED=1

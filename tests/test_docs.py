@@ -58,13 +58,15 @@ def test_the_cli_reference_lists_every_command_and_option():
 
 HISTORY = re.compile(
     r"stop ?\d+|\b(this|last|earlier|previous|next) (round|session|stop)\b|before/after|"
+    r"\bsessions?\b|\bissue \d+|"
     r"before this (work|change)|\bas before\b|\(before\)|at the time\b|\bused to\b|\bno longer\b|"
     r"\btoday'?s?\b|"
     r"\bnow (takes|runs|is|at)\b|superseded|measured again\b|from [\d.]+ ?(s|ms|MiB) to [\d.]+|"
     r"[\d.]+ ?s -> [\d.]+ ?s", re.I)
 
 
-@pytest.mark.parametrize("page", [README, *sorted(DOCS.glob("*.md"))], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [README, *sorted(DOCS.glob("*.md")), *sorted(DOCS.glob("*.sh")),
+                                  *sorted(DOCS.glob("*.py"))], ids=lambda p: p.name)
 def test_no_page_narrates_the_history_of_the_work(page):
     found = [line.strip() for line in page.read_text().splitlines() if HISTORY.search(line)]
     assert not found, found
