@@ -85,35 +85,51 @@ def _source(data: dict, name: str) -> str:
             + (f"; {said}" if said else "") + f" ([{name}](results/{name})).*")
 
 
+def _table(columns: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def _notes(sources: list[str]) -> str:
+    return "\n".join(f"- {s}" for s in sources)
+
+
+def _mode_cells(m: dict, digits: int, missing: str) -> list[str]:
+    """A `querydet bench` mode's seconds, its ratios to dense-HR and to the baseline, and its
+    error at the keys."""
+    err = f"{m['max_rel_err']:.1e}" if m.get("max_rel_err") is not None else missing
+    return [f"{m['time_s']:.{digits}f}", f"{m['speedup_vs_dense']:.2f}x",
+            f"{m['speedup_vs_baseline']:.2f}x", err]
+
+
 def _detect_vs_sahi() -> str:
-    out = ["| raster | querydet (bf16) | querydet fp32 | SAHI fp32 | SAHI bf16 | defaults vs "
-           "SAHI fp32 | same precision fp32 / bf16 | AP querydet / SAHI | seam duplicates |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    notes = []
+    rows, notes = [], []
     for name in sorted(p.name for p in RESULTS.glob("detect-vs-sahi-*.json")):
         d = _load(name)
-        rows, ratios = d["rows"], d["ratios"]
-        label = name[len("detect-vs-sahi-"):-5].replace("-", " ")
-        cell = lambda k: f"{rows[k]['wall_s']:.1f} s" if k in rows else ""  # noqa: E731
-        ap = f"{rows['querydet']['AP']:.3f} / {rows['sahi_fp32']['AP']:.3f}" \
-            if "AP" in rows.get("querydet", {}) and "AP" in rows.get("sahi_fp32", {}) else ""
-        dups = f"{rows['querydet'].get('seam_duplicates', '')} / " \
-               f"{rows['sahi_fp32'].get('seam_duplicates', '')}" if ap else ""
-        out.append(f"| {label} | {cell('querydet')} | {cell('querydet_fp32')} | "
-                   f"{cell('sahi_fp32')} | {cell('sahi_bf16')} | {ratios['defaults']:.2f}x | "
-                   f"{ratios.get('same_precision_fp32', 0):.2f}x / "
-                   f"{ratios.get('same_precision_bf16', 0):.2f}x | {ap} | {dups} |")
+        r, ratios = d["rows"], d["ratios"]
+        wall = lambda k: f"{r[k]['wall_s']:.1f} s" if k in r else ""  # noqa: E731
+        scored = "AP" in r.get("querydet", {}) and "AP" in r.get("sahi_fp32", {})
+        rows.append([name[len("detect-vs-sahi-"):-5].replace("-", " "), wall("querydet"),
+                     wall("querydet_fp32"), wall("sahi_fp32"), wall("sahi_bf16"),
+                     f"{ratios['defaults']:.2f}x",
+                     f"{ratios.get('same_precision_fp32', 0):.2f}x / "
+                     f"{ratios.get('same_precision_bf16', 0):.2f}x",
+                     f"{r['querydet']['AP']:.3f} / {r['sahi_fp32']['AP']:.3f}" if scored else "",
+                     f"{r['querydet'].get('seam_duplicates', '')} / "
+                     f"{r['sahi_fp32'].get('seam_duplicates', '')}" if scored else ""])
         notes.append(_source(d, name))
-    return "\n".join(out) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return _table(["raster", "querydet (bf16)", "querydet fp32", "SAHI fp32", "SAHI bf16",
+                   "defaults vs SAHI fp32", "same precision fp32 / bf16", "AP querydet / SAHI",
+                   "seam duplicates"], rows) + "\n\n" + _notes(notes)
 
 
 def _memory() -> str:
     d = _load("detect-memory.json")
-    out = ["| raster | megapixels | peak memory | seconds | detections |", "|---|---|---|---|---|"]
-    for r in d["memory"]:
-        out.append(f"| {r['size']}^2 | {r['megapixels']:.0f} | {r['peak_rss_mib']:.0f} MiB | "
-                   f"{r['seconds']:.1f} | {r['detections']} |")
-    return "\n".join(out) + f"\n\nLargest / smallest peak: {d['rss_ratio']:.2f}x.\n\n" + \
+    rows = [[f"{r['size']}^2", f"{r['megapixels']:.0f}", f"{r['peak_rss_mib']:.0f} MiB",
+             f"{r['seconds']:.1f}", r["detections"]] for r in d["memory"]]
+    return _table(["raster", "megapixels", "peak memory", "seconds", "detections"], rows) + \
+        f"\n\nLargest / smallest peak: {d['rss_ratio']:.2f}x.\n\n" + \
         _source(d, "detect-memory.json")
 
 
@@ -123,32 +139,26 @@ def _heads() -> str:
                  "heads-r50-4096-precision-cuda-h200.json"):
         d = _load(name)
         size = "x".join(map(str, d["image_size"]))
+        rows = [[mode.rsplit("_", 1)[0], m.get("precision", ""), *_mode_cells(m, 3, "")]
+                for mode, m in d["modes"].items()]
         out += [f"**{d['device']}, {d['backbone']}, {size}**", "",
-                "| mode | precision | seconds | vs dense-HR | vs baseline | max rel. error |",
-                "|---|---|---|---|---|---|"]
-        for mode, m in d["modes"].items():
-            err = f"{m['max_rel_err']:.1e}" if m.get("max_rel_err") is not None else ""
-            out.append(f"| {mode.rsplit('_', 1)[0]} | {m.get('precision', '')} | "
-                       f"{m['time_s']:.3f} | {m['speedup_vs_dense']:.2f}x | "
-                       f"{m['speedup_vs_baseline']:.2f}x | {err} |")
-        out += ["", _source(d, name), ""]
+                _table(["mode", "precision", "seconds", "vs dense-HR", "vs baseline",
+                        "max rel. error"], rows), "", _source(d, name), ""]
     return "\n".join(out)
 
 
 def _video() -> str:
     d = _load("video-flight.json")
-    rows = d["rows"]
     names = {"video": "`detect flight.mp4`", "png": "`detect` on the frames as PNG files",
              "video_track": "`detect flight.mp4 --track`",
              "sahi_video_bf16": "SAHI's video prediction (same weights, bf16)"}
-    out = ["| run | frames/s | AP50 | MOTA | IDF1 |", "|---|---|---|---|---|"]
+    rows = []
     for k, label in names.items():
-        r = rows[k]
-        f = lambda key: f"{r[key]:.3f}" if key in r else ""  # noqa: E731
-        out.append(f"| {label} | {r['frames_per_s']:.2f} | {f('ap50')} | {f('mota')} | "
-                   f"{f('idf1')} |")
+        r = d["rows"][k]
+        rows.append([label, f"{r['frames_per_s']:.2f}",
+                     *(f"{r[key]:.3f}" if key in r else "" for key in ("ap50", "mota", "idf1"))])
     m = d["memory"]
-    return "\n".join(out) + (
+    return _table(["run", "frames/s", "AP50", "MOTA", "IDF1"], rows) + (
         f"\n\nPeak memory of `detect --track --fps 1`: {m['30s']['peak_rss_mib']:.0f} MiB over a "
         f"30-second flight, {m['300s']['peak_rss_mib']:.0f} MiB over a 5-minute one "
         f"({d['memory_ratio_300s_vs_30s']:.2f}x).\n\n") + _source(d, "video-flight.json")
@@ -158,47 +168,18 @@ def _runtimes() -> str:
     out = []
     for name in ("runtimes-busy-4096.json", "runtimes-survey-4096.json"):
         d = _load(name)
+        rows = [[r["runtime"], r["precision"], f"{r['whole_process_s']:.2f} s",
+                 f"{r['in_process_s']:.2f} s", f"{r['AP50']:.3f}"] for r in d["rows"].values()]
         out += [f"**{Path(d['raster']).name}**", "",
-                "| runtime | precision | whole process | in process | AP50 |",
-                "|---|---|---|---|---|"]
-        for r in d["rows"].values():
-            out.append(f"| {r['runtime']} | {r['precision']} | {r['whole_process_s']:.2f} s | "
-                       f"{r['in_process_s']:.2f} s | {r['AP50']:.3f} |")
-        out += ["", _source(d, name), ""]
+                _table(["runtime", "precision", "whole process", "in process", "AP50"], rows),
+                "", _source(d, name), ""]
     return "\n".join(out)
-
-
-def headline() -> str:
-    """The README's one table: whole process against SAHI on the largest rasters, CPU and GPU."""
-    out = ["| raster (8192^2) | machine | querydet | SAHI fp32 | faster, defaults | faster, same "
-           "precision (fp32 / bf16) | AP querydet / SAHI |", "|---|---|---|---|---|---|---|"]
-    for name, label in (("detect-vs-sahi-busy-8192.json", "busy"),
-                        ("detect-vs-sahi-survey-8192.json", "survey"),
-                        ("detect-vs-sahi-busy-8192-cuda-h200.json", "busy")):
-        d = _load(name)
-        rows, ratios = d["rows"], d["ratios"]
-        machine = "NVIDIA H200" if "h200" in name else "2-core CPU"
-        ap = f"{rows['querydet']['AP']:.3f} / {rows['sahi_fp32']['AP']:.3f}" \
-            if "AP" in rows["querydet"] else "not scored"
-        out.append(f"| {label} | {machine} | {rows['querydet']['wall_s']:.1f} s | "
-                   f"{rows['sahi_fp32']['wall_s']:.1f} s | {ratios['defaults']:.2f}x | "
-                   f"{ratios['same_precision_fp32']:.2f}x / {ratios['same_precision_bf16']:.2f}x"
-                   f" | {ap} |")
-    return "\n".join(out)
-
-
-def readme_block(text: str) -> str:
-    """The README with its headline block rewritten from the results."""
-    return re.sub(r"(<!-- results:headline -->\n).*?(\n<!-- /results -->)",
-                  lambda m: m[1] + headline() + m[2], text, flags=re.S)
 
 
 def _families() -> str:
     """The FCOS and Faster R-CNN rows of `querydet bench`: each mode against dense-HR and the
     family's baseline, the error at the keys, and the share of P2 / P3 computed."""
-    out = ["| family | mode | time s | vs dense-HR | vs baseline | max_rel_err | P2 / P3 MACs "
-           "computed |", "|---|---|---|---|---|---|---|"]
-    notes = []
+    rows, notes = [], []
     for name, family in (("heads-r50-1024-fcos.json", "FCOS"),
                          ("heads-r50-1024-faster-rcnn.json", "Faster R-CNN")):
         d = _load(name)
@@ -206,24 +187,24 @@ def _families() -> str:
             levels = m.get("levels", {})
             share = " / ".join(f"{levels[k]['fraction_computed']:.1%}" if k in levels else "-"
                                for k in ("P2", "P3"))
-            err = f"{m['max_rel_err']:.1e}" if m.get("max_rel_err") is not None else "-"
             label = f"`{mode}`" + (" (baseline)" if mode == d["baseline"] else "")
-            out.append(f"| {family} | {label} | {m['time_s']:.2f} | {m['speedup_vs_dense']:.2f}x "
-                       f"| {m['speedup_vs_baseline']:.2f}x | {err} | {share} |")
+            rows.append([family, label, *_mode_cells(m, 2, "-"), share])
         notes.append(_source(d, name))
-    return "\n".join(out) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return _table(["family", "mode", "time s", "vs dense-HR", "vs baseline", "max_rel_err",
+                   "P2 / P3 MACs computed"], rows) + "\n\n" + _notes(notes)
 
 
 def _ray() -> str:
     """`detect --ray` with one and two single-thread actors on the same rasters."""
     d = _load("detect-ray.json")
-    out = ["| rasters | 1 worker | 2 workers | ratio |", "|---|---|---|---|"]
+    rows = []
     for key in sorted(k for k in d if k.startswith("size_")):
         r = d[key]["ray_scaling"]
         rates = r["megapixels_per_s"]
-        out.append(f"| {r['rasters']} x {r['size']}^2 ({r['megapixels']:.0f} Mpx) | "
-                   f"{rates['1']:.2f} Mpx/s | {rates['2']:.2f} Mpx/s | {r['ratio']:.2f}x |")
-    return "\n".join(out) + "\n\n" + _source(d, "detect-ray.json")
+        rows.append([f"{r['rasters']} x {r['size']}^2 ({r['megapixels']:.0f} Mpx)",
+                     f"{rates['1']:.2f} Mpx/s", f"{rates['2']:.2f} Mpx/s", f"{r['ratio']:.2f}x"])
+    return _table(["rasters", "1 worker", "2 workers", "ratio"], rows) + "\n\n" + \
+        _source(d, "detect-ray.json")
 
 
 def _eval_synthetic() -> str:
@@ -233,9 +214,7 @@ def _eval_synthetic() -> str:
               ("querydet_fcos_mobilenet_synthetic", "QueryDet (FCOS)"),
               ("faster_rcnn_mobilenet_synthetic", "Faster R-CNN (1-conv RPN)"),
               ("querydet_faster_rcnn_mobilenet_synthetic", "Faster R-CNN, 3-conv RPN + query")]
-    out = ["| model | CSQ | AP | AP50 | AP75 | APs | APm | images/s (CPU, 192 px) |",
-           "|---|---|---|---|---|---|---|---|"]
-    notes = []
+    rows, notes = [], []
     for name, label in models:
         d = _load(f"eval-synthetic-{name}.json")
         query = name.startswith("querydet")
@@ -243,14 +222,41 @@ def _eval_synthetic() -> str:
             if row["run"] not in ("dense", "csq sigma=0.15"):
                 continue
             csq = "-" if not query else ("no" if row["run"] == "dense" else "sigma 0.15")
-            out.append(f"| {label} | {csq} | " + " | ".join(f"{row[k]:.3f}" for k in
-                       ("AP", "AP50", "AP75", "APs", "APm")) + f" | {row['images_per_s']:.1f} |")
+            rows.append([label, csq, *(f"{row[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs",
+                                                                  "APm")),
+                         f"{row['images_per_s']:.1f}"])
         notes.append(_source(d, f"eval-synthetic-{name}.json"))
-    return "\n".join(out) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return _table(["model", "CSQ", "AP", "AP50", "AP75", "APs", "APm",
+                   "images/s (CPU, 192 px)"], rows) + "\n\n" + _notes(notes)
 
 
-RENDERERS = {"eval-synthetic": _eval_synthetic, "families": _families, "ray": _ray, "detect-vs-sahi": _detect_vs_sahi, "memory": _memory, "heads": _heads,
-             "video": _video, "runtimes": _runtimes}
+def headline() -> str:
+    """The README's one table: whole process against SAHI on the largest rasters, CPU and GPU."""
+    rows = []
+    for name, label in (("detect-vs-sahi-busy-8192.json", "busy"),
+                        ("detect-vs-sahi-survey-8192.json", "survey"),
+                        ("detect-vs-sahi-busy-8192-cuda-h200.json", "busy")):
+        d = _load(name)
+        r, ratios = d["rows"], d["ratios"]
+        rows.append([label, "NVIDIA H200" if "h200" in name else "2-core CPU",
+                     f"{r['querydet']['wall_s']:.1f} s", f"{r['sahi_fp32']['wall_s']:.1f} s",
+                     f"{ratios['defaults']:.2f}x", f"{ratios['same_precision_fp32']:.2f}x / "
+                     f"{ratios['same_precision_bf16']:.2f}x",
+                     f"{r['querydet']['AP']:.3f} / {r['sahi_fp32']['AP']:.3f}"
+                     if "AP" in r["querydet"] else "not scored"])
+    return _table(["raster (8192^2)", "machine", "querydet", "SAHI fp32", "faster, defaults",
+                   "faster, same precision (fp32 / bf16)", "AP querydet / SAHI"], rows)
+
+
+RENDERERS = {"detect-vs-sahi": _detect_vs_sahi, "memory": _memory, "heads": _heads,
+             "video": _video, "runtimes": _runtimes, "families": _families, "ray": _ray,
+             "eval-synthetic": _eval_synthetic}
+
+
+def readme_block(text: str) -> str:
+    """The README with its headline block rewritten from the results."""
+    return re.sub(r"(<!-- results:headline -->\n).*?(\n<!-- /results -->)",
+                  lambda m: m[1] + headline() + m[2], text, flags=re.S)
 
 
 def render(markdown: str) -> str:

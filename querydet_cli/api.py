@@ -25,7 +25,6 @@ from .pipeline.detect import DetectSummary, run_detect
 from .reading.gsd import check_input_gsd, parse_gsd_option
 from .pipeline.options import DetectOptions
 from .reading.arrays import array_dataset
-from .reading.raster import RasterSource
 from .pipeline.tiling import check_plan
 
 if TYPE_CHECKING:
@@ -176,10 +175,8 @@ class Detector:
         check_plan(opts.tile_size, opts.overlap, "tile_size", "overlap")
         records: list[Detection] = []
         with _source(image, transform, crs) as source:
-            run_detect(self.model, self.config, [source], records.extend, None, opts,
-                       self.device)
-            with RasterSource(source, opts.bands, stretch_known=True) as src:
-                info = src.info()  # the CRS of the frame
+            summary = run_detect(self.model, self.config, [source], records.extend, None, opts,
+                                 self.device)
         rows = {c: [] for c in COLUMNS}
         geoms = []
         for d in records:
@@ -188,8 +185,7 @@ class Detector:
             for c, v in zip(("x1", "y1", "x2", "y2"), d.bbox):
                 rows[c].append(v)
             geoms.append(Polygon(d.geometry) if d.geometry else box(*d.bbox))
-        frame = gpd.GeoDataFrame(rows, geometry=geoms,
-                                 crs=info.crs if info.georeferenced else None)
+        frame = gpd.GeoDataFrame(rows, geometry=geoms, crs=summary.crs)
         return frame.astype({"class_id": "int64", "score": "float64"})
 
 

@@ -113,6 +113,7 @@ def test_the_quick_start_commands_run(tmp_path):
         assert run.returncode == 0, (command, run.stderr[-2000:])
     assert (tmp_path / "out" / "sample_detections.geojson").is_file()
     assert (tmp_path / "out" / "sample_detections.html").is_file()
+    assert (tmp_path / "out" / "sample_scene_detections.png").is_file()
     assert (tmp_path / "dets.geojson").is_file() and (tmp_path / "dets.html").is_file()
 
 

@@ -9,14 +9,13 @@ differ only in what surrounds the network: reading, slicing, batching, merging, 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..core.errors import QueryDetError
-from ..reading.inputs import VIDEO_SUFFIXES
+from ..reading.inputs import is_video
 
 
 def _sahi_base():
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     model, cfg = load_model(a.weights, a.device)
     model.set_precision(a.precision)
-    if Path(a.raster).suffix.lower() in VIDEO_SUFFIXES:
+    if is_video(a.raster):
         dets = sahi_video(a.raster, model, list(cfg.names()), torch.device(a.device),
                           a.slice, a.overlap, a.confidence)
     else:

@@ -13,7 +13,7 @@ import typer
 
 from ..core.errors import QueryDetError
 from ..outputs import formats
-from ..reading.inputs import VIDEO_SUFFIXES
+from ..reading.inputs import is_video
 from .shared import (Backend, Device, DetectPrecision, MergeMetric, Mode, OutputFormat, Runtime,
                      _context, _folder_option, app, comma_list, log, pixels)
 
@@ -117,7 +117,7 @@ def _inputs(inputs: list[str], output: str, out_format, selection, track: bool, 
     chosen frames), and the video to render (--save-vis with a video input). What cannot go
     with video frames is refused here, before anything runs."""
     from ..reading.inputs import expand_inputs, refuse_output_over_inputs
-    from ..reading.video import Video, is_video
+    from ..reading.video import Video
 
     paths = expand_inputs(inputs)
     refuse_output_over_inputs(output, paths)
@@ -250,7 +250,7 @@ def _check_detect_usage(output: str, ray, gpus_per_worker: float, json_out: bool
     from ..pipeline.tiling import check_default_plan
 
     check_default_plan(tile_size, overlap)
-    if save_vis is not None and save_vis.suffix.lower() not in VIDEO_SUFFIXES:
+    if save_vis is not None and not is_video(save_vis):
         _folder_option(save_vis, "--save-vis")  # a folder of overviews (a video is a file)
 
 

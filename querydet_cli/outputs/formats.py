@@ -89,7 +89,11 @@ class GeoJSON(Format):
 
     @classmethod
     def read(cls, path: Path) -> list[Detection]:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+    @classmethod
+    def from_json(cls, doc: Any) -> list[Detection]:
+        """The records of a parsed FeatureCollection."""
         if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection":
             raise ValueError("expected a GeoJSON FeatureCollection, COCO results list, CSV, "
                              "NDJSON or GeoPackage")
@@ -117,7 +121,11 @@ class Coco(Format):
 
     @classmethod
     def read(cls, path: Path) -> list[Detection]:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+    @classmethod
+    def from_json(cls, doc: Any) -> list[Detection]:
+        """The records of a parsed COCO results list."""
         if not isinstance(doc, list):
             raise ValueError("expected a COCO results list")
         out = []
@@ -307,8 +315,8 @@ def read_detections(path: Path) -> list[Detection]:
     fmt = by_suffix(path)
     try:
         if fmt in (None, Coco):  # .json holds COCO results, or GeoJSON written by --format
-            doc = json.loads(path.read_text(encoding="utf-8"))
-            fmt = Coco if isinstance(doc, list) else GeoJSON
+            doc = json.loads(path.read_text(encoding="utf-8"))  # parsed once, by its shape
+            return (Coco if isinstance(doc, list) else GeoJSON).from_json(doc)
         return fmt.read(path)
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError,
             ValueError, AttributeError) as err:

@@ -62,6 +62,7 @@ class DetectSummary:
     precision: str | None = None
     runtime: str = "torch"  # what ran the network: torch, onnxruntime or openvino
     objects: dict[str, int] | None = None  # with --track: distinct objects followed, per class
+    crs: str | None = None  # the first georeferenced input's CRS (None: none was)
 
 
 class DetectInterrupted(QueryDetError):
@@ -385,6 +386,8 @@ class _Run:
                 self.summary.done += 1
                 self.summary.new_detections += n
                 self.summary.megapixels += info.source_width * info.source_height / 1e6
+                if info.georeferenced and self.summary.crs is None:
+                    self.summary.crs = info.crs
         except QueryDetError as err:
             if self.sink is not None:  # the Python API: the caller's one image failed
                 raise

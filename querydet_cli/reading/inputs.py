@@ -17,6 +17,11 @@ IMAGE_SUFFIXES = {".tif", ".tiff", ".jpg", ".jpeg", ".png", ".jp2", ".vrt", ".im
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v"}  # read frame by frame (video.py)
 
 
+def is_video(path: str | Path) -> bool:
+    """A video by its suffix (MP4, MOV, MKV)."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
 def expand_inputs(args: list[str], stdin: Iterable[str] | None = None) -> list[str]:
     """Files, directories (their images, sorted), globs, and '-' (paths read from stdin)."""
     out: list[str] = []

@@ -77,6 +77,13 @@ def fix_at(fixes: list[Fix], time_s: float) -> Fix | None:
     return best if best is not None and time_s < best.end + 1e-6 else None
 
 
+def metres_per_degree(latitude: float) -> tuple[float, float]:
+    """Metres per degree of latitude and of longitude at `latitude` (WGS84, series to 1 cm)."""
+    phi = math.radians(latitude)
+    return (111132.92 - 559.82 * math.cos(2 * phi) + 1.175 * math.cos(4 * phi),
+            111412.84 * math.cos(phi) - 93.5 * math.cos(3 * phi))
+
+
 def frame_transform(fix: Fix, width: int, height: int, hfov: float, where: str
                     ) -> tuple[float, float, float, float, float, float]:
     """The affine (a, b, c, d, e, f) from a frame's pixels to lon/lat (EPSG:4326): lon = a*col +
@@ -91,9 +98,7 @@ def frame_transform(fix: Fix, width: int, height: int, hfov: float, where: str
         raise QueryDetError(f"{where}: rel_alt {fix.rel_alt:g} m: the camera is not above the "
                             "ground it would be placed on")
     metres = 2 * fix.rel_alt * math.tan(math.radians(hfov) / 2) / width  # per pixel
-    phi = math.radians(fix.latitude)
-    per_lat = 111132.92 - 559.82 * math.cos(2 * phi) + 1.175 * math.cos(4 * phi)  # m / degree
-    per_lon = 111412.84 * math.cos(phi) - 93.5 * math.cos(3 * phi)
+    per_lat, per_lon = metres_per_degree(fix.latitude)
     psi = math.radians(fix.yaw)
     # a pixel right of the centre moves east by cos(yaw), north by -sin(yaw); one down moves
     # east by -sin(yaw) and north by -cos(yaw) (image up is the heading)

@@ -17,12 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import QueryDetError
-from .inputs import VIDEO_SUFFIXES
+
 AHEAD = 4  # decoded frames waiting for the model, at most
-
-
-def is_video(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
 def import_av():
@@ -111,11 +107,9 @@ class Video:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self.times, self.start_pts = _probe(self.path)
+        self.times, self.start_pts, (self.width, self.height) = _probe(self.path)
         self._decoder: _Decoder | None = None
         self.last_pixels: np.ndarray | None = None  # the frame read last (for drawing on)
-        first = _first_frame_size(self.path)
-        self.width, self.height = first
 
     @property
     def duration(self) -> float:
@@ -191,13 +185,14 @@ def _reason(err: Exception) -> str:
     return text[:160]
 
 
-def _probe(path: str) -> tuple[np.ndarray, int]:
-    """Every frame's time in seconds, sorted, from the packets (no decoding), and the
-    timestamp they count from."""
+def _probe(path: str) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """One look at a video without decoding it: every frame's time in seconds, sorted, from the
+    packets; the timestamp they count from; the frame size."""
     av = import_av()
     container = _open(path)
     try:
         stream = container.streams.video[0]
+        size = (stream.codec_context.width, stream.codec_context.height)
         base = stream.time_base
         pts = []
         try:
@@ -211,19 +206,9 @@ def _probe(path: str) -> tuple[np.ndarray, int]:
         container.close()
     if not pts:
         raise QueryDetError(f"{path}: the video has no frames")
-    return np.array(sorted(round(float((p - start) * base), 6) for p in pts)), start
-
-
-def _first_frame_size(path: str) -> tuple[int, int]:
-    container = _open(path)
-    try:
-        stream = container.streams.video[0]
-        width, height = stream.codec_context.width, stream.codec_context.height
-    finally:
-        container.close()
-    if not width or not height:
+    if not all(size):
         raise QueryDetError(f"{path}: the video's frame size is unknown")
-    return width, height
+    return np.array(sorted(round(float((p - start) * base), 6) for p in pts)), start, size
 
 
 class _Decoder:

@@ -134,10 +134,10 @@ def write_srt(path: Path, corners: list[tuple[int, int]], size: tuple[int, int],
     camera position over the window's centre, at the height where a lens of `hfov` degrees sees
     `gsd` metres a pixel. `yaw` or `pitch` None leaves that field out."""
     width, height = size
+    from ..reading.telemetry import metres_per_degree
+
     alt = gsd * width / (2 * math.tan(math.radians(hfov) / 2))
-    phi = math.radians(origin[0])
-    per_lat = 111132.92 - 559.82 * math.cos(2 * phi) + 1.175 * math.cos(4 * phi)
-    per_lon = 111412.84 * math.cos(phi) - 93.5 * math.cos(3 * phi)
+    per_lat, per_lon = metres_per_degree(origin[0])
     blocks = []
     for i, (x0, y0) in enumerate(corners):
         east, north = (x0 + width / 2) * gsd, -(y0 + height / 2) * gsd

@@ -126,3 +126,29 @@ def test_an_interrupted_video_continues_at_its_first_unfinished_frame(tmp_path, 
                          model.pixel_mean.device)
     assert summary.resumed_detections > 0 and summary.new_detections > 0
     assert out.read_bytes() == full.read_bytes()  # track ids continue across the interrupt
+
+
+def test_an_interrupted_render_keeps_the_old_video(tmp_path, flight):
+    """--save-vis: the rendered video is renamed into place only when the run completes; an
+    interrupt leaves the old one as it was and no partial file."""
+    model, cfg = load_model(sample_model(), "cpu")
+    old = tmp_path / "v.mp4"
+    old.write_bytes(b"the old rendering")
+    real, calls = model.predict_levels, [0]
+
+    def stopping(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    model.predict_levels = stopping
+    opts = DetectOptions(tile_size=256, overlap=32, batch_size=1, input_gsd=0.3,
+                         save_video=str(old))
+    with pytest.raises(DetectInterrupted):
+        run_detect(model, cfg, Video(flight).frames(FrameSelection()), str(tmp_path / "d.csv"),
+                   "csv", opts, model.pixel_mean.device)
+    model.predict_levels = real
+    assert old.read_bytes() == b"the old rendering"
+    # the journal is kept for --resume; of the rendering nothing half-made is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.csv.querydet-partial", "v.mp4"]

@@ -74,7 +74,10 @@ def test_what_cannot_be_placed_is_one_line(tmp_path):
     flight = write_flight(tmp_path / "f.mp4", frames=4, size=SIZE, fps=FPS, step=STEP)
     write_srt(tmp_path / "noyaw.SRT", camera_path(4, SIZE, STEP), SIZE, FPS, yaw=None)
     write_srt(tmp_path / "short.SRT", camera_path(2, SIZE, STEP), SIZE, FPS)
+    (tmp_path / "empty.SRT").write_text("1\n00:00:00,000 --> 00:00:01,000\nno position\n")
     cases = [(["--telemetry", "short.SRT"], "has no fix at that time"),
+             (["--telemetry", "missing.SRT"], "--telemetry missing.SRT: cannot read it"),
+             (["--telemetry", "empty.SRT"], "no latitude, longitude and rel_alt found"),
              (["--telemetry", "noyaw.SRT", "--hfov", "84"], "no heading (gb_yaw)"),
              (["--telemetry", "auto", "--hfov", "84"], "has no f.SRT beside it"),
              (["--telemetry", "noyaw.SRT"], "--telemetry needs --hfov")]
@@ -85,3 +88,5 @@ def test_what_cannot_be_placed_is_one_line(tmp_path):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
     assert not (tmp_path / "d.geojson").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.SRT", "f.mp4", "noyaw.SRT",
+                                                          "short.SRT"]  # nothing made
