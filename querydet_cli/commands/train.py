@@ -165,13 +165,13 @@ def tile(
     rasters: Annotated[Optional[list[Path]], typer.Argument(help="GeoTIFFs to cut, with --labels (a GIS layer)")] = None,
     *,
     out: Annotated[Path, typer.Option(help="Output folder: images/ and annotations.json (COCO)")],
-    labels: Annotated[Optional[Path], typer.Option(help="GIS layer of boxes, polygons or points in any CRS (GeoPackage, Shapefile, GeoJSON, FlatGeobuf); a GeoPackage with a reviewed_areas layer beside its labels layer gets chips only inside those areas, empty ones included")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="GIS layer of boxes, polygons or points in any CRS (GeoPackage, Shapefile, GeoJSON, FlatGeobuf); a corrected file (view --edit: a reviewed_areas layer beside its labels layer, or GeoJSON features with role reviewed_area) gets chips only inside those areas, empty ones included")] = None,
     layer: Annotated[Optional[str], typer.Option(help="Layer of a multi-layer --labels file")] = None,
     label_field: Annotated[Optional[str], typer.Option(help="Field holding the class name (default: label or class; else one class, object)")] = None,
     classes: Annotated[Optional[str], typer.Option(help="Class names in model order, comma-separated (others skipped)")] = None,
     point_size: Annotated[Optional[float], typer.Option(help="Box side for point labels, in the raster CRS's units (metres)")] = None,
     bounds: Annotated[Optional[str], typer.Option(help="Only cut chips inside XMIN,YMIN,XMAX,YMAX (raster CRS)")] = None,
-    annotations: Annotated[Optional[Path], typer.Option(help="COCO JSON of the source images")] = None,
+    annotations: Annotated[Optional[Path], typer.Option(help="COCO JSON of the source images (an image's reviewed_areas, as view --edit writes them, limit its chips to those areas)")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Image folder of the COCO JSON (default: images/ beside it)")] = None,
     visdrone: Annotated[Optional[Path], typer.Option(help="A VisDrone-DET folder (images/, annotations/) instead of COCO")] = None,
     size: Annotated[int, typer.Option(min=32, max=16384, help="Chip size in pixels (sliding windows)")] = 512,
@@ -210,19 +210,18 @@ def tile(
     from ..training.datasets import coco_category_ids, load_coco, load_visdrone
     from ..training.train import report_problems
 
-    ids, reviewed = None, None
+    ids = None
     if labels is not None:
-        from ..training.vector_labels import load_vector_labels, reviewed_areas
+        from ..training.vector_labels import load_vector_labels
 
         found = load_vector_labels([str(r) for r in rasters], labels, layer=layer,
                                    label_field=label_field, classes=class_list,
                                    point_size=point_size)
         samples, names, problems = found.samples, found.class_names, found.problems
-        reviewed = reviewed_areas(labels)
         print(f"querydet: {found.total} labels in {labels}: {found.total - found.outside} on "
               f"the rasters, {found.outside} outside every raster"
-              + (f"; chips only inside its {len(reviewed)} reviewed area(s)"
-                 if reviewed is not None else ""), file=sys.stderr)
+              + (f"; chips only inside its {found.reviewed} reviewed area(s)"
+                 if found.reviewed else ""), file=sys.stderr)
     elif visdrone is not None:
         samples, names, problems = load_visdrone(visdrone)
     else:
@@ -234,8 +233,7 @@ def tile(
     with _chip_folder(out):
         cut_chips(samples, names, out, size=size, overlap=overlap, quadrants=quadrants,
                   min_visible=min_visible, keep_empty=keep_empty, class_ids=ids,
-                  bounds=box, gsd=gsd, val_fraction=val_fraction, val_bounds=val_box,
-                  reviewed=reviewed)
+                  bounds=box, gsd=gsd, val_fraction=val_fraction, val_bounds=val_box)
     for name in ("annotations.json", "val.json") if (val_fraction or val_box) else ("annotations.json",):
         data = json.loads((out / name).read_text())
         print(f"{len(data['images'])} chips, "

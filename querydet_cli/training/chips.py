@@ -75,8 +75,7 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
               class_ids: list[int] | None = None,
               bounds: tuple[float, float, float, float] | None = None,
               gsd: float | None = None, val_fraction: float = 0.0,
-              val_bounds: tuple[float, float, float, float] | None = None,
-              reviewed=None) -> Path:
+              val_bounds: tuple[float, float, float, float] | None = None) -> Path:
     """Write chips and `annotations.json` (COCO) under out_dir; returns the JSON path.
 
     `class_ids` are the category ids written for the classes (default 1..K); `bounds`
@@ -87,8 +86,9 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
     `split_windows`): its chips go to `val.json`, the rest to `annotations.json`, and no pixel
     of a validation chip is in a training chip.
     Chip names carry the source's image id, so two sources of one file name never collide.
-    `reviewed` (a GeoDataFrame of polygons in any CRS): chips are cut only inside these areas,
-    empty ones included (they teach "nothing here"); None: everywhere.
+    A sample with reviewed areas (`Sample.reviewed`) gets chips only inside them, cut over each
+    area's extent (smaller where the area is), the empty ones included: they teach "nothing
+    here"; outside them nothing is known, so no chip is cut there.
     """
     class_ids = list(class_ids) if class_ids else list(range(1, len(class_names) + 1))
     import rasterio
@@ -115,16 +115,13 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
             if grid.region is None:
                 continue
             windows = split_windows(grid, size, overlap, quadrants, val_fraction,
-                                    grid.val_rect(val_bounds))
+                                    grid.val_rect(val_bounds), sample.reviewed)
             sample_boxes, sample_ignore = grid.to_grid(sample.boxes), grid.to_grid(sample.ignore)
-            inside = None if reviewed is None else _reviewed_in(reviewed, src)
             for k, (win, part) in enumerate(windows):
                 images, annotations = split[part]
-                if inside is not None and not inside.covers(grid.footprint(win)):
-                    continue  # outside what a person reviewed: nothing is known there
                 boxes, idx, partial = clip_boxes(sample_boxes, win, min_visible)
                 ignore, _, _ = clip_boxes(sample_ignore, win, 1e-9)
-                if len(boxes) == 0 and not keep_empty and inside is None:
+                if len(boxes) == 0 and not keep_empty and sample.reviewed is None:
                     continue
                 data, transform = grid.read(win)
                 name = _write_chip(out, f"{sample.image.stem}_{sample.image_id}_{k:04d}", data,
@@ -157,16 +154,21 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def split_windows(grid: "_ChipGrid", size: int, overlap: int, quadrants: bool,
-                  val_fraction: float, val_rect: tuple[int, int, int, int] | None
-                  ) -> list[tuple[Window, str]]:
+                  val_fraction: float, val_rect: tuple[int, int, int, int] | None,
+                  reviewed=None) -> list[tuple[Window, str]]:
     """Chip windows of a grid, each marked "train" or "val".
 
     The validation block is `val_rect` (x1, y1, x2, y2 in grid pixels, from --val-bounds), or
     with `val_fraction` a strip of that share of the grid along its longer side (the east or
     the south end). Validation chips are cut inside the block, training chips outside it, so
     no pixel is in both; a training window that would reach into the block is dropped.
+    With `reviewed` (areas in source pixels) the windows are cut over each area's extent and
+    kept where the areas cover them.
     """
     def cut(width: int, height: int, x0: int = 0, y0: int = 0) -> list[Window]:
+        if reviewed is not None:
+            return reviewed_windows(grid, reviewed, size, overlap, (x0, y0, x0 + width,
+                                                                     y0 + height))
         wins = (quadrant_windows(width, height) if quadrants
                 else sliding_windows(width, height, size, overlap))
         return [Window(w.x + x0, w.y + y0, w.width, w.height) for w in wins]
@@ -245,17 +247,6 @@ class _ChipGrid:
         r = self.region
         return RioWindow(r.x + win.x * sx, r.y + win.y * sy, win.width * sx, win.height * sy)
 
-    def footprint(self, win: Window):
-        """A chip window as a polygon in the raster's CRS (its four corners, through the
-        affine transform), slightly shrunk so a chip on an area's edge still counts inside."""
-        from shapely.geometry import Polygon
-
-        w = self._rio_window(win)
-        t = self.src.transform
-        corners = [t * (w.col_off + dx * w.width, w.row_off + dy * w.height)
-                   for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1))]
-        return Polygon(corners).buffer(-1e-6 * max(abs(t.a), abs(t.e)))
-
     def source_window(self, win: Window) -> list[float]:
         """A chip's window in source pixels (x, y, width, height); fractional when resampled."""
         w = self._rio_window(win)
@@ -333,14 +324,25 @@ def _ann(ann_id: int, image_id: int, category: int, box: np.ndarray, crowd: int)
             "area": round((x2 - x1) * (y2 - y1), 2), "iscrowd": crowd}
 
 
-def _reviewed_in(reviewed, src):
-    """The reviewed areas in one raster's CRS, as one shape."""
-    import warnings
+def reviewed_windows(grid: "_ChipGrid", reviewed, size: int, overlap: int,
+                     part: tuple[int, int, int, int]) -> list[Window]:
+    """Chip windows over each reviewed area's extent within `part` (x1, y1, x2, y2 in grid
+    pixels), kept where the areas (a geometry in source pixels) cover them; one window is kept
+    once where areas overlap."""
+    from shapely.geometry import box
 
-    from shapely.ops import unary_union
-
-    if src.crs is None:
-        raise QueryDetError("reviewed areas need georeferenced rasters")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return unary_union(list(reviewed.to_crs(src.crs).geometry))
+    areas = list(getattr(reviewed, "geoms", [reviewed]))
+    found: dict[Window, None] = {}
+    for area in areas:
+        extent = grid.to_grid(np.array([area.bounds], np.float32))[0]
+        x1, y1 = max(part[0], int(np.floor(extent[0]))), max(part[1], int(np.floor(extent[1])))
+        x2, y2 = min(part[2], int(np.ceil(extent[2]))), min(part[3], int(np.ceil(extent[3])))
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            continue
+        for w in sliding_windows(x2 - x1, y2 - y1, size, min(overlap, size - 1)):
+            win = Window(w.x + x1, w.y + y1, w.width, w.height)
+            sx, sy, sw, sh = grid.source_window(win)
+            # a hair inside, so a window on an area's edge (or rounded to it) still counts
+            if reviewed.buffer(1e-3).covers(box(sx, sy, sx + sw, sy + sh)):
+                found[win] = None
+    return list(found)

@@ -12,7 +12,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ class Sample:
     image_id: int = 0
     width: int = 0
     height: int = 0
+    # where a person reviewed the labels (a shapely geometry in these pixels): inside it the
+    # boxes are the whole truth, outside it nothing is known; None: the whole image is labelled
+    reviewed: Any = None
 
 
 @dataclass
@@ -169,8 +172,29 @@ def load_coco(json_path: str | Path, images_dir: str | Path | None = None
                 continue
             boxes.append(_clip(box, w, h))
             labels.append(cat_index[category])
-        samples.append(_sample(path, boxes, labels, ignore, int(img["id"]), w, h))
+        sample = _sample(path, boxes, labels, ignore, int(img["id"]), w, h)
+        sample.reviewed = coco_reviewed(img, f"{json_path}:images[{img['id']}]")
+        samples.append(sample)
     return samples, names, problems
+
+
+def coco_reviewed(img: dict, where: str):
+    """An image's `reviewed_areas` ([[x, y, w, h], ...] in its pixels, as `view --edit` writes a
+    COCO file) as one shapely geometry; None when it has none."""
+    if "reviewed_areas" not in img:
+        return None
+    from shapely.geometry import box
+    from shapely.ops import unary_union
+
+    try:
+        rects = [tuple(float(v) for v in r) for r in img["reviewed_areas"]]
+        ok = all(len(r) == 4 and all(np.isfinite(r)) and r[2] > 0 and r[3] > 0 for r in rects)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not rects:
+        raise QueryDetError(f"{where}: reviewed_areas must be a list of [x, y, width, height] "
+                            "rectangles of positive size")
+    return unary_union([box(x, y, x + w, y + h) for x, y, w, h in rects])
 
 
 def coco_category_ids(json_path: str | Path) -> list[int]:

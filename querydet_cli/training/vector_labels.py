@@ -30,30 +30,42 @@ class VectorLabels:
     problems: list[Problem]
     total: int  # labels read from the layer (after the class filter)
     outside: int  # labels inside no raster
+    reviewed: int = 0  # reviewed areas in the file (0: a plain labels layer)
 
 
 REVIEWED_LAYER = "reviewed_areas"  # a labels file's areas where its labels are the whole truth
 LABELS_LAYER = "labels"  # the labels layer of a file that also holds reviewed areas
+ROLE_FIELD = "role"  # in a one-layer file (GeoJSON): "reviewed_area" marks an area, else a label
+AREA_ROLE = "reviewed_area"
 
 
-def reviewed_areas(path: str | Path):
-    """The `reviewed_areas` polygons of a labels file (a GeoDataFrame), or None when it has
-    none: inside them the labels are the truth and everything else is background; outside them
-    nothing is known, so no chip is cut there."""
+def corrected_layers(path: str | Path, layer: str | None = None):
+    """(labels, reviewed areas) of a labels file as GeoDataFrames; the areas are None for a
+    plain labels layer. A corrected file keeps its areas in a `reviewed_areas` layer beside a
+    `labels` layer (GeoPackage), or as features whose `role` is `reviewed_area` (GeoJSON).
+    Inside the areas the labels are the truth and everything else is background; outside them
+    nothing is known."""
     import pyogrio
 
     try:
         layers = {name for name, _ in pyogrio.list_layers(path)}
-    except Exception:  # not a multi-layer source (or unreadable: read_layer says why)
-        return None
-    if REVIEWED_LAYER not in layers:
-        return None
-    areas = read_layer(path, REVIEWED_LAYER)
+    except Exception:  # unreadable: read_layer says why
+        layers = set()
+    if layer is None and REVIEWED_LAYER in layers:
+        labels, areas = read_layer(path, LABELS_LAYER if LABELS_LAYER in layers else None), \
+            read_layer(path, REVIEWED_LAYER)
+    else:
+        labels, areas = read_layer(path, layer), None
+        if ROLE_FIELD in labels.columns and (labels[ROLE_FIELD] == AREA_ROLE).any():
+            is_area = (labels[ROLE_FIELD] == AREA_ROLE).to_numpy()
+            labels, areas = labels[~is_area], labels[is_area]
+    if areas is None:
+        return labels, None
     areas = areas[areas.geometry.notna() & ~areas.geometry.is_empty]
     if not len(areas) or not areas.geom_type.isin(["Polygon", "MultiPolygon"]).all():
-        raise QueryDetError(f"--labels: {path}: layer {REVIEWED_LAYER} must hold polygons "
-                            "(the areas a person reviewed)")
-    return areas
+        raise QueryDetError(f"--labels: {path}: the reviewed areas must be polygons (the areas "
+                            "a person reviewed)")
+    return labels, areas
 
 
 def read_layer(path: str | Path, layer: str | None = None):
@@ -87,9 +99,7 @@ def load_vector_labels(rasters: list[str], labels: str | Path, *, layer: str | N
             skipped (reported). None: the sorted distinct values.
         point_size: box side for point features, in the raster CRS's units.
     """
-    if layer is None and reviewed_areas(labels) is not None:
-        layer = LABELS_LAYER  # a corrected file: its labels beside its reviewed areas
-    gdf = read_layer(labels, layer)
+    gdf, areas = corrected_layers(labels, layer)
     problems: list[Problem] = []
     field = label_field
     if field is None:
@@ -122,18 +132,20 @@ def load_vector_labels(rasters: list[str], labels: str | Path, *, layer: str | N
     inside_any = np.zeros(len(gdf), bool)
     for image_id, raster in enumerate(rasters, start=1):
         sample, on = _labels_on_raster(Path(raster), image_id, gdf, labels_of, is_point,
-                                       point_size)
+                                       point_size, areas)
         samples.append(sample)
         inside_any |= on
     outside = int((~inside_any).sum())
-    return VectorLabels(samples, names, problems, int(len(gdf)), outside)
+    return VectorLabels(samples, names, problems, int(len(gdf)), outside,
+                        0 if areas is None else len(areas))
 
 
 def _labels_on_raster(raster: Path, image_id: int, gdf, labels_of: np.ndarray,
-                      is_point: np.ndarray, point_size: float | None
+                      is_point: np.ndarray, point_size: float | None, areas=None
                       ) -> tuple[Sample, np.ndarray]:
     """The layer's features in one raster's pixels: its Sample (boxes at least MIN_INSIDE on
-    the raster; the others touching it become ignore regions) and which features touch it."""
+    the raster; the others touching it become ignore regions, the reviewed areas its
+    `reviewed` geometry) and which features touch it."""
     import rasterio
     from rasterio.errors import RasterioIOError
 
@@ -169,8 +181,20 @@ def _labels_on_raster(raster: Path, image_id: int, gdf, labels_of: np.ndarray,
     on = visible > 0
     obj = on & (frac >= MIN_INSIDE)
     ign = on & (frac < MIN_INSIDE)
-    return _sample(raster, clipped[obj], labels_of[obj], clipped[ign], image_id, width,
-                   height), on
+    sample = _sample(raster, clipped[obj], labels_of[obj], clipped[ign], image_id, width, height)
+    if areas is not None:
+        sample.reviewed = areas_to_pixels(areas.to_crs(crs), transform)
+    return sample, on
+
+
+def areas_to_pixels(areas, transform):
+    """Polygons in the raster's CRS (a GeoDataFrame) as one shapely geometry in its pixels."""
+    from shapely.affinity import affine_transform
+    from shapely.ops import unary_union
+
+    inv = ~transform
+    return unary_union([affine_transform(g, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f])
+                        for g in areas.geometry])
 
 
 def map_boxes_to_pixels(boxes: np.ndarray, transform) -> np.ndarray:
