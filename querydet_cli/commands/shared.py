@@ -31,6 +31,7 @@ def _choices(name: str, values) -> type[Enum]:
 
 class Recipe(str, Enum):
     finetune = "finetune"
+    refine = "refine"
     config = "config"
 
 

@@ -34,12 +34,15 @@ def train(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Override train.workers")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override train.seed")] = None,
     gsd: Annotated[Optional[float], typer.Option("--gsd", help="Metres per pixel of the training images when they carry no georeference (GeoTIFF chips from `querydet tile` record their own)")] = None,
-    recipe: Annotated[Optional[Recipe], typer.Option(help="finetune (the default with --init): epochs, warm-up, backbone at 0.1x, batch-norm statistics adapting (--freeze-bn keeps them), native scale, augmentation; config: the config's own schedule")] = None,
+    recipe: Annotated[Optional[Recipe], typer.Option(help="With --init the default is refine when the checkpoint (trained on real imagery) already knows every class of the data: half the rate, epochs over the new chips, the earlier chips mixed in; else finetune: epochs, warm-up, backbone at 0.1x, batch-norm statistics adapting (--freeze-bn keeps them), native scale, augmentation. config: the config's own schedule")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, max=100000, help="Override train.epochs (passes over the training set)")] = None,
     val_annotations: Annotated[Optional[str], typer.Option(help="COCO JSON of validation chips (e.g. tile's val.json): AP every --eval-period iterations, model_best.pt")] = None,
     val_root: Annotated[Optional[str], typer.Option(help="Image folder of --val-annotations (default: images/ beside it)")] = None,
     eval_period: Annotated[Optional[int], typer.Option(min=0, help="Override train.eval_period (iterations between validations; 0: none)")] = None,
     early_stop: Annotated[Optional[int], typer.Option(min=0, help="Override train.early_stop (validations without a better AP before stopping; 0: never)")] = None,
+    pseudo_labels: Annotated[Optional[list[Path]], typer.Option(help="Self-training on this unlabelled imagery of the new site (repeat for several): the --init model labels it (TTA), the confident boxes are learnt, then again; with --train-annotations too, a last refine run on those labels follows")] = None,
+    pseudo_rounds: Annotated[int, typer.Option(min=1, max=20, help="Rounds of --pseudo-labels")] = 2,
+    pseudo_share: Annotated[float, typer.Option(help="--pseudo-labels: boxes scoring at least this share of the best box are labels; from half of that up, ignore regions")] = 0.9,
 ) -> None:
     """Train QueryDet (RetinaNet, FCOS or Faster R-CNN host, from the config) or a baseline (multi-GPU: torchrun --nproc_per_node N -m querydet_cli train ...)."""
     from ..core.config import config_from_dict, load_config, with_changes
@@ -71,12 +74,19 @@ def train(
                                            "--train-root": train_root,
                                            "--val-annotations": val_annotations,
                                            "--val-root": val_root})
-    if (recipe or (Recipe.finetune if init is not None else Recipe.config)) == Recipe.finetune:
+    chosen = recipe or _default_recipe(cfg, init)
+    if chosen == Recipe.finetune:
         from ..training.train import finetune_recipe
 
         cfg = finetune_recipe(cfg, validation=val_annotations is not None)
+    elif chosen == Recipe.refine:
+        from ..training.refine import refine_recipe
+
+        cfg = refine_recipe(cfg, validation=val_annotations is not None)
     if max_iter is not None and epochs is None:  # a count of iterations replaces the epochs
         cfg = with_changes(cfg, "train", epochs=0)
+    if epochs is not None and max_iter is None:  # the epochs asked for, not a recipe's cap
+        max_iter = 100_000_000
     cfg = with_changes(cfg, "train", max_iter=max_iter, batch_size=batch_size, base_lr=lr,
                        workers=workers, seed=seed, epochs=epochs, eval_period=eval_period,
                        early_stop=early_stop)
@@ -84,8 +94,55 @@ def train(
     from ..training.train import train as run_training
 
     dev = resolve_device(device.value)
-    summary = run_training(cfg, out, device=str(dev), resume=resume, init=init)
+    if pseudo_labels:
+        summary = _self_train(cfg, init, pseudo_labels, pseudo_rounds, pseudo_share, out,
+                              str(dev), resume, corrections=train_annotations is not None
+                              or train_root is not None or dataset is not None)
+    else:
+        summary = run_training(cfg, out, device=str(dev), resume=resume, init=init)
     print(json.dumps(summary))
+
+
+def _self_train(cfg, init: Path | None, rasters: list[Path], rounds: int, share: float,
+                out: Path, device: str, resume: bool, corrections: bool) -> dict:
+    """train --pseudo-labels (training/selftrain.py), checked first: an --init model to label
+    with, readable imagery, a fresh run."""
+    from ..reading.inputs import expand_inputs
+    from ..runtimes.loading import load_model
+    from ..training.selftrain import PseudoLabelling, self_train
+    from ..training.train import train as run_training
+
+    if init is None:
+        raise QueryDetError("--pseudo-labels needs --init: the model that labels the imagery")
+    if resume:
+        raise QueryDetError("--pseudo-labels starts its rounds afresh; --resume is for one run")
+    found = expand_inputs([str(r) for r in rasters])
+    pseudo = PseudoLabelling(tuple(found), rounds, share)
+    return self_train(cfg, init, pseudo, out, device,
+                      lambda weights, dev: load_model(weights, dev, "torch", None),
+                      run_training, corrections)
+
+
+def _default_recipe(cfg, init: Path | None) -> Recipe:
+    """config without --init; with it, refine when the checkpoint already knows every class of
+    the data (training/refine.py), else finetune. Says which on stderr."""
+    if init is None:
+        return Recipe.config
+    from querydet_models.checkpoint import load_checkpoint
+
+    from ..core.config import config_from_dict
+    from ..training.refine import data_class_names, knows_every_class
+
+    try:
+        known = config_from_dict(load_checkpoint(init)["config"])
+    except Exception:  # a missing or broken checkpoint: training's --init check says so
+        return Recipe.finetune
+    names = data_class_names(cfg)
+    if knows_every_class(known, names):
+        print(f"querydet: --init {init} already knows {', '.join(names)}: the refine recipe "
+              "(--recipe finetune for the first-site one)", file=sys.stderr)
+        return Recipe.refine
+    return Recipe.finetune
 
 
 def _refuse_unread_data(dataset: str, given: dict[str, str | None]) -> None:

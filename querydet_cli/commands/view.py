@@ -25,13 +25,22 @@ def view(
     embed_max: Annotated[int, typer.Option(min=256, max=8192, help="Largest side in pixels of an embedded raster (a larger one is embedded as its overview)")] = 2048,
     min_score: Annotated[float, typer.Option(min=0.0, max=1.0, help="Score slider's starting value")] = 0.0,
     title: Annotated[Optional[str], typer.Option(help="Page title (default: the detections file's name)")] = None,
+    edit: Annotated[bool, typer.Option("--edit", help="Correct the detections of one --raster: delete, draw, move, resize, reclass boxes, mark reviewed areas, undo; saved as labels that tile --labels / --annotations learn from (with --serve to the --save file, else a download)")] = False,
+    save: Annotated[Optional[Path], typer.Option(help="--edit: the corrected file saves go to (.gpkg or .geojson; .json COCO for an image without a georeference); default: a corrected file itself, else DETECTIONS' name .corrected.gpkg")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="--edit: classes a box may take besides the detections' own, comma-separated (the keys 1-9 pick them in this order)")] = None,
 ) -> None:
     """A web map of detections over their imagery: score slider, class toggles, counts, click
-    for properties; offline (no network), 100 000 boxes drawn on canvas tiles."""
+    for properties; offline (no network), 100 000 boxes drawn on canvas tiles. With --edit, a
+    person corrects them on the map and saves labels to train on."""
     rasters = list(raster or [])
-    target = output or detections.with_suffix(".html")
+    target = output or detections.with_suffix(".edit.html" if edit else ".html")
     if target == detections:
         raise QueryDetError(f"--output {target} is the detections file; give another name")
+    if (save is not None or classes is not None) and not edit:
+        raise QueryDetError("--save and --classes are options of --edit")
+    if edit:
+        return _edit(detections, rasters, target, save, classes, serve, port, embed_max,
+                     min_score, title or detections.name)
     if serve:
         from ..viewer.page import check_boxes, read_detections
 
@@ -69,7 +78,38 @@ def check_page_target(target: Path, inputs: list[str], folder_made: bool = False
     refuse_output_over_inputs(str(target), inputs)
 
 
-def _serve(boxes, rasters: list[str], name: str, min_score: float, port: int) -> None:
+def _edit(detections: Path, rasters: list[str], target: Path, save: Path | None,
+          classes: str | None, serve: bool, port: int, embed_max: int, min_score: float,
+          title: str) -> None:
+    """view --edit: one raster's boxes made editable, served (saves write --save) or as an
+    offline page (saves are downloads)."""
+    import sys
+
+    from .shared import comma_list
+    from ..viewer.editing import open_session
+
+    if len(rasters) != 1:
+        raise QueryDetError("--edit corrects the detections of one raster: give it with --raster")
+    if not detections.is_file():
+        raise QueryDetError(f"{detections}: file not found")
+    if not serve:
+        check_page_target(target, [str(detections), *rasters])
+    names = list(comma_list(classes, "--classes")) if classes else []
+    session = open_session(detections, rasters[0], save, names, served=serve)
+    if serve:
+        return _serve(session.boxes, rasters, title, min_score, port, session)
+    from ..viewer.page import build_page, raster_view, render, write_page
+
+    page = build_page(session.boxes, [raster_view(rasters[0], embed_max)], title, min_score,
+                      groups=session.groups())
+    page.classes, page.edit = session.classes, session.page_settings()
+    write_page(render(page), target)
+    print(f"querydet: {len(session.boxes):,} boxes to correct -> {target} (open it in a "
+          f"browser; Download saves {page.edit['download']})", file=sys.stderr)
+
+
+def _serve(boxes, rasters: list[str], name: str, min_score: float, port: int,
+           session=None) -> None:
     import os
     import sys
 
@@ -81,5 +121,13 @@ def _serve(boxes, rasters: list[str], name: str, min_score: float, port: int) ->
     views = [SourceView(Path(r).name, t.source.width, t.source.height, t.maxzoom,
                         tiles=f"tiles/{k}/{{z}}/{{x}}/{{y}}.png", path=r)
              for k, (r, t) in enumerate(zip(rasters, tiles))]
-    html = render(build_page(boxes, views, name, min_score))
-    serve(html, tiles, port, announce=lambda line: print(line, file=sys.stderr, flush=True))
+    page = build_page(boxes, views, name, min_score,
+                      groups=session.groups() if session else None)
+    saver = None
+    if session is not None:
+        from ..viewer.editing import SaveEndpoint
+
+        page.classes, page.edit = session.classes, session.page_settings()
+        saver = SaveEndpoint(session)
+    serve(render(page), tiles, port,
+          announce=lambda line: print(line, file=sys.stderr, flush=True), saver=saver)

@@ -113,6 +113,9 @@ class TrainConfig:
     eval_period: int = 0  # iterations between validation AP runs (0: none)
     early_stop: int = 0  # stop after this many validations without a better one (0: never)
     best_metric: Literal["AP50", "AP"] = "AP50"  # what model_best.pt is the best of
+    # earlier chips mixed in per new chip (the refine recipe): drawn from the --init checkpoint's
+    # recorded training data where it is still there, so a second site does not erase the first
+    replay: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -120,6 +123,7 @@ class TrainConfig:
             (0 <= self.backbone_lr_factor <= 10, "train.backbone_lr_factor", "0..10"),
             (self.eval_period >= 0, "train.eval_period", ">= 0"),
             (self.early_stop >= 0, "train.early_stop", ">= 0"),
+            (0 <= self.replay <= 10, "train.replay", "0..10"),
             (self.batch_size >= 1, "train.batch_size", ">= 1"),
             (self.base_lr > 0, "train.base_lr", "> 0"),
             (self.max_iter >= 1, "train.max_iter", ">= 1"),

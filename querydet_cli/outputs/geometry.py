@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 
 def pixel_box_ring(box, transform) -> list[list[float]]:
     """Closed ring of a pixel box's four corners mapped through an affine (a, b, c, d, e, f)."""
@@ -64,3 +66,14 @@ def crs_urn(crs: str) -> str:
     if crs.upper().startswith("EPSG:"):
         return f"urn:ogc:def:crs:EPSG::{crs.split(':', 1)[1]}"
     return crs
+
+
+def map_boxes_to_pixels(boxes: np.ndarray, transform) -> np.ndarray:
+    """Map-coordinate boxes (G, 4) to pixel boxes: the pixel bounds of each box's four corners
+    through the inverse affine (right for north-up, south-up and rotated rasters alike)."""
+    inv = ~transform
+    xs = boxes[:, [0, 2, 2, 0]]  # (G, 4) corner x
+    ys = boxes[:, [1, 1, 3, 3]]  # (G, 4) corner y
+    cols = inv.a * xs + inv.b * ys + inv.c
+    rows = inv.d * xs + inv.e * ys + inv.f
+    return np.stack([cols.min(1), rows.min(1), cols.max(1), rows.max(1)], 1).astype(np.float32)

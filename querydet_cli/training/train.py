@@ -94,8 +94,10 @@ def _distributed() -> tuple[int, int]:
 
 
 def train(cfg: Config, out_dir: str | Path, device: str = "cpu", resume: bool = False,
-          quiet: bool = False, init: str | Path | None = None) -> dict[str, Any]:
-    """Train `cfg` into out_dir (last.pt, model_final.pt, metrics.jsonl); returns a summary."""
+          quiet: bool = False, init: str | Path | None = None,
+          earlier: Config | None = None) -> dict[str, Any]:
+    """Train `cfg` into out_dir (last.pt, model_final.pt, metrics.jsonl); returns a summary.
+    `earlier`: whose recorded training data a refine run mixes in (default: --init's)."""
     out = Path(out_dir)
     rank, world = _distributed()
     if world > 1 and device.startswith("cuda"):
@@ -121,7 +123,8 @@ def train(cfg: Config, out_dir: str | Path, device: str = "cpu", resume: bool = 
     if rank == 0:  # one run per folder (the ranks of one torchrun job share it)
         lock.acquire()
     try:
-        return _train(cfg, out, dev, resume, quiet, rank, world, last, init, init_payload)
+        return _train(cfg, out, dev, resume, quiet, rank, world, last, init, init_payload,
+                      earlier)
     except QueryDetError:  # a user's mistake found late leaves nothing behind
         if rank == 0 and not any(p.name != ".querydet.lock" for p in out.iterdir()):
             lock.release(remove=True)
@@ -134,7 +137,8 @@ def train(cfg: Config, out_dir: str | Path, device: str = "cpu", resume: bool = 
 
 def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool, rank: int,
            world: int, last: Path, init: str | Path | None = None,
-           init_payload: dict[str, Any] | None = None) -> dict[str, Any]:
+           init_payload: dict[str, Any] | None = None, earlier: Config | None = None
+           ) -> dict[str, Any]:
     samples, cfg = _training_data(cfg, out)
     start_iter = 0
     payload = None
@@ -151,6 +155,9 @@ def _train(cfg: Config, out: Path, dev: torch.device, resume: bool, quiet: bool,
         if "optimizer" not in payload["extra"]:
             raise QueryDetError(f"--resume: {last} has no optimizer state (it is not a training "
                                 "checkpoint of querydet train); start from it with --init")
+    if earlier is None and init_payload is not None:
+        earlier = config_from_dict(init_payload["config"])
+    samples = samples + _mixed_in(cfg, out, resume, earlier, len(samples), rank == 0)
     t = cfg.train
     dataset = DetectionDataset(samples, t.short_sides, t.max_size, train=True, hflip=t.hflip,
                                seed=t.seed + rank, augment=t.augment, resize=t.resize,
@@ -247,6 +254,22 @@ def _training_data(cfg: Config, out: Path) -> tuple[list[Sample], Config]:
     return samples, cfg
 
 
+def _mixed_in(cfg: Config, out: Path, resume: bool, earlier: Config | None, new: int,
+              write: bool) -> list[Sample]:
+    """The earlier site's chips a refine run mixes in (refine.py): drawn once from the training
+    data `earlier` records, read back from the run's replay.json on --resume."""
+    from .refine import read_replay, replay_samples
+
+    if cfg.train.replay <= 0:
+        return []
+    if resume:
+        return read_replay(out)
+    if earlier is None:
+        return []
+    return replay_samples(earlier, list(cfg.class_names), round(cfg.train.replay * new),
+                          cfg.train.seed, out if write else None)
+
+
 def finetune_recipe(cfg: Config, validation: bool) -> Config:
     """The schedule `train --init` uses unless told otherwise, made for a few hundred labels:
     counted in epochs, a short warm-up, the pretrained backbone at a tenth of the heads' rate,
@@ -256,7 +279,8 @@ def finetune_recipe(cfg: Config, validation: bool) -> Config:
     # grey copies of a quarter-plus of the chips: the next site's crowns (or roofs, or cars) rarely
     # share this site's colours; measured across the two NEON forests (README), it carried over
     augment = replace(cfg.train.augment, grayscale_prob=0.3)
-    t = replace(cfg.train, epochs=40, batch_size=4, base_lr=0.01, momentum=0.9, augment=augment,
+    t = replace(cfg.train, epochs=40, max_iter=100_000, batch_size=4, base_lr=0.01, momentum=0.9,
+                augment=augment,
                 weight_decay=0.0001, warmup_iters=50, warmup_factor=0.01, lr_gamma=0.1,
                 backbone_lr_factor=0.1, freeze_backbone=False, resize="native",
                 clip_grad_norm=35.0, checkpoint_period=100,
@@ -266,12 +290,13 @@ def finetune_recipe(cfg: Config, validation: bool) -> Config:
 
 
 def schedule_in_epochs(cfg: Config, per_epoch: int) -> Config:
-    """With train.epochs > 0: max_iter = epochs x iterations per epoch, the steps at 2/3 and
-    8/9 of it, warm-up at most a fifth of it. The config records what ran."""
+    """With train.epochs > 0: max_iter = epochs x iterations per epoch (at most the config's
+    max_iter, a recipe's cap), the steps at 2/3 and 8/9 of it, warm-up at most a fifth of it.
+    The config records what ran."""
     t = cfg.train
     if t.epochs <= 0:
         return cfg
-    total = max(1, t.epochs * per_epoch)
+    total = max(1, min(t.epochs * per_epoch, t.max_iter))
     steps = tuple(sorted({max(1, total * 2 // 3), max(2, total * 8 // 9)}))
     return replace(cfg, train=replace(t, max_iter=total, steps=steps,
                                       warmup_iters=max(1, min(t.warmup_iters, total // 5))))

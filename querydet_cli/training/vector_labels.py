@@ -18,6 +18,8 @@ import numpy as np
 
 from .datasets import Problem, Sample, _sample
 from ..core.errors import QueryDetError
+from ..outputs.corrections import AREA_ROLE, LABELS_LAYER, REVIEWED_LAYER, ROLE_FIELD
+from ..outputs.geometry import map_boxes_to_pixels
 
 # a label part inside a raster smaller than this fraction of the label is an ignore region there
 MIN_INSIDE = 0.5
@@ -33,10 +35,6 @@ class VectorLabels:
     reviewed: int = 0  # reviewed areas in the file (0: a plain labels layer)
 
 
-REVIEWED_LAYER = "reviewed_areas"  # a labels file's areas where its labels are the whole truth
-LABELS_LAYER = "labels"  # the labels layer of a file that also holds reviewed areas
-ROLE_FIELD = "role"  # in a one-layer file (GeoJSON): "reviewed_area" marks an area, else a label
-AREA_ROLE = "reviewed_area"
 
 
 def corrected_layers(path: str | Path, layer: str | None = None):
@@ -195,14 +193,3 @@ def areas_to_pixels(areas, transform):
     inv = ~transform
     return unary_union([affine_transform(g, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f])
                         for g in areas.geometry])
-
-
-def map_boxes_to_pixels(boxes: np.ndarray, transform) -> np.ndarray:
-    """Map-coordinate boxes (G, 4) to pixel boxes: the pixel bounds of each box's four corners
-    through the inverse affine (right for north-up, south-up and rotated rasters alike)."""
-    inv = ~transform
-    xs = boxes[:, [0, 2, 2, 0]]  # (G, 4) corner x
-    ys = boxes[:, [1, 1, 3, 3]]  # (G, 4) corner y
-    cols = inv.a * xs + inv.b * ys + inv.c
-    rows = inv.d * xs + inv.e * ys + inv.f
-    return np.stack([cols.min(1), rows.min(1), cols.max(1), rows.max(1)], 1).astype(np.float32)

@@ -35,6 +35,7 @@ class Box:
     score: float  # -1: ground truth (a miss), shown at every score
     bbox: tuple[float, float, float, float]  # pixels x1, y1, x2, y2
     group: str = ""  # what the colour says: the class, or a status (true/false positive, miss)
+    status: str = ""  # a corrected file's label status (outputs/corrections.py), when editing
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Page:
     min_score: float = 0.0
     note: str = ""
     index: dict[str, int] = field(default_factory=dict)  # detection source -> sources position
+    classes: list[str] | None = None  # the class list (editing: every class a box may take)
+    edit: dict | None = None  # the editor's settings (viewer/editing.py); None: view only
 
 
 def read_detections(path: Path) -> list[Box]:
@@ -152,7 +155,7 @@ def render(page: Page) -> str:
     leaflet = _leaflet_dir()
     static = resources.files("querydet_cli.viewer") / "static"
     group_of = {n: k for k, (n, _) in enumerate(page.groups)}
-    class_names = sorted(dict.fromkeys(b.class_name for b in page.boxes))
+    class_names = page.classes or sorted(dict.fromkeys(b.class_name for b in page.boxes))
     class_of = {n: k for k, n in enumerate(class_names)}
     kept = [b for b in page.boxes if b.group in group_of]
     index = page.index
@@ -169,6 +172,18 @@ def render(page: Page) -> str:
                       "group": [group_of[b.group] for b in kept],
                       "cls": [class_of[b.class_name] for b in kept],
                       "source": [index[b.source] for b in kept]}}
+    editing = {"edit_panel": "", "editor_script": ""}
+    if page.edit is not None:
+        data["edit"] = page.edit
+        data["boxes"]["status"] = [b.status for b in kept]
+        served = bool(page.edit.get("token"))
+        panel = Template((static / "editor.html").read_text(encoding="utf-8")).substitute(
+            save_label="Save" if served else "Download",
+            save_note=_escape(f"Save writes {page.edit['target']}." if served else
+                              f"Download saves {page.edit['download']} where your browser puts "
+                              "downloads (querydet view --edit --serve saves the file itself)."))
+        editing = {"edit_panel": panel, "editor_script": "<script>" + (
+            static / "editor.js").read_text(encoding="utf-8") + "</script>\n"}
     notes = [page.note] + [s.note for s in page.sources if s.note]
     text = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     return Template((static / "viewer.html").read_text(encoding="utf-8")).substitute(
@@ -176,7 +191,7 @@ def render(page: Page) -> str:
         note="<br>".join(_escape(n) for n in notes if n),
         leaflet_css=(leaflet / "leaflet.css").read_text(encoding="utf-8"),
         leaflet_js=(leaflet / "leaflet.js").read_text(encoding="utf-8"),
-        viewer_js=(static / "viewer.js").read_text(encoding="utf-8"))
+        viewer_js=(static / "viewer.js").read_text(encoding="utf-8"), **editing)
 
 
 def _escape(text: str) -> str:

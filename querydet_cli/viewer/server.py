@@ -12,6 +12,7 @@ tile. `view --serve` holds GDAL's block cache to 64 MB (GDAL_CACHEMAX, unless se
 from __future__ import annotations
 
 import io
+import json
 import re
 import sys
 import threading
@@ -24,6 +25,7 @@ from ..core.errors import QueryDetError
 
 TILE = re.compile(r"^/tiles/(\d+)/(-?\d+)/(-?\d+)/(-?\d+)\.png$")
 OVERVIEW_SIDE = 2048
+MAX_BODY = 256 * 1024 * 1024  # bytes of one save (about two million labels)
 
 
 class TileSource:
@@ -120,10 +122,32 @@ class TileSource:
         self.source.close()
 
 
-def serve(html: str, tiles: list[TileSource], port: int, announce=print) -> None:
-    """Serve the page at / and tiles at /tiles/<raster>/<z>/<x>/<y>.png until Ctrl-C."""
+def serve(html: str, tiles: list[TileSource], port: int, announce=print, saver=None) -> None:
+    """Serve the page at / and tiles at /tiles/<raster>/<z>/<x>/<y>.png until Ctrl-C; with a
+    `saver` (editing.SaveEndpoint), the editing page's saves at POST /save."""
 
     class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            if saver is None or self.path.split("?")[0] != "/save":
+                return self._send(404, "text/plain", b"not found\n")
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return self._json(411, {"error": "a save needs its Content-Length"})
+            if not 0 <= length <= MAX_BODY:
+                return self._json(413, {"error": "the save is too large"})
+            body = self.rfile.read(length)
+            code, answer = saver.handle(self.headers, body, self.server.server_address[1])
+            if code != 200:
+                print(f"querydet: save refused ({code}): {answer['error']}", file=sys.stderr)
+            else:
+                print(f"querydet: saved {answer['labels']} labels and {answer['areas']} reviewed "
+                      f"areas to {answer['path']}", file=sys.stderr)
+            return self._json(code, answer)
+
+        def _json(self, code: int, answer: dict) -> None:
+            self._send(code, "application/json", json.dumps(answer).encode("utf-8"))
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?")[0]
             if path in ("/", "/index.html"):
@@ -144,8 +168,8 @@ def serve(html: str, tiles: list[TileSource], port: int, announce=print) -> None
             self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-cache" if kind.startswith("text/html")
-                             else "max-age=3600")
+            self.send_header("Cache-Control", "max-age=3600" if kind == "image/png"
+                             else "no-store")
             self.end_headers()
             self.wfile.write(body)
 

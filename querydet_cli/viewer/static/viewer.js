@@ -5,13 +5,12 @@
 (function () {
   "use strict";
   const DATA = JSON.parse(document.getElementById("querydet-data").textContent);
-  const B = DATA.boxes;  // columns: x1 y1 x2 y2 score group source
-  const N = B.score.length;
+  const B = DATA.boxes;  // columns: x1 y1 x2 y2 score group cls source (+ del touch: editing)
   const mapEl = document.getElementById("map");
   const CELL = 256;  // bucket side in source pixels
   const state = {source: 0, minScore: DATA.minScore, on: DATA.groups.map(() => true),
                  order: [], cursor: -1};
-  const visible = new Uint8Array(N);
+  const visible = [];  // grows with the boxes an editor draws
   let buckets = new Map(), maxSide = 1, map = null, imageLayer = null, boxLayer = null;
   const t0 = performance.now();
 
@@ -20,13 +19,15 @@
   function toLatLng(x, y) { const s = unit(); return L.latLng(-y / s, x / s); }
   function toPixel(ll) { const s = unit(); return [ll.lng * s, -ll.lat * s]; }
   function passes(i) {
+    if (B.del && B.del[i]) return false;  // deleted while editing
     return B.source[i] === state.source && state.on[B.group[i]] &&
-      (B.score[i] < 0 || B.score[i] >= state.minScore);  // a miss (score -1) always passes
+      (B.score[i] < 0 || B.score[i] >= state.minScore ||  // a miss (score -1) always passes
+       (B.touch && B.touch[i] > 0));  // so does a box a person edited or drew
   }
 
   function index() {  // buckets of this source's boxes by centre cell
     buckets = new Map(); maxSide = 1;
-    for (let i = 0; i < N; i++) {
+    for (let i = 0; i < B.score.length; i++) {
       if (B.source[i] !== state.source) continue;
       const key = Math.floor((B.x1[i] + B.x2[i]) / 2 / CELL) + "," +
         Math.floor((B.y1[i] + B.y2[i]) / 2 / CELL);
@@ -55,7 +56,7 @@
     const counts = DATA.groups.map(() => 0);
     let shown = 0;
     state.order = [];
-    for (let i = 0; i < N; i++) {
+    for (let i = 0; i < B.score.length; i++) {
       visible[i] = passes(i) ? 1 : 0;
       if (visible[i]) { counts[B.group[i]]++; shown++; state.order.push(i); }
     }
@@ -115,8 +116,7 @@
     open(i);
   }
 
-  function clicked(e) {
-    const p = toPixel(e.latlng);
+  function pick(p) {  // the smallest shown box under a source pixel, or -1
     const slack = 3 * Math.pow(2, src().maxzoom - map.getZoom());  // a few screen pixels
     let best = -1, area = Infinity;
     near(p[0], p[1], p[0], p[1], (i) => {
@@ -126,6 +126,12 @@
       const a = (B.x2[i] - B.x1[i]) * (B.y2[i] - B.y1[i]);
       if (a < area) { area = a; best = i; }
     });
+    return best;
+  }
+
+  function clicked(e) {
+    if (DATA.edit) return;  // the editor's clicks select (editor.js)
+    const best = pick(toPixel(e.latlng));
     if (best >= 0) open(best);
   }
 
@@ -201,4 +207,8 @@
     mapEl.dataset.ready = "true";
   });
   showSource(0);
+  // what the editor (editor.js, in `view --edit` pages only) works with
+  window.querydetView = {DATA: DATA, B: B, map: map, mapEl: mapEl, state: state, visible: visible,
+    toLatLng: toLatLng, toPixel: toPixel, pick: pick, unit: unit,
+    refresh: function () { index(); filter(); }};
 })();
