@@ -48,6 +48,8 @@ def train(
     from ..core.config import config_from_dict, load_config, with_changes
 
     _folder_option(out, "--out")
+    pseudo = _pseudo_labelling(init, pseudo_labels, pseudo_rounds, pseudo_share, resume) \
+        if pseudo_labels else None
     if config is None and init is not None:  # fine-tune: the checkpoint's model and schedule
         from querydet_models.checkpoint import load_checkpoint
 
@@ -74,7 +76,8 @@ def train(
                                            "--train-root": train_root,
                                            "--val-annotations": val_annotations,
                                            "--val-root": val_root})
-    chosen = recipe or _default_recipe(cfg, init)
+    corrections = train_annotations is not None or train_root is not None or dataset is not None
+    chosen = recipe or _default_recipe(cfg, init, quiet=pseudo is not None and not corrections)
     if chosen == Recipe.finetune:
         from ..training.train import finetune_recipe
 
@@ -94,38 +97,44 @@ def train(
     from ..training.train import train as run_training
 
     dev = resolve_device(device.value)
-    if pseudo_labels:
-        summary = _self_train(cfg, init, pseudo_labels, pseudo_rounds, pseudo_share, out,
-                              str(dev), resume, corrections=train_annotations is not None
-                              or train_root is not None or dataset is not None)
+    if pseudo is not None:
+        given = {"epochs": epochs, "max_iter": max_iter, "batch_size": batch_size,
+                 "base_lr": lr, "workers": workers, "seed": seed}
+        if max_iter is not None and epochs is None:
+            given["epochs"] = 0
+        from ..runtimes.loading import load_model
+        from ..training.selftrain import self_train
+
+        summary = self_train(cfg, init, pseudo, out, str(dev),
+                             lambda weights, dev: load_model(weights, dev, "torch", None),
+                             run_training, corrections,
+                             {k: v for k, v in given.items() if v is not None})
     else:
         summary = run_training(cfg, out, device=str(dev), resume=resume, init=init)
     print(json.dumps(summary))
 
 
-def _self_train(cfg, init: Path | None, rasters: list[Path], rounds: int, share: float,
-                out: Path, device: str, resume: bool, corrections: bool) -> dict:
-    """train --pseudo-labels (training/selftrain.py), checked first: an --init model to label
-    with, readable imagery, a fresh run."""
+def _pseudo_labelling(init: Path | None, rasters: list[Path], rounds: int, share: float,
+                      resume: bool):
+    """train --pseudo-labels' settings (training/selftrain.py), checked before anything runs:
+    an --init model to label with, imagery that is there, a fresh run."""
     from ..reading.inputs import expand_inputs
-    from ..runtimes.loading import load_model
-    from ..training.selftrain import PseudoLabelling, self_train
-    from ..training.train import train as run_training
+    from ..training.selftrain import PseudoLabelling
 
     if init is None:
         raise QueryDetError("--pseudo-labels needs --init: the model that labels the imagery")
     if resume:
         raise QueryDetError("--pseudo-labels starts its rounds afresh; --resume is for one run")
     found = expand_inputs([str(r) for r in rasters])
-    pseudo = PseudoLabelling(tuple(found), rounds, share)
-    return self_train(cfg, init, pseudo, out, device,
-                      lambda weights, dev: load_model(weights, dev, "torch", None),
-                      run_training, corrections)
+    missing = [f for f in found if not Path(f).is_file()]
+    if missing:
+        raise QueryDetError(f"--pseudo-labels {missing[0]}: file not found")
+    return PseudoLabelling(tuple(found), rounds, share)
 
 
-def _default_recipe(cfg, init: Path | None) -> Recipe:
+def _default_recipe(cfg, init: Path | None, quiet: bool = False) -> Recipe:
     """config without --init; with it, refine when the checkpoint already knows every class of
-    the data (training/refine.py), else finetune. Says which on stderr."""
+    the data (training/refine.py), else finetune. Says which on stderr unless `quiet`."""
     if init is None:
         return Recipe.config
     from querydet_models.checkpoint import load_checkpoint
@@ -139,8 +148,9 @@ def _default_recipe(cfg, init: Path | None) -> Recipe:
         return Recipe.finetune
     names = data_class_names(cfg)
     if knows_every_class(known, names):
-        print(f"querydet: --init {init} already knows {', '.join(names)}: the refine recipe "
-              "(--recipe finetune for the first-site one)", file=sys.stderr)
+        if not quiet:
+            print(f"querydet: --init {init} already knows {', '.join(names)}: the refine "
+                  "recipe (--recipe finetune for the first-site one)", file=sys.stderr)
         return Recipe.refine
     return Recipe.finetune
 

@@ -81,11 +81,13 @@ def pseudo_samples(model: Any, cfg: Config, rasters: tuple[str, ...], device: An
 
 def self_train(cfg: Config, init: str | Path, pseudo: PseudoLabelling, out: Path, device: str,
                load_model: Callable[[str, str], tuple[Any, Config]], train: Callable[..., dict],
-               corrections: bool) -> dict[str, Any]:
+               corrections: bool, schedule: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rounds of pseudo-labelling and fine-tuning under out/self-training/round-N; the last
     model becomes out/model_final.pt, or, with `corrections` (cfg's own training data), the
     start of a last refine run on them into `out`. `load_model(weights, device)` and
-    `train(cfg, out, device=, init=, earlier=)` are passed in (runtimes and training.train)."""
+    `train(cfg, out, device=, init=, earlier=)` are passed in (runtimes and training.train).
+    `schedule`: train-config fields the rounds take instead of the refine recipe's (the
+    command's --epochs, --max-iter, --seed, ...)."""
     from querydet_models.checkpoint import load_checkpoint
 
     from ..core.config import config_from_dict
@@ -108,6 +110,7 @@ def self_train(cfg: Config, init: str | Path, pseudo: PseudoLabelling, out: Path
         chips = cut_chips(samples, list(mcfg.names()), folder / "chips", size=CHIP,
                           overlap=CHIP_OVERLAP, keep_empty=True)
         round_cfg = refine_recipe(_on_chips(mcfg, chips), validation=False)
+        round_cfg = replace(round_cfg, train=replace(round_cfg.train, **(schedule or {})))
         summary = train(round_cfg, folder, device=device, init=current, earlier=earlier)
         current = folder / "model_final.pt"
         rounds.append({"round": r, "pseudo_labels": found, "threshold": round(threshold, 4),
