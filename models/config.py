@@ -112,7 +112,7 @@ class InferenceConfig:
     sigma: float = 0.15
     start_level: int = 4
     context: str = "exact"
-    backend: Literal["auto", "torch", "spconv"] = "auto"
+    backend: Literal["auto", "torch", "spconv", "blocks"] = "auto"
     # exact CSQ runs a level densely when its sparse plan would cost more than this fraction of
     # the dense heads (1.0: always sparse)
     sparse_max_fraction: float = 0.3
@@ -124,7 +124,7 @@ class InferenceConfig:
     max_detections: int = 100
     # auto: bf16 on CPUs with native bf16 and on CUDA devices that support it, fp16 on other
     # CUDA devices, fp32 otherwise (`precision.resolve_precision`); training keeps train.amp
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
 
     def __post_init__(self) -> None:
         _check(0 <= self.sigma <= 1, "inference.sigma", self.sigma, "0 <= sigma <= 1")

@@ -21,8 +21,9 @@ from torch.nn import functional as F
 from .. import _torchvision  # noqa: F401  (first: torchvision without torch._dynamo)
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
+          "fp16": torch.float16}
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,9 +36,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` -> the fastest precision the device computes natively; others pass through."""
+    """`auto` -> the fastest precision the device computes natively; tf32 (float32 numbers,
+    TensorFloat-32 products) is fp32 off CUDA; others pass through."""
     if name not in PRECISIONS:
         raise ValueError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    if name == "tf32" and device.type != "cuda":
+        return "fp32"
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -46,10 +50,31 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 @contextlib.contextmanager
+def math_mode(tf32: bool) -> Iterator[None]:
+    """One math mode for every float32 product on CUDA: TensorFloat-32 for both cuDNN's
+    convolutions and the matmuls (the sparse heads' GEMMs), or IEEE float32 for both. PyTorch's
+    defaults differ (cuDNN convolutions in TF32, matmuls not), which would put the dense and the
+    sparse heads in different modes; the previous settings come back on exit."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def math_of(precision: str) -> str:
+    """What a precision computes in, as a row of `querydet bench` states it."""
+    return {"fp32": "fp32 (IEEE products)", "tf32": "fp32 numbers, TF32 products",
+            "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[precision]
+
+
+@contextlib.contextmanager
 def compute_context(device: torch.device, precision: str) -> Iterator[None]:
-    """inference_mode, and autocast to bf16/fp16 unless the precision is fp32."""
-    with torch.inference_mode():
-        if precision == "fp32":
+    """inference_mode in one math mode (`math_mode`), and autocast to bf16/fp16 unless the
+    precision is fp32 or tf32."""
+    with torch.inference_mode(), math_mode(precision == "tf32"):
+        if precision in ("fp32", "tf32"):
             yield
         else:
             with torch.autocast(device.type, dtype=DTYPES[precision]):

@@ -302,6 +302,11 @@ def sparse_conv_spconv(x: torch.Tensor, plan: TowerPlan, layer: int, conv: nn.Co
     return feats.index_select(0, plan.select(layer))
 
 
+# torch: gather-GEMM per conv; spconv: the paper's library; blocks: the keys' blocks of the map
+# (with a halo as wide as the towers see) through the unchanged dense convolutions (SBNet)
+SPARSE_BACKENDS = ("torch", "spconv", "blocks")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """`auto` -> the faster backend for `device`.
 
@@ -318,8 +323,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "spconv" and not spconv_available():
         raise RuntimeError("the spconv backend needs spconv: pip install 'querydet[sparse]' "
                            "(CPU) or the spconv-cu12x wheel matching your CUDA (GPU)")
-    if backend not in ("torch", "spconv"):
-        raise ValueError(f"unknown sparse backend {backend!r} (allowed: auto, torch, spconv)")
+    if backend not in SPARSE_BACKENDS:
+        raise ValueError(f"unknown sparse backend {backend!r} (allowed: auto, "
+                         f"{', '.join(SPARSE_BACKENDS)})")
     return backend
 
 

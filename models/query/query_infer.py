@@ -33,6 +33,8 @@ from ..layers.sparse import (TowerPlan, WeightCache, children_of, ravel, resolve
                      run_tower_sparse, unravel)
 
 MODES = ("dense", "csq", "cq", "ccq")
+BLOCK = 8  # side of a gathered block (the blocks backend), in positions of its level
+CROP_BATCH = 256  # crops computed at once
 
 
 @dataclass
@@ -263,11 +265,13 @@ class QueryInference:
                 and plan_macs(tower, plan) > self.options.sparse_max_fraction
                 * tower_macs(tower, n_pos)):
             return self._dense_fallback(level, features, plan.keys, with_query, dense)
+        backend = resolve_backend(self.options.backend, keys.device)
+        if backend == "blocks":
+            return self._block_level(level, features, plan.keys, with_query, dense)
         rows = features.rows(level, plan.sets[0])  # (Q_0, C): the FPN only where needed
         _sync(rows.device)
         t_fpn = time.perf_counter() - t0
         t0 = time.perf_counter()
-        backend = resolve_backend(self.options.backend, rows.device)
         tower_rows = {id(t): run_tower_sparse(t, rows, plan, backend, self.weights)
                       for t in unique_towers(branches)}  # (Q, C_out) at the keys
         cls, box, query = self._outputs(branches, tower_rows)
@@ -284,6 +288,38 @@ class QueryInference:
                            None if full.query is None else full.query[keys], dense_macs,
                            dense_macs, full.seconds, full.fpn_seconds)
 
+    def _crop_towers(self, level: int, features: Pyramid, n: torch.Tensor, oy: torch.Tensor,
+                     ox: torch.Tensor, size: int, towers: list[ConvTower]
+                     ) -> list[torch.Tensor]:
+        """Each tower's output on P square crops of `size` whose top-left corners are (oy, ox) in
+        image n, (P, C_out, size, size) per tower. The crops are read from the FPN at their
+        positions only; positions off the map are zero at every layer's input, as the dense
+        map's zero padding makes them, so a crop's centre (a band of the towers' depth in from
+        its edge) equals the dense map there."""
+        shape = features.shape(level)
+        _, H, W = shape
+        depth = self.depth
+        span = torch.arange(size, device=n.device)
+        ys = oy[:, None, None] + span[None, :, None]  # (P, S, 1)
+        xs = ox[:, None, None] + span[None, None, :]  # (P, 1, S)
+        inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)  # (P, S, S)
+        lin = ravel(n[:, None, None], ys.clamp(0, H - 1), xs.clamp(0, W - 1), shape)  # (P, S, S)
+        uniq, inverse = torch.unique(lin, return_inverse=True)
+        rows = features.rows(level, uniq)  # (U, C): the FPN at the crops' positions only
+        crops = rows[inverse].permute(0, 3, 1, 2) * inside[:, None]  # (P, C, S, S)
+        mask = inside[:, None].to(crops.dtype)  # (P, 1, S, S)
+        outs = []
+        for tower in towers:
+            y = crops
+            for j, conv in enumerate(tower.convs):
+                y = F.conv2d(y, conv.weight, conv.bias, padding=1)
+                if j < depth - 1:
+                    y = F.relu(y) * mask  # off-map positions stay zero, as in the dense map
+                elif tower.relu_last:
+                    y = F.relu(y)
+            outs.append(y)  # (P, C_out, S, S)
+        return outs
+
     def _crop_level(self, level: int, features: Pyramid, parents: torch.Tensor,
                     coarse_shape: tuple[int, int, int], with_query: bool) -> LevelOutput:
         """Crop Query: each parent's 2x2 children computed on a (2 + 2D)^2 dense crop."""
@@ -298,26 +334,12 @@ class QueryInference:
         kid_pos = []
         n, py, px = unravel(parents, coarse_shape)
         device = parents.device
-        span = torch.arange(size, device=device)
         two = torch.arange(2, device=device)
         for start in range(0, parents.numel(), 256):
             sl = slice(start, start + 256)
-            ys = (2 * py[sl] - depth)[:, None, None] + span[None, :, None]  # (P, S, 1)
-            xs = (2 * px[sl] - depth)[:, None, None] + span[None, None, :]  # (P, 1, S)
-            inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)  # (P, S, S)
-            lin = ravel(n[sl][:, None, None], ys.clamp(0, H - 1), xs.clamp(0, W - 1), shape)
-            uniq, inverse = torch.unique(lin, return_inverse=True)
-            rows = features.rows(level, uniq)  # (U, C): the FPN at the crops' positions only
-            crops = rows[inverse].permute(0, 3, 1, 2) * inside[:, None]  # (P, C, S, S)
-            mask = inside[:, None].to(crops.dtype)  # (P, 1, S, S)
-            for t, tower in enumerate(towers):
-                y = crops
-                for j, conv in enumerate(tower.convs):
-                    y = F.conv2d(y, conv.weight, conv.bias, padding=1)
-                    if j < depth - 1:
-                        y = F.relu(y) * mask  # off-map positions stay zero, as in the dense map
-                    elif tower.relu_last:
-                        y = F.relu(y)
+            crops = self._crop_towers(level, features, n[sl], 2 * py[sl] - depth,
+                                      2 * px[sl] - depth, size, towers)
+            for t, y in enumerate(crops):
                 centre = y[:, :, depth:depth + 2, depth:depth + 2]  # (P, C_out, 2, 2)
                 outs[t].append(centre.permute(0, 2, 3, 1).reshape(-1, centre.shape[1]))  # (4P, C_out)
             ky = (2 * py[sl])[:, None, None] + two[None, :, None]  # (P, 2, 1)
@@ -341,6 +363,45 @@ class QueryInference:
         dense = self._macs(branches, lambda tower: tower_macs(tower, N * H * W), N * H * W)
         _sync(device)
         return LevelOutput(level, shape, pos, cls, box, query, macs, dense,
+                           time.perf_counter() - t0)
+
+    def _block_level(self, level: int, features: Pyramid, keys: torch.Tensor,
+                     with_query: bool, dense_macs: float) -> LevelOutput:
+        """Exact CSQ through gathered blocks (SBNet): the BLOCK x BLOCK blocks of the level that
+        hold a key, each with a halo of the towers' depth, run through the dense convolutions
+        as one batch of crops; the keys' rows are read from the blocks' centres."""
+        t0 = time.perf_counter()
+        shape = features.shape(level)
+        _, H, W = shape
+        depth, b = self.depth, BLOCK
+        branches = self.branches(with_query)
+        towers = unique_towers(branches)
+        n, y, x = unravel(keys, shape)
+        gw = -(-W // b)  # blocks per row
+        block = torch.unique((n * -(-H // b) + y // b) * gw + x // b)  # (M,) sorted
+        bn, by, bx = block // (gw * -(-H // b)), (block // gw) % -(-H // b), block % gw
+        # where each key sits: its block's index among the blocks, and its offset inside
+        k_block = torch.searchsorted(block, (n * -(-H // b) + y // b) * gw + x // b)  # (Q,)
+        size = b + 2 * depth
+        rows: list[torch.Tensor | None] = [None] * len(towers)
+        for start in range(0, block.numel(), CROP_BATCH):
+            sl = slice(start, start + CROP_BATCH)
+            mine = torch.nonzero((k_block >= start) & (k_block < start + CROP_BATCH))[:, 0]
+            crops = self._crop_towers(level, features, bn[sl], by[sl] * b - depth,
+                                      bx[sl] * b - depth, size, towers)
+            kb, ky, kx = k_block[mine] - start, y[mine] % b + depth, x[mine] % b + depth
+            for t, out in enumerate(crops):
+                if rows[t] is None:
+                    rows[t] = out.new_zeros(keys.numel(), out.shape[1])  # (Q, C_out)
+                rows[t][mine] = out[kb, :, ky, kx]  # (Q_part, C_out)
+        rows = [r if r is not None else torch.zeros(0, t.convs[-1].out_channels,
+                                                    device=keys.device)
+                for r, t in zip(rows, towers)]
+        cls, box, query = self._outputs(branches, {id(t): r for t, r in zip(towers, rows)})
+        macs = self._macs(branches, lambda t: tower_macs(t, float(block.numel() * size * size)),
+                          keys.numel())
+        _sync(keys.device)
+        return LevelOutput(level, shape, keys, cls, box, query, macs, dense_macs,
                            time.perf_counter() - t0)
 
     def _complete_convolution_query(self, features: Pyramid, levels: list[int]

@@ -25,7 +25,7 @@ import torch
 
 from querydet_models.config import InferenceConfig, ModelConfig
 from querydet_models import FPNDetector, LevelOutput, query_target_map, spconv_available
-from querydet_models.layers.precision import resolve_precision
+from querydet_models.layers.precision import math_of, resolve_precision
 from querydet_models.detectors.querydet import build_querydet
 
 from ..core.errors import QueryDetError
@@ -42,7 +42,7 @@ class BenchOptions:
     sigma: float = 0.15
     start_level: int = 4
     paper_context: str = "5x5"
-    backends: tuple[str, ...] = ("torch", "spconv")
+    backends: tuple[str, ...] = ("torch", "spconv", "blocks")
     repeats: int = 3
     device: str = "cpu"
     seed: int = 0
@@ -321,6 +321,7 @@ def _measure(opts: BenchOptions, model, baseline, precision: str, runs, images, 
         outs, dets, _ = results[-1]
         entry: dict[str, Any] = {
             "precision": precision,
+            "math": math_of(precision),
             "time_s": seconds,
             "backbone_time_s": statistics.median(r[2] for r in results),
             "detections": [int(d["boxes"].shape[0]) for d in dets],

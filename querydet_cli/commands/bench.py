@@ -26,7 +26,7 @@ def bench(
     sigma: Annotated[float, typer.Option(min=0.0, max=1.0, help="Query threshold")] = 0.15,
     start_level: Annotated[int, typer.Option(min=3, max=6, help="CSQ start level (Table 4)")] = 4,
     paper_context: Annotated[str, typer.Option(help="Submanifold context of the paper mode: 1x1..11x11")] = "5x5",
-    backends: Annotated[str, typer.Option(help="Sparse backends to time for exact CSQ, comma-separated: torch, spconv")] = "torch,spconv",
+    backends: Annotated[str, typer.Option(help="Sparse backends to time for exact CSQ, comma-separated: torch (gather-GEMM), spconv, blocks (gathered blocks through the dense convolutions)")] = "torch,spconv,blocks",
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per mode (median reported)")] = 3,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
     weights: Annotated[Optional[Path], typer.Option(help="Checkpoint to bench instead of random weights")] = None,
@@ -41,9 +41,12 @@ def bench(
     if paper_context not in CONTEXTS or paper_context == "exact":
         raise QueryDetError(f"--paper-context must be one of {', '.join(CONTEXTS[1:])}")
     names = comma_list(backends, "--backends")
-    bad = [b for b in names if b not in ("torch", "spconv")]
+    from querydet_models.layers.sparse import SPARSE_BACKENDS
+
+    bad = [b for b in names if b not in SPARSE_BACKENDS]
     if bad or not names:
-        raise QueryDetError(f"--backends: unknown backend {bad[0] if bad else '(none)'} (allowed: torch, spconv)")
+        raise QueryDetError(f"--backends: unknown backend {bad[0] if bad else '(none)'} "
+                            f"(allowed: {', '.join(SPARSE_BACKENDS)})")
     precisions = _precision_list(precision)
     from ..bench.heads import BenchOptions, format_report, run_bench
     from ..runtimes.loading import load_model, resolve_device

@@ -6,7 +6,7 @@ from querydet_models.detectors.querydet import ModelInputError
 from querydet_models.layers.sparse import spconv_available
 from tests.conftest import randomize, tiny_model
 
-BACKENDS = ["torch"] + (["spconv"] if spconv_available() else [])
+BACKENDS = ["torch", "blocks"] + (["spconv"] if spconv_available() else [])
 
 
 def features(model, images):
@@ -231,3 +231,21 @@ def test_preprocess_normalises_into_the_padded_batch_exactly(channels_last):
         want = ((img - mean) / std).float()
         assert torch.equal(batch[i, :, :h, :w], want)
         assert not batch[i, :, h:].any() and not batch[i, :, :, w:].any()
+
+
+def test_gathered_blocks_in_chunks_and_in_bf16_equal_the_dense_heads(model, images, monkeypatch):
+    """The blocks backend (SBNet-style): blocks at the maps' borders, keys of several chunks of
+    blocks put back in their order, and bf16 against the dense heads in bf16."""
+    import querydet_models.query.query_infer as qi
+
+    monkeypatch.setattr(qi, "CROP_BATCH", 2)
+    outs, reference = sparse_and_dense(model, images, "csq", "blocks", sigma=0.5)
+    n, h, w = outs[0].shape
+    ys = (outs[0].positions % (h * w)) // w
+    assert ys.max() >= h - qi.BLOCK and outs[0].positions.numel() > 2 * qi.BLOCK  # borders, chunks
+    feats, _ = features(model, images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = model.predict_levels(feats, mode="ccq", sigma=0.0)
+        sparse = model.predict_levels(feats, mode="csq", sigma=0.5, backend="blocks",
+                                      sparse_max_fraction=1.0)
+    assert rel_err(sparse, dense) < 2e-2

@@ -101,3 +101,26 @@ def _iou(a, b):
     inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
     area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
     return inter / (area(a) + area(b) - inter)
+
+
+def test_one_math_mode_for_convolutions_and_matmuls_and_the_old_one_back():
+    """fp32 rows compute IEEE products in cuDNN and in the sparse GEMMs alike, tf32 rows TF32 in
+    both; PyTorch's own defaults (cuDNN TF32, matmul not) come back afterwards. No GPU needed:
+    the switches are process settings."""
+    import torch
+
+    from querydet_models.layers.precision import compute_context, math_of, resolve_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    cuda = torch.device("cuda")
+    with compute_context(cuda, "tf32"):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == \
+            (True, True)
+        assert not torch.is_autocast_enabled("cuda")
+    with compute_context(torch.device("cpu"), "fp32"):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == \
+            (False, False)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert resolve_precision("tf32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("tf32", cuda) == "tf32"
+    assert math_of("tf32") == "fp32 numbers, TF32 products"
