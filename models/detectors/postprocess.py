@@ -128,3 +128,77 @@ def detections_from_levels(
             per_image[i].append((boxes, scores[keep], label, lvl))
     device = levels[0].cls.device if levels else torch.device("cpu")
     return merge_with_nms(per_image, device, nms_iou, max_detections, image_sizes)
+
+
+def _rank_in_image(image: torch.Tensor) -> torch.Tensor:
+    """For entries already ordered best first within each image, grouped by `image` after a
+    stable sort: each entry's rank within its image (0 for the image's best)."""
+    first = torch.searchsorted(image, image)  # index of each image's first entry
+    return torch.arange(image.numel(), device=image.device) - first
+
+
+def detections_from_levels_batched(
+    levels: list[LevelOutput],
+    image_sizes: list[tuple[int, int]],
+    anchors: AnchorGenerator,
+    box_coder: BoxCoder,
+    num_classes: int,
+    score_threshold: float = 0.05,
+    topk_per_level: int = 1000,
+    nms_iou: float = 0.5,
+    max_detections: int = 100,
+) -> list[dict[str, torch.Tensor]]:
+    """`detections_from_levels` for the whole batch at once, on the device: per level one sort
+    picks every image's best candidates into fixed slots (no count leaves the device), one NMS
+    runs over all images (classes and images apart), and the host learns the sizes once, at
+    the end. The same detections, in the same order; for GPUs, where each host
+    synchronisation of the per-image loop stalls the stream."""
+    num_images, K = len(image_sizes), num_classes
+    device = levels[0].cls.device if levels else torch.device("cpu")
+    sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)  # (N, 2) h, w
+    parts = []
+    for out in levels:
+        if out.positions.numel() == 0:
+            continue
+        A = out.box.shape[1] // 4
+        _, H, W = out.shape
+        budget = level_budget(topk_per_level, out.shape)
+        scores = torch.sigmoid(out.cls.reshape(-1))  # (Q*A*K,)
+        image = (out.positions // (H * W)).repeat_interleave(A * K)  # (Q*A*K,)
+        order = torch.sort(scores, descending=True, stable=True).indices
+        order = order[torch.sort(image[order], stable=True).indices]  # by image, best first
+        rank = _rank_in_image(image[order])
+        keep = (rank < budget) & (scores[order] > score_threshold)
+        # each image's kept candidates into its own `budget` slots; the rest into a spare one
+        slot = torch.where(keep, image[order] * budget + rank, num_images * budget)
+        chosen = torch.full((num_images * budget + 1,), -1, dtype=torch.int64, device=device)
+        chosen[slot] = order
+        chosen = chosen[:-1]  # (N*budget,) candidate indices, -1 where an image has fewer
+        valid = chosen >= 0
+        flat = chosen.clamp(min=0)
+        row, anchor, label = flat // (A * K), (flat // K) % A, flat % K
+        n, ys, xs = unravel(out.positions[row], out.shape)
+        anchor_boxes = anchors.anchors_at(out.level, ys, xs)  # (m, A, 4)
+        anchor_boxes = anchor_boxes[torch.arange(row.numel(), device=device), anchor]  # (m, 4)
+        deltas = out.box.view(-1, A, 4)[row, anchor]  # (m, 4)
+        boxes = box_coder.decode(deltas, anchor_boxes)  # (m, 4)
+        h, w = sizes[n, 0], sizes[n, 1]  # (m,)
+        boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(w), boxes[:, 1].clamp(min=0).minimum(h),
+                             boxes[:, 2].clamp(min=0).minimum(w), boxes[:, 3].clamp(min=0).minimum(h)],
+                            1)  # (m, 4) clipped to each image
+        parts.append((boxes, scores[flat], label, torch.full_like(label, out.level), n, valid))
+    if not parts:
+        return [empty_detections(device) for _ in range(num_images)]
+    boxes, scores, labels, lvls, image, valid = (torch.cat(t) for t in zip(*parts))
+    # the order the per-image path concatenates in: image by image, each level's best first
+    order = torch.sort(image, stable=True).indices
+    live = order[valid[order]]  # one synchronisation: how many candidates there are
+    boxes, scores, labels, lvls, image = (t[live] for t in (boxes, scores, labels, lvls, image))
+    keep = batched_nms(boxes, scores, image * K + labels, nms_iou)  # best first, all images
+    keep = keep[torch.sort(image[keep], stable=True).indices]  # by image, best first within
+    budgets = torch.tensor([detection_budget(max_detections, s) for s in image_sizes],
+                           device=device)
+    keep = keep[_rank_in_image(image[keep]) < budgets[image[keep]]]
+    counts = torch.bincount(image[keep], minlength=num_images).tolist()  # the sizes, once
+    return [{"boxes": b, "scores": s, "labels": l, "levels": v} for b, s, l, v in zip(
+        *(t[keep].split(counts) for t in (boxes, scores, labels, lvls)))]
