@@ -47,7 +47,7 @@ class BenchOptions:
     device: str = "cpu"
     seed: int = 0
     threads: int | None = None
-    precisions: tuple[str, ...] = ("fp32",)  # auto, fp32, bf16, fp16; one set of rows each
+    precisions: tuple[str, ...] = ("fp32",)  # auto, fp32, tf32, bf16, fp16; one set of rows each
 
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")

@@ -32,7 +32,7 @@ def bench(
     weights: Annotated[Optional[Path], typer.Option(help="Checkpoint to bench instead of random weights")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Image file to use instead of random pixels")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads")] = None,
-    precision: Annotated[str, typer.Option(help="Precisions to time, comma-separated: auto, fp32, bf16, fp16 (one set of rows each)")] = "auto",
+    precision: Annotated[str, typer.Option(help="Precisions to time, comma-separated: auto, fp32, tf32 (CUDA; fp32 elsewhere), bf16, fp16 (one set of rows each)")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for weights, input and simulated objects")] = 0,
     runtimes: Annotated[bool, typer.Option("--runtimes", help="Also the model exported (querydet export) on onnxruntime (fp32) and OpenVINO (fp32, bf16): dense-HR and exact CSQ rows")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout")] = False,
