@@ -81,7 +81,10 @@ def _load(name: str) -> dict:
 def _source(data: dict, name: str) -> str:
     versions = data.get("versions") or ({"torch": data["torch"]} if "torch" in data else {})
     said = ", ".join(f"{k} {v}" for k, v in versions.items())
-    return (f"*`{data.get('command', '')}` on {data.get('machine', 'this machine')}"
+    machine = data.get("machine", "this machine")
+    if isinstance(machine, dict):
+        machine = ", ".join(f"{v} {k}" if k == "cpus" else str(v) for k, v in machine.items())
+    return (f"*`{data.get('command', '')}` on {machine}"
             + (f"; {said}" if said else "") + f" ([{name}](results/{name})).*")
 
 
@@ -230,6 +233,31 @@ def _eval_synthetic() -> str:
                    "images/s (CPU, 192 px)"], rows) + "\n\n" + _notes(notes)
 
 
+def _next_site() -> str:
+    """The next-site loop: per direction, each variant's AP50 per seed, mean, training time."""
+    d = _load("next-site.json")
+    names = {"baseline": "the first-site model as it is",
+             "self": "(a) self-training alone (`--pseudo-labels`, 2 rounds)",
+             "corrected": "(b) corrections of the west fifth, refine recipe (default)",
+             "corrected_finetune": "(b) the same corrections, first-site recipe",
+             "both": "(c) self-training, then the corrections"}
+    out = []
+    for key, by_seed in d["rows"].items():
+        seeds = sorted(by_seed, key=int)
+        rows = []
+        for name, label in names.items():
+            values = [by_seed[s][name] for s in seeds]
+            times = sorted(by_seed[s].get(f"{name}_train_s", by_seed[s]["base_train_s"])
+                           for s in seeds)
+            rows.append([label, ", ".join(f"{v:.3f}" for v in values),
+                         f"{sum(values) / len(values):.3f}",
+                         "" if name == "baseline" else f"{times[len(times) // 2]:.0f} s"])
+        out += [f"**{key.replace('->', ' -> ')}** (seeds {', '.join(seeds)}; AP50 on the other "
+                "four fifths)", "",
+                _table(["model", "AP50 per seed", "mean", "training, median"], rows), ""]
+    return "\n".join(out) + _source(d, "next-site.json")
+
+
 def headline() -> str:
     """The README's one table: whole process against SAHI on the largest rasters, CPU and GPU."""
     rows = []
@@ -250,7 +278,7 @@ def headline() -> str:
 
 RENDERERS = {"detect-vs-sahi": _detect_vs_sahi, "memory": _memory, "heads": _heads,
              "video": _video, "runtimes": _runtimes, "families": _families, "ray": _ray,
-             "eval-synthetic": _eval_synthetic}
+             "eval-synthetic": _eval_synthetic, "next-site": _next_site}
 
 
 def readme_block(text: str) -> str:

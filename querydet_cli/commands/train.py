@@ -45,11 +45,50 @@ def train(
     pseudo_share: Annotated[float, typer.Option(help="--pseudo-labels: boxes scoring at least this share of the best box are labels; from half of that up, ignore regions")] = 0.9,
 ) -> None:
     """Train QueryDet (RetinaNet, FCOS or Faster R-CNN host, from the config) or a baseline (multi-GPU: torchrun --nproc_per_node N -m querydet_cli train ...)."""
-    from ..core.config import config_from_dict, load_config, with_changes
+    from ..core.config import with_changes
 
     _folder_option(out, "--out")
     pseudo = _pseudo_labelling(init, pseudo_labels, pseudo_rounds, pseudo_share, resume) \
         if pseudo_labels else None
+    cfg = _base_config(config, init, freeze_backbone, freeze_bn, gsd, dataset, train_root,
+                       train_annotations, val_annotations, val_root)
+    corrections = train_annotations is not None or train_root is not None or dataset is not None
+    chosen = recipe or _default_recipe(cfg, init, quiet=pseudo is not None and not corrections)
+    cfg = _with_recipe(cfg, chosen, validation=val_annotations is not None)
+    if max_iter is not None and epochs is None:  # a count of iterations replaces the epochs
+        cfg = with_changes(cfg, "train", epochs=0)
+    if epochs is not None and max_iter is None:  # the epochs asked for, not a recipe's cap
+        max_iter = 100_000_000
+    schedule = {"max_iter": max_iter, "batch_size": batch_size, "base_lr": lr,
+                "workers": workers, "seed": seed, "epochs": epochs}
+    cfg = with_changes(cfg, "train", eval_period=eval_period, early_stop=early_stop, **schedule)
+    from ..runtimes.loading import resolve_device
+    from ..training.train import train as run_training
+
+    dev = resolve_device(device.value)
+    if pseudo is not None:
+        from ..runtimes.loading import load_model
+        from ..training.selftrain import self_train
+
+        if max_iter is not None and epochs is None:
+            schedule["epochs"] = 0
+        summary = self_train(cfg, init, pseudo, out, str(dev),
+                             lambda weights, dev: load_model(weights, dev, "torch", None),
+                             run_training, corrections,
+                             {k: v for k, v in schedule.items() if v is not None})
+    else:
+        summary = run_training(cfg, out, device=str(dev), resume=resume, init=init)
+    print(json.dumps(summary))
+
+
+def _base_config(config: str | None, init: Path | None, freeze_backbone: bool, freeze_bn: bool,
+                 gsd: float | None, dataset, train_root: str | None,
+                 train_annotations: str | None, val_annotations: str | None,
+                 val_root: str | None):
+    """The config a run starts from (--config, else --init's checkpoint's, else the default)
+    with the command's model and data options."""
+    from ..core.config import config_from_dict, load_config, with_changes
+
     if config is None and init is not None:  # fine-tune: the checkpoint's model and schedule
         from querydet_models.checkpoint import load_checkpoint
 
@@ -76,42 +115,20 @@ def train(
                                            "--train-root": train_root,
                                            "--val-annotations": val_annotations,
                                            "--val-root": val_root})
-    corrections = train_annotations is not None or train_root is not None or dataset is not None
-    chosen = recipe or _default_recipe(cfg, init, quiet=pseudo is not None and not corrections)
+    return cfg
+
+
+def _with_recipe(cfg, chosen: Recipe, validation: bool):
+    """The config with the recipe's schedule (finetune, refine) or as it is (config)."""
     if chosen == Recipe.finetune:
         from ..training.train import finetune_recipe
 
-        cfg = finetune_recipe(cfg, validation=val_annotations is not None)
-    elif chosen == Recipe.refine:
+        return finetune_recipe(cfg, validation)
+    if chosen == Recipe.refine:
         from ..training.refine import refine_recipe
 
-        cfg = refine_recipe(cfg, validation=val_annotations is not None)
-    if max_iter is not None and epochs is None:  # a count of iterations replaces the epochs
-        cfg = with_changes(cfg, "train", epochs=0)
-    if epochs is not None and max_iter is None:  # the epochs asked for, not a recipe's cap
-        max_iter = 100_000_000
-    cfg = with_changes(cfg, "train", max_iter=max_iter, batch_size=batch_size, base_lr=lr,
-                       workers=workers, seed=seed, epochs=epochs, eval_period=eval_period,
-                       early_stop=early_stop)
-    from ..runtimes.loading import resolve_device
-    from ..training.train import train as run_training
-
-    dev = resolve_device(device.value)
-    if pseudo is not None:
-        given = {"epochs": epochs, "max_iter": max_iter, "batch_size": batch_size,
-                 "base_lr": lr, "workers": workers, "seed": seed}
-        if max_iter is not None and epochs is None:
-            given["epochs"] = 0
-        from ..runtimes.loading import load_model
-        from ..training.selftrain import self_train
-
-        summary = self_train(cfg, init, pseudo, out, str(dev),
-                             lambda weights, dev: load_model(weights, dev, "torch", None),
-                             run_training, corrections,
-                             {k: v for k, v in given.items() if v is not None})
-    else:
-        summary = run_training(cfg, out, device=str(dev), resume=resume, init=init)
-    print(json.dumps(summary))
+        return refine_recipe(cfg, validation)
+    return cfg
 
 
 def _pseudo_labelling(init: Path | None, rasters: list[Path], rounds: int, share: float,
