@@ -70,4 +70,24 @@ for scene in busy survey; do
         --whole-process --rounds 2 --workdir $W --json > "$OUT/whole-$scene.json" 2>> "$OUT/log.txt"
     head -c 1500 "$OUT/whole-$scene.json"; echo
 done
+# issue 34's figures: docs/results/cuda-detect-vs-sahi.json (querydet's default precision is
+# bf16 on a card that has it, SAHI's fp32; "same" is the other side's precision)
+python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+card = next((l.split(":", 1)[1].split("(")[0].strip() for l in (out / "env.txt").read_text().splitlines()
+             if l.startswith("GPU ")), "cpu")
+rasters = {}
+for scene in ("busy", "survey"):
+    try:
+        r = json.loads((out / f"whole-{scene}.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        continue
+    rasters[scene] = {"querydet_s": r["querydet"]["wall_s"], "querydet_same_s": r["querydet_fp32"]["wall_s"],
+                      "sahi_fp32_s": r["sahi_fp32"]["wall_s"], "sahi_same_s": r["sahi_bf16"]["wall_s"]}
+(out / "cuda-detect-vs-sahi.json").write_text(json.dumps(
+    {"device": card, "command": "bash docs/measure_cuda.sh", "rasters": rasters}, indent=1) + "\n")
+print(json.dumps(rasters))
+PY
 say done

@@ -171,7 +171,7 @@ class FPNDetector(nn.Module):
             images = list(images)
         if not images:
             raise ModelInputError("no images given")
-        sizes = []
+        sizes, ends = [], []
         for img in images:
             if img.dim() != 3 or img.shape[0] != 3:
                 raise ModelInputError(f"expected an image of shape (3, H, W), got {tuple(img.shape)}")
@@ -179,10 +179,11 @@ class FPNDetector(nn.Module):
                 raise ModelInputError(f"image is empty: shape {tuple(img.shape)}")
             if not img.is_floating_point():
                 raise ModelInputError(f"expected float images in [0, 1], got dtype {img.dtype}")
-            lo, hi = torch.aminmax(img)  # NaN propagates to both; one pass, no mask
-            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-                raise ModelInputError("image contains NaN or Inf values")
+            ends += torch.aminmax(img)  # NaN propagates to both; one pass, no mask
             sizes.append((int(img.shape[1]), int(img.shape[2])))
+        # one answer for the batch: on a GPU each bool() waits for the stream
+        if not bool(torch.isfinite(torch.stack(ends).float()).all()):
+            raise ModelInputError("image contains NaN or Inf values")
         d = self.size_divisibility
         height = -(-max(h for h, _ in sizes) // d) * d
         width = -(-max(w for _, w in sizes) // d) * d

@@ -302,14 +302,29 @@ def test_edit_refuses_bad_requests_in_one_line_and_writes_nothing(detections, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]
 
 
+def _png_and_detections(folder: Path) -> tuple[Path, Path]:
+    """The sample as a plain PNG (no georeference) and its detections as CSV."""
+    import rasterio
+    from PIL import Image as Picture
+
+    with rasterio.open(SAMPLE) as src:
+        Picture.fromarray(src.read([1, 2, 3]).transpose(1, 2, 0)).save(folder / "scene.png")
+    run = _querydet("detect", folder / "scene.png", "-o", folder / "scene.csv", "--quiet",
+                    cwd=folder)
+    assert run.returncode == 0, run.stderr
+    return folder / "scene.png", folder / "scene.csv"
+
+
 @browser
-def test_the_offline_page_downloads_what_tile_reads(detections, tmp_path):
+@pytest.mark.parametrize("georeferenced", [True, False], ids=["geotiff", "png"])
+def test_the_offline_page_downloads_what_tile_reads(detections, tmp_path, georeferenced):
     """Without a server the page builds the file itself: a GeoJSON whose features carry their
-    role (a PNG's page would build COCO)."""
+    role for a GeoTIFF, COCO with reviewed_areas for a plain image."""
     from tests.cli.viewer.cdp import Browser
 
+    raster, found = (SAMPLE, detections) if georeferenced else _png_and_detections(tmp_path)
     page_file = tmp_path / "edit.html"
-    run = _querydet("view", detections, "--raster", SAMPLE, "--edit", "-o", page_file,
+    run = _querydet("view", found, "--raster", raster, "--edit", "-o", page_file,
                     cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     page = Browser(CHROMIUM, tmp_path / "profile")
@@ -323,14 +338,24 @@ def test_the_offline_page_downloads_what_tile_reads(detections, tmp_path):
         page.key("a")
         page.drag(*_screen(page, 0, 0), *_screen(page, 512, 512))
         page.evaluate("document.getElementById('qd-save').click()")
+        suffix = "*.geojson" if georeferenced else "*.json"
         deadline = time.monotonic() + 30
-        while not list(downloads.glob("*.geojson")) and time.monotonic() < deadline:
+        while not list(downloads.glob(suffix)) and time.monotonic() < deadline:
             time.sleep(0.1)
         n = len(_boxes(page))
     finally:
         page.close()
-    (saved,) = downloads.glob("*.geojson")
-    assert saved.name == "cars.corrected.geojson"
-    labels = load_vector_labels([str(SAMPLE)], saved)
-    assert labels.total == n and labels.reviewed == 1
-    assert np.allclose(labels.samples[0].reviewed.bounds, (0, 0, 512, 512), atol=2)
+    (saved,) = downloads.glob(suffix)
+    if georeferenced:
+        assert saved.name == "cars.corrected.geojson"
+        labels = load_vector_labels([str(SAMPLE)], saved)
+        assert labels.total == n and labels.reviewed == 1
+        area = labels.samples[0].reviewed
+    else:
+        from querydet_cli.training.datasets import load_coco
+
+        assert saved.name == "scene.corrected.json"
+        samples, names, problems = load_coco(saved, tmp_path)
+        assert not problems and len(samples[0].boxes) == n
+        area = samples[0].reviewed
+    assert np.allclose(area.bounds, (0, 0, 512, 512), atol=2)
