@@ -223,9 +223,12 @@ class RasterSource:
         shape = (len(indexes), height, width) if isinstance(indexes, list) else (height, width)
         return read(indexes, window=win, out_shape=shape, resampling=method)
 
-    def read(self, x: int, y: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, x: int, y: int, width: int, height: int, keep_uint8: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
         """Pixels (3, h, w) float32 in [0, 1] and a valid mask (h, w) bool for one window of
-        the grid (source pixels, or model pixels after `resample`)."""
+        the grid (source pixels, or model pixels after `resample`). `keep_uint8`: an 8-bit
+        raster's pixels stay uint8 (0..255, nodata 0), a quarter of the bytes to move; whoever
+        computes divides by 255 (`as_model_input`), on the device, to the same float32."""
         from rasterio.windows import Window
 
         if self.scale == (1.0, 1.0):
@@ -244,6 +247,11 @@ class RasterSource:
             valid &= rgba[..., 3] > 0
             data = rgba[..., :3].transpose(2, 0, 1)  # (3, h, w)
         data = np.ma.getdata(data)
+        if keep_uint8 and self.stretch is None and data.dtype == np.uint8:
+            pixels = np.repeat(data, 3, axis=0) if data.shape[0] == 1 else data.copy()
+            if not valid.all():
+                np.copyto(pixels, np.uint8(0), where=~valid)
+            return pixels, valid
         if self.stretch is None:  # 8-bit: cast and scale in one pass; integers are all finite
             pixels = np.divide(data, np.float32(255.0), dtype=np.float32)
         else:
