@@ -6,8 +6,8 @@ and in TF32, each sparse backend timed in the same run; writes docs/results/cuda
 
 `querydet bench` with the R50 config's model (random weights, simulated queries at 3% of the
 start level, as the README's head table) at each size and precision. Every backend of exact CSQ
-is timed (torch gather-GEMM, blocks: gathered blocks through cuDNN, spconv where its wheel loads
-beside the device's torch); "csq_ms" is the fastest, the one `--backend auto` should take there,
+is timed (torch gather-GEMM, blocks: gathered blocks through cuDNN, triton: one fused kernel per
+conv, spconv where its wheel loads beside the device's torch); "csq_ms" is the fastest, the one `--backend auto` should take there,
 and "max_rel_err" its largest relative difference to the dense heads at the keys, in that
 precision. Medians of --repeats runs. Off CUDA, tf32 is fp32 (the CPU has no TF32).
 """
@@ -31,7 +31,7 @@ REPEATS = os.environ.get("REPEATS", "5")
 def bench(size: int) -> dict:
     from querydet_models.layers.sparse import spconv_available
 
-    backends = "torch,blocks" + (",spconv" if spconv_available() else "")
+    backends = "torch,blocks,triton" + (",spconv" if spconv_available() else "")
     run = subprocess.run([sys.executable, "-m", "querydet_cli", "bench", "--backbone",
                           "resnet50", "--image-size", str(size), "--device", DEV, "--precision",
                           "bf16,tf32", "--backends", backends, "--repeats", REPEATS, "--json"],

@@ -112,7 +112,7 @@ class InferenceConfig:
     sigma: float = 0.15
     start_level: int = 4
     context: str = "exact"
-    backend: Literal["auto", "torch", "spconv", "blocks"] = "auto"
+    backend: Literal["auto", "torch", "spconv", "blocks", "triton"] = "auto"
     # exact CSQ runs a level densely when its sparse plan would cost more than this fraction of
     # the dense heads (1.0: always sparse)
     sparse_max_fraction: float = 0.3

@@ -86,6 +86,13 @@ def run(request: DetectRequest, *, lock: Any = None, loaded: tuple[Any, Any] | N
     if request.coco_gt is not None:
         options = replace(options, image_ids=coco_image_ids(request.coco_gt, request.inputs))
     device = resolve_device("cpu" if is_export(weights) else request.device)
+    if options.backend is not None:  # asked for: refused before the model loads if it cannot run
+        from querydet_models.layers.sparse import resolve_backend
+
+        try:
+            resolve_backend(options.backend, device)
+        except (RuntimeError, ValueError) as err:
+            raise QueryDetError(f"--backend {options.backend}: {err}") from None
     model, cfg = loaded or load_model(weights, device, request.runtime, options.precision)
     options = options.resolved(device)  # so Ray's actors plan tiles as this side does
     producer = None  # the model runs here; with `ray`, on Ray actors

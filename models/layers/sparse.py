@@ -303,8 +303,9 @@ def sparse_conv_spconv(x: torch.Tensor, plan: TowerPlan, layer: int, conv: nn.Co
 
 
 # torch: gather-GEMM per conv; spconv: the paper's library; blocks: the keys' blocks of the map
-# (with a halo as wide as the towers see) through the unchanged dense convolutions (SBNet)
-SPARSE_BACKENDS = ("torch", "spconv", "blocks")
+# (with a halo as wide as the towers see) through the unchanged dense convolutions (SBNet);
+# triton: each conv and its ReLU one fused kernel over the neighbour table (triton_conv.py)
+SPARSE_BACKENDS = ("torch", "spconv", "blocks", "triton")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -323,6 +324,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "spconv" and not spconv_available():
         raise RuntimeError("the spconv backend needs spconv: pip install 'querydet[sparse]' "
                            "(CPU) or the spconv-cu12x wheel matching your CUDA (GPU)")
+    if backend == "triton":
+        from .triton_conv import triton_runs_on
+
+        if not triton_runs_on(device):
+            raise RuntimeError("the triton backend runs on CUDA (or in Triton's interpreter: "
+                               "TRITON_INTERPRET=1)")
     if backend not in SPARSE_BACKENDS:
         raise ValueError(f"unknown sparse backend {backend!r} (allowed: auto, "
                          f"{', '.join(SPARSE_BACKENDS)})")
@@ -337,6 +344,8 @@ def run_tower_sparse(tower: nn.Module, rows: torch.Tensor, plan: TowerPlan, back
     """
     conv_fn = sparse_conv_spconv if backend == "spconv" else sparse_conv_torch
     weights = weights or WeightCache()
+    if backend == "triton":
+        return _run_tower_triton(tower, rows, plan, weights)
     x = rows
     if backend == "spconv" and torch.is_autocast_enabled(rows.device.type):
         # spconv has no autocast rules: it runs in the autocast dtype on CUDA (fp16/bf16
@@ -356,4 +365,20 @@ def run_tower_sparse(tower: nn.Module, rows: torch.Tensor, plan: TowerPlan, back
         x = conv_fn(x, plan, layer, conv, weights.get(conv, backend))
         if layer < last or tower.relu_last:
             x = torch.relu(x)
+    return x  # (Q_keys, C_out)
+
+
+def _run_tower_triton(tower: nn.Module, rows: torch.Tensor, plan: TowerPlan,
+                      weights: WeightCache) -> torch.Tensor:
+    """The tower as one fused kernel per conv (conv, bias and ReLU), in the autocast dtype when
+    autocast is on (as the gather-GEMM's addmm would run), else in the rows' own."""
+    from .triton_conv import sparse_conv_triton
+
+    device = rows.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
+    x = rows.to(dtype)
+    last = len(tower.convs)
+    for layer, conv in enumerate(tower.convs, start=1):
+        x = sparse_conv_triton(x, plan.neighbours(layer), weights.get(conv, "torch"), conv.bias,
+                               relu=layer < last or tower.relu_last)
     return x  # (Q_keys, C_out)

@@ -42,7 +42,7 @@ class BenchOptions:
     sigma: float = 0.15
     start_level: int = 4
     paper_context: str = "5x5"
-    backends: tuple[str, ...] = ("torch", "spconv", "blocks")
+    backends: tuple[str, ...] = ("torch", "spconv", "blocks", "triton")
     repeats: int = 3
     device: str = "cpu"
     seed: int = 0
@@ -184,7 +184,10 @@ def run_bench(opts: BenchOptions, model: FPNDetector | None = None, image: Path 
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
-    backends = [b for b in opts.backends if b != "spconv" or spconv_available()]
+    from querydet_models.layers.triton_conv import triton_runs_on
+
+    backends = [b for b in opts.backends if (b != "spconv" or spconv_available())
+                and (b != "triton" or triton_runs_on(device))]
     skipped = [b for b in opts.backends if b not in backends]
     torch.manual_seed(opts.seed)
     trained = model is not None

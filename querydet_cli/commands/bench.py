@@ -26,7 +26,7 @@ def bench(
     sigma: Annotated[float, typer.Option(min=0.0, max=1.0, help="Query threshold")] = 0.15,
     start_level: Annotated[int, typer.Option(min=3, max=6, help="CSQ start level (Table 4)")] = 4,
     paper_context: Annotated[str, typer.Option(help="Submanifold context of the paper mode: 1x1..11x11")] = "5x5",
-    backends: Annotated[str, typer.Option(help="Sparse backends to time for exact CSQ, comma-separated: torch (gather-GEMM), spconv, blocks (gathered blocks through the dense convolutions)")] = "torch,spconv,blocks",
+    backends: Annotated[str, typer.Option(help="Sparse backends to time for exact CSQ, comma-separated: torch (gather-GEMM), spconv, blocks (gathered blocks through the dense convolutions), triton (one fused kernel per conv; CUDA); those that cannot run here are skipped")] = "torch,spconv,blocks,triton",
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per mode (median reported)")] = 3,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available")] = Device.auto,
     weights: Annotated[Optional[Path], typer.Option(help="Checkpoint to bench instead of random weights")] = None,
