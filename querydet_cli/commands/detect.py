@@ -48,6 +48,7 @@ def detect(
     profile: Annotated[bool, typer.Option("--profile", help="Print seconds per pipeline stage on stderr (also with -v; always in --json)")] = False,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Run the model on Ray: auto (a running cluster, else a local one) or ADDRESS (host:port); pip install 'querydet\\[ray]'")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Tiles computed at once: threads here (default: 2 on a CPU of 2 or more cores, 1 on CUDA), or Ray actors with --ray (default 2), each holding the model once")] = None,
+    readers: Annotated[Optional[int], typer.Option(min=1, max=64, help="Threads decoding windows, each on its own handle of the raster (default: 1 on the CPU, a quarter of the cores on CUDA)")] = None,
     gpus_per_worker: Annotated[float, typer.Option(min=0.0, max=16.0, help="GPUs per Ray actor (0: CPU actors)")] = 0.0,
     threads_per_worker: Annotated[Optional[int], typer.Option(min=1, max=256, help="torch threads per worker (default: torch's threads shared out; 1 per Ray actor, and its Ray CPUs)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (not with -o -)")] = False,
@@ -90,7 +91,7 @@ def detect(
                    rfc7946=rfc7946, resume=resume, save_video=video_vis,
                    save_vis=str(save_vis) if save_vis and not video_vis else None,
                    precision=precision.value if precision else None, profile=profile,
-                   gsd=gsd_option, input_gsd=input_gsd, tta=tta, track=track)
+                   gsd=gsd_option, input_gsd=input_gsd, tta=tta, track=track, readers=readers)
     ray_settings = _workers(options, ray, workers, gpus_per_worker, threads_per_worker)
     _check_runtime_usage(weights, runtime.value, options, ray)
     summary = _detect_locked(items, output, out_format, options, weights, device.value, coco_gt,

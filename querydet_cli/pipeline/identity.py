@@ -27,7 +27,7 @@ def run_key(inputs: list[str], options: "DetectOptions", cfg: Config, model: Any
     mix two runs' detections in one output."""
     data = json.dumps({"inputs": inputs, "identity": [input_identity(p) for p in inputs],
                        "options": asdict(options) | {"resume": None, "workers": None,
-                                                    "threads": None},
+                                                    "threads": None, "readers": None},
                        "config": cfg.to_dict(), "weights": weights_digest(model),
                        "tiling": TILING_VERSION, "journal": JOURNAL_VERSION},
                       sort_keys=True, default=str)

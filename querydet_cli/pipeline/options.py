@@ -30,6 +30,20 @@ def default_tile_size(device: torch.device) -> int:
     return 1024 if device.type == "cuda" else 2304
 
 
+def reader_count(options: "ProduceOptions", device: torch.device) -> int:
+    """Threads decoding windows: as asked, else one on the CPU (its cores compute the model, and
+    one reader keeps ahead of it there) and, on CUDA, a quarter of the cores (at least 2, at most
+    8): a GPU consumes tiles faster than one thread decodes a compressed GeoTIFF, and GDAL
+    decodes without holding Python's lock."""
+    import os
+
+    if options.readers is not None:
+        return options.readers
+    if device.type != "cuda":
+        return 1
+    return max(2, min(8, (os.cpu_count() or 4) // 4))
+
+
 def worker_count(options: ProduceOptions, device: torch.device, model: Any) -> int:
     """Tiles computed at once (each worker then gets an equal share of torch's threads).
 
@@ -76,6 +90,9 @@ class ProduceOptions:
     # changes a single output value, so neither is part of a journal's run key
     workers: int | None = None
     threads: int | None = None
+    # threads decoding windows, each on its own handle (None: by device, `reader_count`);
+    # tiles still arrive in plan order, so it changes no output value either
+    readers: int | None = None
 
     def resolved(self, device: torch.device) -> "ProduceOptions":
         """These options with what was left to the device (tile size, batch size) filled in:

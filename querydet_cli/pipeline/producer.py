@@ -10,6 +10,7 @@ on Ray actors (ray_producer.py).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -28,7 +29,7 @@ from ..core.errors import QueryDetError
 from .batching import TileBatcher
 from ..reading.gsd import Resolution
 from .merge import suppress_nested
-from .options import ProduceOptions, worker_count
+from .options import ProduceOptions, reader_count, worker_count
 from .overview import heat_in_tile, query_heatmaps
 from .profile import Profile
 from ..reading.raster import RasterSource
@@ -78,19 +79,58 @@ def as_model_input(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor
 
 
+def _read_one(src: RasterSource, t: Tile, profile: Profile):
+    started = time.perf_counter()
+    pixels, valid = src.read(t.x, t.y, t.width, t.height, keep_uint8=True)
+    profile.reader_seconds += time.perf_counter() - started
+    return t, pixels if valid.any() else None, valid
+
+
 def _reader(src: RasterSource, tiles: list[Tile], out: queue.Queue, stop: threading.Event,
-            profile: Profile) -> None:
+            profile: Profile, readers: int = 1) -> None:
+    """Read `tiles` into `out` in plan order, then None (or the exception that stopped it).
+    With several `readers`, each thread decodes on its own handle of the raster and at most
+    two windows per thread are in flight ahead of the queue."""
+    handles: list[RasterSource] = []
     try:
-        for t in tiles:
-            if stop.is_set():
-                return
-            started = time.perf_counter()
-            pixels, valid = src.read(t.x, t.y, t.width, t.height, keep_uint8=True)
-            profile.reader_seconds += time.perf_counter() - started
-            out.put((t, pixels if valid.any() else None, valid))
-        out.put(None)
+        if readers <= 1:
+            for t in tiles:
+                if stop.is_set():
+                    return
+                out.put(_read_one(src, t, profile))
+            out.put(None)
+            return
+        handles = [src.reopen() for _ in range(readers)]
+        free: queue.Queue = queue.Queue()
+        for h in handles:
+            free.put(h)
+
+        def read(t: Tile):
+            handle = free.get()
+            try:
+                return _read_one(handle, t, profile)
+            finally:
+                free.put(handle)
+
+        with ThreadPoolExecutor(readers, thread_name_prefix="querydet-read") as pool:
+            ahead: collections.deque = collections.deque()
+            for t in tiles:
+                if stop.is_set():
+                    break
+                ahead.append(pool.submit(read, t))
+                if len(ahead) >= 2 * readers:
+                    out.put(ahead.popleft().result())
+            while ahead and not stop.is_set():
+                out.put(ahead.popleft().result())
+            for f in ahead:
+                f.cancel()
+        if not stop.is_set():
+            out.put(None)
     except Exception as err:  # handed to the consumer, which raises it in the main thread
         out.put(err)
+    finally:
+        for h in handles:
+            h.close()
 
 
 class InputPlanner:
@@ -181,6 +221,7 @@ class TileProducer:
         self.cfg = cfg
         self.heatmaps = heatmaps
         self.workers = worker_count(options, device, model)
+        self.readers = reader_count(options, device)
         self.threads = options.threads or max(1, torch.get_num_threads() // self.workers)
         self.opts = options
         self.device = device
@@ -280,8 +321,8 @@ class TileProducer:
         q: queue.Queue = queue.Queue(
             maxsize=max(1, self.opts.prefetch * self.opts.batch_size * self.workers))
         stop = threading.Event()
-        reader = threading.Thread(target=_reader, args=(src, tiles, q, stop, self.profile),
-                                  daemon=True)
+        reader = threading.Thread(target=_reader, args=(src, tiles, q, stop, self.profile,
+                                                        self.readers), daemon=True)
         reader.start()
         threads_before = torch.get_num_threads()
         pool = None

@@ -88,3 +88,52 @@ def test_two_workers_give_the_same_bytes_and_leave_torch_threads_as_they_were(tm
     assert torch.get_num_threads() == threads
     producer = TileProducer(model, cfg, DetectOptions(workers=3, profile=True).resolved(CPU), CPU)
     assert producer.workers == 1  # --profile: stage times that add up need one worker
+
+
+def test_several_readers_deliver_the_tiles_in_plan_order_as_one_does(tmp_path, monkeypatch):
+    """Windows decoded by three threads, each on its own handle, arrive in plan order with the
+    pixels one reader gives (uint8 for an 8-bit raster, scaled on the model's device to the
+    same float32 the reader used to make), and a failing read still ends the queue."""
+    import queue
+    import threading
+
+    from querydet_cli.pipeline.producer import Profile, _reader, as_model_input
+    from querydet_cli.pipeline.tiling import make_tiles
+    from querydet_cli.reading.raster import RasterSource
+    from querydet_cli.core.resources import sample_scene
+
+    def read_all(src, tiles, readers):
+        q: queue.Queue = queue.Queue()
+        _reader(src, tiles, q, threading.Event(), Profile(), readers)
+        items = []
+        while (item := q.get()) is not None:
+            assert not isinstance(item, Exception), item
+            items.append(item)
+        return items
+
+    with RasterSource(str(sample_scene())) as src:
+        tiles = make_tiles(src.width, src.height, 200, 40)
+        one, three = read_all(src, tiles, 1), read_all(src, tiles, 3)
+        assert [t for t, _, _ in three] == [t for t, _, _ in one] == tiles
+        for (_, a, va), (_, b, vb) in zip(one, three):
+            assert a.dtype == np.uint8 and np.array_equal(a, b) and np.array_equal(va, vb)
+        t = tiles[5]
+        floats, _ = src.read(t.x, t.y, t.width, t.height)
+        scaled = as_model_input(one[5][1], torch.device("cpu"))
+        assert scaled.dtype == torch.float32 and torch.equal(scaled, torch.from_numpy(floats))
+    real = RasterSource.read
+
+    def failing(self, x, y, width, height, keep_uint8=False):  # each handle reads its own file
+        if (x, y) == (tiles[7].x, tiles[7].y):
+            raise OSError("disk gone")
+        return real(self, x, y, width, height, keep_uint8)
+
+    monkeypatch.setattr(RasterSource, "read", failing)  # a read that fails on the eighth tile
+    with RasterSource(str(sample_scene())) as src:
+        q: queue.Queue = queue.Queue()
+        _reader(src, tiles, q, threading.Event(), Profile(), 3)
+        got = []
+        while not isinstance(item := q.get(), Exception):
+            assert item is not None  # the queue never ends as if all were read
+            got.append(item)
+        assert str(item) == "disk gone" and [t for t, _, _ in got] == tiles[:len(got)]
