@@ -70,7 +70,7 @@ for scene in busy survey; do
         --whole-process --rounds 2 --workdir $W --json > "$OUT/whole-$scene.json" 2>> "$OUT/log.txt"
     head -c 1500 "$OUT/whole-$scene.json"; echo
 done
-# issue 34's figures: docs/results/cuda-detect-vs-sahi.json (querydet's default precision is
+# the whole-process figures as docs/results/cuda-detect-vs-sahi.json (querydet's default precision is
 # bf16 on a card that has it, SAHI's fp32; "same" is the other side's precision)
 python3 - "$OUT" <<'PY'
 import json, sys
