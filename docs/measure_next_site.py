@@ -20,13 +20,15 @@ sample_model.pt`, `model_best.pt`), then from it, on the target site:
 Every model is scored on the other four fifths of the target (truth and detections whose centre
 lies east of the strip), `detect --score-threshold 0.05`, AP50 by pycocotools, maxDets 100. Each
 training is timed whole process. Results are written after every run to
-docs/results/next-site.json, and runs already there are not repeated.
+docs/results/next-site.json, and runs already there are not repeated (nor a variant already
+trained and scored in WORKDIR).
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -167,10 +169,13 @@ def one(src: str, dst: str, seed: int, work: Path) -> dict:
     corr = corrected_chips(dst, work)
     row: dict = {}
     base = d / "base"
-    row["base_train_s"] = q("train", "--init", ROOT / "sample_data" / "sample_model.pt",
-                            "--dataset", "coco", "--train-annotations", chips / "annotations.json",
-                            "--val-annotations", chips / "val.json", "--seed", seed, "--out",
-                            base, cwd=work)
+    done = d / "base.result.json"  # each finished variant is kept: a stopped run goes on
+    if not done.is_file():
+        took = q("train", "--init", ROOT / "sample_data" / "sample_model.pt", "--dataset",
+                 "coco", "--train-annotations", chips / "annotations.json", "--val-annotations",
+                 chips / "val.json", "--seed", seed, "--out", base, cwd=work)
+        done.write_text(json.dumps({"base_train_s": took}))
+    row |= json.loads(done.read_text())
     m = base / "model_best.pt"
     row["baseline"] = score(m, dst, d, "baseline")
     corr_args = ["--dataset", "coco", "--train-annotations", corr / "annotations.json"]
@@ -179,9 +184,14 @@ def one(src: str, dst: str, seed: int, work: Path) -> dict:
             "corrected_finetune": [*corr_args, "--recipe", "finetune"],
             "both": ["--pseudo-labels", SITES[dst]["raster"], *corr_args]}
     for name, args in runs.items():
-        row[f"{name}_train_s"] = q("train", "--init", m, *args, "--seed", seed, "--out",
-                                   d / name, cwd=work)
-        row[name] = score(d / name / "model_final.pt", dst, d, name)
+        done = d / f"{name}.result.json"
+        if not done.is_file():
+            if (d / name).exists():
+                shutil.rmtree(d / name)
+            took = q("train", "--init", m, *args, "--seed", seed, "--out", d / name, cwd=work)
+            done.write_text(json.dumps({f"{name}_train_s": took,
+                                        name: score(d / name / "model_final.pt", dst, d, name)}))
+        row |= json.loads(done.read_text())
     return row
 
 
@@ -203,8 +213,8 @@ def main() -> None:
                "machine": {"cpus": 2, "platform": platform.platform()},
                "versions": {"torch": torch.__version__, "python": platform.python_version()}}
     rows = result.setdefault("rows", {})
-    for src, dst in (("OSBS", "SOAP"), ("SOAP", "OSBS")):
-        for seed in seeds:
+    for seed in seeds:  # both directions of a seed before the next seed
+        for src, dst in (("OSBS", "SOAP"), ("SOAP", "OSBS")):
             key = f"{src}->{dst}"
             if str(seed) in rows.get(key, {}):
                 continue

@@ -6,9 +6,12 @@ an eighth), keeps the confident boxes as labels and the uncertain band below the
 regions (neither taught as objects nor as background). Confidence is relative: a model brought to
 another site scores everything low and alike (the NEON model of one forest scores its best boxes
 on the other 0.27, its fortieth 0.22), so a label is a box scoring at least `label_share` of the
-best box of the imagery (and at least 0.1), an ignore region one from half of that up. Then it cuts chips of every part of the imagery,
-the empty ones included, and fine-tunes with the refine recipe, the first site's chips mixed in.
-The next round labels with the model the last one made. With labelled data too (corrections),
+best box of the imagery (and at least 0.1), an ignore region one from half of that up. Then it
+cuts chips around the pseudo-labels (a chip without one is not cut: the objects a weak model
+missed would be taught as background there, and measured, a round of mostly empty chips taught
+the model to find nothing) and fine-tunes with the refine recipe, the first site's chips mixed
+in. A round that finds no pseudo-label ends the rounds with the model as it was. The next round
+labels with the model the last one made. With labelled data too (corrections),
 a last refine run on them starts from the self-trained model.
 """
 
@@ -105,10 +108,14 @@ def self_train(cfg: Config, init: str | Path, pseudo: PseudoLabelling, out: Path
         print(f"querydet: self-training round {r}/{pseudo.rounds}: {found} pseudo-labels "
               f"(score >= {threshold:.3f}), {sum(len(s.ignore) for s in samples)} uncertain "
               "boxes ignored", file=sys.stderr)
+        if found == 0:  # nothing the model is sure of: learning from it would unlearn
+            print(f"querydet: self-training stops at round {r}: no pseudo-label; the model "
+                  "is kept as it was", file=sys.stderr)
+            break
         if folder.exists():
             shutil.rmtree(folder)  # a round is redone whole
         chips = cut_chips(samples, list(mcfg.names()), folder / "chips", size=CHIP,
-                          overlap=CHIP_OVERLAP, keep_empty=True)
+                          overlap=CHIP_OVERLAP, keep_empty=False)
         round_cfg = refine_recipe(_on_chips(mcfg, chips), validation=False)
         round_cfg = replace(round_cfg, train=replace(round_cfg.train, **(schedule or {})))
         summary = train(round_cfg, folder, device=device, init=current, earlier=earlier)
