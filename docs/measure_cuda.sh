@@ -3,6 +3,7 @@
 # minutes of device time, start-up included). Run from the repository root there:
 #
 #   bash docs/measure_cuda.sh            # DEV=cpu SIZE=1024 to try the script here first
+#   WHAT=csq bash docs/measure_cuda.sh   # the sparse heads instead (docs/measure_cuda_csq.py)
 #
 # The machine has torch but not querydet's GIS dependencies. Before the call, download them for
 # its Python (3.12 there) into .whl/ (git-ignored via .git/info/exclude, carried with the call):
@@ -36,6 +37,10 @@ fi
 [ -e querydet_models ] || ln -s models querydet_models
 [ -e querydet_cli/configs ] || ln -s ../configs querydet_cli/configs
 [ -e querydet_cli/sample_data ] || ln -s ../sample_data querydet_cli/sample_data
+if [ "${WHAT:-detect}" = csq ]; then  # WHAT=csq: the heads (docs/measure_cuda_csq.py) only
+    OUT_JSON="$OUT/cuda-csq.json" python3 docs/measure_cuda_csq.py
+    exit $?
+fi
 Q="python3 -m querydet_cli"
 W=/tmp/measure_cuda
 mkdir -p $W
