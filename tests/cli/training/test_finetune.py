@@ -113,9 +113,12 @@ def test_early_stop_counts_validations_since_the_best():
 
 
 def test_a_schedule_in_epochs_sets_iterations_and_steps():
-    cfg = replace(tiny_cfg(5), train=replace(tiny_cfg(5).train, epochs=10, warmup_iters=100))
+    cfg = replace(tiny_cfg(5), train=replace(tiny_cfg(5).train, epochs=10, warmup_iters=100,
+                                             max_iter=100_000))
     t = schedule_in_epochs(cfg, 6).train
     assert (t.max_iter, t.steps, t.warmup_iters) == (60, (40, 53), 12)
+    capped = schedule_in_epochs(replace(cfg, train=replace(cfg.train, max_iter=30)), 6).train
+    assert (capped.max_iter, capped.steps, capped.warmup_iters) == (30, (20, 26), 6)  # a cap
     assert schedule_in_epochs(tiny_cfg(5), 6) == tiny_cfg(5)  # epochs 0: as configured
 
 
