@@ -71,7 +71,6 @@ def detect(
     """
     from ..outputs.formats import format_for
     from ..reading.gsd import check_input_gsd, parse_gsd_option
-    from ..reading.video import FrameSelection
 
     out_format = format_for(output, fmt.value if fmt else None)
     _check_detect_usage(output, ray, gpus_per_worker, json_out, no_csq, mode, overlap,
@@ -79,7 +78,7 @@ def detect(
     band_list = _parse_bands(bands)
     gsd_option, input_gsd = parse_gsd_option(gsd), check_input_gsd(input_gsd)
     paths, items, video_vis = _inputs(inputs, output, out_format,
-                                      FrameSelection(frame_stride, fps, start, end), track,
+                                      _frames(frame_stride, fps, start, end), track,
                                       ray=ray, html=html, save_vis=save_vis, resume=resume,
                                       telemetry=(telemetry, hfov))
     page = _page_target(output, paths) if html else None
@@ -157,6 +156,12 @@ def _inputs(inputs: list[str], output: str, out_format, selection, track: bool, 
 
         items = place_frames(items, *telemetry)
     return paths, items, None if save_vis is None else str(save_vis)
+
+
+def _frames(stride: Optional[int], fps: Optional[float], start: float, end: Optional[float]):
+    from ..reading.video import FrameSelection
+
+    return FrameSelection(stride, fps, start, end)
 
 
 def _detect_locked(paths: list[str], output: str, out_format, options: dict,
