@@ -249,12 +249,17 @@ def _next_site() -> str:
             values = [by_seed[s][name] for s in seeds]
             times = sorted(by_seed[s].get(f"{name}_train_s", by_seed[s]["base_train_s"])
                            for s in seeds)
+            kept = [by_seed[s].get(f"{name}_first_site") for s in seeds]
+            kept = [k for k in kept if k is not None]
             rows.append([label, ", ".join(f"{v:.3f}" for v in values),
                          f"{sum(values) / len(values):.3f}",
+                         f"{sum(kept) / len(kept):.3f}" if kept else "",
                          "" if name == "baseline" else f"{times[len(times) // 2]:.0f} s"])
-        out += [f"**{key.replace('->', ' -> ')}** (seeds {', '.join(seeds)}; AP50 on the other "
-                "four fifths)", "",
-                _table(["model", "AP50 per seed", "mean", "training, median"], rows), ""]
+        src, dst = key.split("->")
+        out += [f"**{src} -> {dst}** (seeds {', '.join(seeds)})", "",
+                _table(["model", f"AP50 on {dst}'s other four fifths, per seed", "mean",
+                        f"AP50 kept on {src}'s validation block, mean", "training, median"],
+                       rows), ""]
     return "\n".join(out) + _source(d, "next-site.json")
 
 

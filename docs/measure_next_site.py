@@ -18,7 +18,8 @@ sample_model.pt`, `model_best.pt`), then from it, on the target site:
 - (c) both: `train --init M --pseudo-labels TARGET --train-annotations corrected chips`.
 
 Every model is scored on the other four fifths of the target (truth and detections whose centre
-lies east of the strip), `detect --score-threshold 0.05`, AP50 by pycocotools, maxDets 100. Each
+lies east of the strip), `detect --score-threshold 0.05`, AP50 by pycocotools, maxDets 100, and
+on the first site's validation block (its east fifth, never trained on): what it kept. Each
 training is timed whole process. Results are written after every run to
 docs/results/next-site.json, and runs already there are not repeated (nor a variant already
 trained and scored in WORKDIR).
@@ -46,6 +47,7 @@ SITES = {
              "coco": DATA / "neon-soap-061" / "annotations.json"},
 }
 STRIP = 0.2  # the west fifth a person corrects
+VAL_FRACTION = 0.2  # the first site's validation block: its east fifth (tile --val-fraction)
 
 
 def q(*args, cwd: Path) -> float:
@@ -119,8 +121,9 @@ def corrected_chips(site: str, work: Path) -> Path:
     return out / "chips"
 
 
-def ap50_east(site: str, detections: Path) -> float:
-    """AP50 (maxDets 100) over the target's east four fifths."""
+def ap50_east(site: str, detections: Path, strip: float = STRIP) -> float:
+    """AP50 (maxDets 100) over the part of the site east of `strip` of its width: the four
+    fifths a person did not correct (0.2), or the first site's validation block (0.8)."""
     import contextlib
     import io
 
@@ -130,7 +133,7 @@ def ap50_east(site: str, detections: Path) -> float:
     from querydet_cli.outputs.formats import read_detections
 
     boxes, width, height = truth(site)
-    edge = width * STRIP
+    edge = width * strip
     east = [b for b in boxes.tolist() if (b[0] + b[2]) / 2 >= edge]
     dets = [d for d in read_detections(detections) if (d.bbox[0] + d.bbox[2]) / 2 >= edge]
     if not dets:
@@ -154,11 +157,25 @@ def ap50_east(site: str, detections: Path) -> float:
     return round(float(ev.stats[1]), 4)
 
 
-def score(model: Path, site: str, work: Path, name: str) -> float:
+def score(model: Path, site: str, work: Path, name: str, strip: float = STRIP) -> float:
     out = work / f"{name}.ndjson"
     q("detect", SITES[site]["raster"], "--weights", model, "--score-threshold", 0.05, "-o", out,
       "--quiet", cwd=work)
-    return ap50_east(site, out)
+    return ap50_east(site, out, strip)
+
+
+def first_site(src: str, d: Path) -> dict:
+    """What each model still finds on the first site: AP50 on its validation block (the east
+    fifth, never trained on), kept beside the variant's result."""
+    found = {}
+    for name in ("baseline", "self", "corrected", "corrected_finetune", "both"):
+        done = d / f"{name}.first-site.json"
+        if not done.is_file():
+            model = d / ("base/model_best.pt" if name == "baseline" else f"{name}/model_final.pt")
+            done.write_text(json.dumps({f"{name}_first_site": score(
+                model, src, d, f"{name}-first-site", strip=1 - VAL_FRACTION)}))
+        found |= json.loads(done.read_text())
+    return found
 
 
 def one(src: str, dst: str, seed: int, work: Path) -> dict:
@@ -192,7 +209,7 @@ def one(src: str, dst: str, seed: int, work: Path) -> dict:
             done.write_text(json.dumps({f"{name}_train_s": took,
                                         name: score(d / name / "model_final.pt", dst, d, name)}))
         row |= json.loads(done.read_text())
-    return row
+    return row | first_site(src, d)
 
 
 def main() -> None:
@@ -216,7 +233,7 @@ def main() -> None:
     for seed in seeds:  # both directions of a seed before the next seed
         for src, dst in (("OSBS", "SOAP"), ("SOAP", "OSBS")):
             key = f"{src}->{dst}"
-            if str(seed) in rows.get(key, {}):
+            if "corrected_first_site" in rows.get(key, {}).get(str(seed), {}):
                 continue
             rows.setdefault(key, {})[str(seed)] = one(src, dst, seed, work)
             summarise(result)
