@@ -246,10 +246,11 @@ def summarise(result: dict) -> None:
     means = {}
     for key, by_seed in result["rows"].items():
         runs = list(by_seed.values())
+        names = [n for n in runs[0] if all(n in r for r in runs)]  # measured for every seed
         means[key] = {name: round(statistics.mean(r[name] for r in runs), 4)
-                      for name in runs[0] if not name.endswith("_s")}
+                      for name in names if not name.endswith("_s")}
         means[key] |= {name: round(statistics.median(r[name] for r in runs), 1)
-                       for name in runs[0] if name.endswith("_s")}
+                       for name in names if name.endswith("_s")}
         means[key]["seeds"] = len(runs)
     result["means"] = means
 
