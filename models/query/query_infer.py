@@ -377,11 +377,11 @@ class QueryInference:
         branches = self.branches(with_query)
         towers = unique_towers(branches)
         n, y, x = unravel(keys, shape)
-        gw = -(-W // b)  # blocks per row
-        block = torch.unique((n * -(-H // b) + y // b) * gw + x // b)  # (M,) sorted
-        bn, by, bx = block // (gw * -(-H // b)), (block // gw) % -(-H // b), block % gw
-        # where each key sits: its block's index among the blocks, and its offset inside
-        k_block = torch.searchsorted(block, (n * -(-H // b) + y // b) * gw + x // b)  # (Q,)
+        grid = (shape[0], -(-H // b), -(-W // b))  # the level's blocks: (N, rows, columns)
+        key_block = ravel(n, y // b, x // b, grid)  # (Q,) each key's block
+        block = torch.unique(key_block)  # (M,) sorted
+        bn, by, bx = unravel(block, grid)
+        k_block = torch.searchsorted(block, key_block)  # (Q,) each key's block among them
         size = b + 2 * depth
         rows: list[torch.Tensor | None] = [None] * len(towers)
         for start in range(0, block.numel(), CROP_BATCH):

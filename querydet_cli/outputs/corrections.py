@@ -22,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -175,25 +175,44 @@ def is_corrected(path: Path) -> bool:
         return False
 
 
-def read_corrections(path: Path, image: Image) -> Corrections:
-    """A corrected file (any form) in the image's pixels, to continue where it stopped."""
-    if SUFFIXES.get(path.suffix.lower()) == "COCO":
-        return _read_coco(path)
-    import geopandas as gpd
+def corrected_frames(path, read: Callable[[Any, str | None], Any], layer: str | None = None):
+    """(labels, reviewed areas) of a map file as GeoDataFrames, areas None for a plain labels
+    layer: a `reviewed_areas` layer beside `labels` (GeoPackage), or features whose `role` is
+    `reviewed_area` (GeoJSON). `read(path, layer)` reads one layer (each caller says its own
+    errors); `layer` picks one, and then no `reviewed_areas` layer is looked for."""
     import pyogrio
 
     try:
         layers = {name for name, _ in pyogrio.list_layers(path)}
-        if REVIEWED_LAYER in layers:
-            labels = gpd.read_file(path, layer=LABELS_LAYER)
-            areas = gpd.read_file(path, layer=REVIEWED_LAYER)
-        else:
-            both = gpd.read_file(path)
-            is_area = (both[ROLE_FIELD] == AREA_ROLE).to_numpy()
-            labels, areas = both[~is_area], both[is_area]
+    except Exception:  # unreadable: `read` says why
+        layers = set()
+    if layer is None and REVIEWED_LAYER in layers:
+        return (read(path, LABELS_LAYER if LABELS_LAYER in layers else None),
+                read(path, REVIEWED_LAYER))
+    labels = read(path, layer)
+    if ROLE_FIELD in labels.columns and (labels[ROLE_FIELD] == AREA_ROLE).any():
+        is_area = (labels[ROLE_FIELD] == AREA_ROLE).to_numpy()
+        return labels[~is_area], labels[is_area]
+    return labels, None
+
+
+def _read_frame(path: Path, layer: str | None):
+    import geopandas as gpd
+
+    try:
+        return gpd.read_file(path, layer=layer)
     except Exception as err:  # pyogrio / GDAL: corrupt file, missing layer
         raise QueryDetError(f"{path}: cannot read the corrections ({str(err).splitlines()[0]})"
                             ) from None
+
+
+def read_corrections(path: Path, image: Image) -> Corrections:
+    """A corrected file (any form) in the image's pixels, to continue where it stopped."""
+    if SUFFIXES.get(path.suffix.lower()) == "COCO":
+        return _read_coco(path)
+    labels, areas = corrected_frames(path, _read_frame)
+    if areas is None:
+        areas = labels.iloc[:0]
     if not image.georeferenced:
         raise QueryDetError(f"{path} is a map file but {image.name} has no georeference")
     boxes = _pixels(labels, image)

@@ -131,23 +131,23 @@ def cut_chips(samples: list[Sample], class_names: list[str], out_dir: str | Path
                                "height": win.height, "source": str(sample.image),
                                "window": grid.source_window(win)})
                 for box, label in zip(boxes, sample.labels[idx]):
-                    annotations.append(_ann(len(annotations) + 1, image_id,
+                    annotations.append(coco_annotation(len(annotations) + 1, image_id,
                                             class_ids[int(label)], box, 0))
                 for box in np.concatenate([partial, ignore]):
                     if box[2] - box[0] > 0 and box[3] - box[1] > 0:
-                        annotations.append(_ann(len(annotations) + 1, image_id, class_ids[0],
+                        annotations.append(coco_annotation(len(annotations) + 1, image_id, class_ids[0],
                                                 box, 1))
     categories = [{"id": i, "name": n} for i, n in zip(class_ids, class_names)]
     if val_fraction or val_bounds:
-        _write_json(out / "val.json", {"images": split["val"][0],
+        write_json(out / "val.json", {"images": split["val"][0],
                                        "annotations": split["val"][1], "categories": categories})
     path = out / "annotations.json"
-    _write_json(path, {"images": split["train"][0], "annotations": split["train"][1],
+    write_json(path, {"images": split["train"][0], "annotations": split["train"][1],
                        "categories": categories})
     return path
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
@@ -317,7 +317,7 @@ def _region(src, bounds: tuple[float, float, float, float], path: Path) -> Windo
     return Window(x1, y1, x2 - x1, y2 - y1)
 
 
-def _ann(ann_id: int, image_id: int, category: int, box: np.ndarray, crowd: int) -> dict:
+def coco_annotation(ann_id: int, image_id: int, category: int, box: np.ndarray, crowd: int) -> dict:
     x1, y1, x2, y2 = (round(float(v), 2) for v in box)
     return {"id": ann_id, "image_id": image_id, "category_id": category,
             "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],

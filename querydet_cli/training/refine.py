@@ -114,22 +114,19 @@ def renumber(sample: Sample, old: list[str], new: list[str]) -> Sample:
 
 def write_replay(path: Path, samples: list[Sample], names: list[str]) -> None:
     """The mixed-in chips as a COCO file of absolute image paths (ignore regions as crowds)."""
+    from .chips import coco_annotation, write_json
+
     images, annotations = [], []
     for k, s in enumerate(samples, start=1):
         images.append({"id": k, "file_name": str(Path(s.image).resolve()), "width": s.width,
                        "height": s.height})
         for boxes, labels, crowd in ((s.boxes, s.labels, 0),
                                      (s.ignore, np.zeros(len(s.ignore), np.int64), 1)):
-            for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()):
-                annotations.append({"id": len(annotations) + 1, "image_id": k,
-                                    "category_id": int(label) + 1, "iscrowd": crowd,
-                                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                    "area": (x2 - x1) * (y2 - y1)})
-    data = {"images": images, "annotations": annotations,
-            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+            for box, label in zip(boxes, labels):
+                annotations.append(coco_annotation(len(annotations) + 1, k, int(label) + 1, box,
+                                                   crowd))
+    write_json(path, {"images": images, "annotations": annotations,
+                      "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]})
 
 
 def read_replay(out: Path) -> list[Sample]:

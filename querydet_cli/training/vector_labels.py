@@ -18,7 +18,7 @@ import numpy as np
 
 from .datasets import Problem, Sample, _sample
 from ..core.errors import QueryDetError
-from ..outputs.corrections import AREA_ROLE, LABELS_LAYER, REVIEWED_LAYER, ROLE_FIELD
+from ..outputs.corrections import corrected_frames
 from ..outputs.geometry import map_boxes_to_pixels
 
 # a label part inside a raster smaller than this fraction of the label is an ignore region there
@@ -43,20 +43,7 @@ def corrected_layers(path: str | Path, layer: str | None = None):
     `labels` layer (GeoPackage), or as features whose `role` is `reviewed_area` (GeoJSON).
     Inside the areas the labels are the truth and everything else is background; outside them
     nothing is known."""
-    import pyogrio
-
-    try:
-        layers = {name for name, _ in pyogrio.list_layers(path)}
-    except Exception:  # unreadable: read_layer says why
-        layers = set()
-    if layer is None and REVIEWED_LAYER in layers:
-        labels, areas = read_layer(path, LABELS_LAYER if LABELS_LAYER in layers else None), \
-            read_layer(path, REVIEWED_LAYER)
-    else:
-        labels, areas = read_layer(path, layer), None
-        if ROLE_FIELD in labels.columns and (labels[ROLE_FIELD] == AREA_ROLE).any():
-            is_area = (labels[ROLE_FIELD] == AREA_ROLE).to_numpy()
-            labels, areas = labels[~is_area], labels[is_area]
+    labels, areas = corrected_frames(path, read_layer, layer)
     if areas is None:
         return labels, None
     areas = areas[areas.geometry.notna() & ~areas.geometry.is_empty]

@@ -120,8 +120,11 @@ def test_self_training_labels_the_new_imagery_and_learns_from_it(first_site, tmp
     (["--init", "first/model_final.pt", "--pseudo-labels", "missing.tif"], "missing.tif"),
     (["--init", "first/model_final.pt", "--pseudo-labels", "b.tif", "--pseudo-share", "1.5"],
      "--pseudo-share must be in (0, 1]"),
+    (["--init", "first/model_final.pt", "--pseudo-labels", "corrupt.tif", "--max-iter", "1"],
+     "corrupt.tif: not a readable raster"),
 ])
 def test_self_training_refuses_in_one_line(first_site, args, said):
+    (first_site / "corrupt.tif").write_bytes(b"not a raster")
     run = _train(*args, "--out", "never", cwd=first_site)
     assert run.returncode == 2 and said in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1

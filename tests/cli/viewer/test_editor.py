@@ -303,6 +303,14 @@ def test_edit_refuses_bad_requests_in_one_line_and_writes_nothing(detections, tm
         (["--edit", "--raster", SAMPLE, "--save", SAMPLE.with_suffix(".gpkg").name],
          None),  # fine: written only when saved
     ]
+    corrupt = tmp_path / "corrupt.geojson"
+    corrupt.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature"}]}')
+    run = _querydet("view", corrupt, "--raster", SAMPLE, "--edit", "-o", tmp_path / "page.html",
+                    cwd=tmp_path)
+    assert run.returncode == 2 and "not a querydet detections file" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert corrupt.read_text().startswith('{"type"')  # the input as it was
+    corrupt.unlink()
     for args, said in cases:
         run = _querydet("view", detections, *args, "-o", tmp_path / "page.html", cwd=tmp_path)
         if said is None:
